@@ -1,0 +1,1 @@
+"""kdcache library: capture a teacher's targets once, train students from the cache."""

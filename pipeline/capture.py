@@ -1,0 +1,95 @@
+"""Run the teacher once over a token-store split and write the targets store (resumable)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from pipeline.progress import progress
+
+from pipeline.config import CacheConfig
+from pipeline.errors import KdcacheError
+from pipeline.student import check_model_fits, hidden_size, num_layers
+from pipeline.targets import encode
+from pipeline.targets import format as fmt
+from pipeline.targets.reader import TargetsStore
+from pipeline.targets.writer import TargetsWriter
+from pipeline.teacher import check_layers, load_teacher, teacher_targets
+from pipeline.tokens import TokenStore
+from pipeline.train import resolve_device
+
+
+def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model) -> dict:
+    return {
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+        "tokens_fingerprint": tokens.fingerprint, "teacher_fingerprint": teacher_info["fingerprint"],
+        "split": config.split, "rows": tokens.num_rows(config.split), "block_size": tokens.block_size,
+        "vocab_size": tokens.vocab_size, "temperature": config.temperature, "top_k": config.top_k,
+        "encoding": config.encoding, "ids_dtype": encode.ids_dtype(tokens.vocab_size).name,
+        "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
+        "hidden_dtype": np.dtype(encode.HIDDEN_DTYPE).name, "rows_per_chunk": config.rows_per_chunk,
+        "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
+    }
+
+
+def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
+    T, K, D = identity["block_size"], identity["top_k"], identity["hidden_size"]
+    specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
+             fmt.TOPK_LOGPROBS: ((T, K), np.dtype(encode.ENCODINGS[identity["encoding"]][0]).name),
+             fmt.TAIL_LOGMASS: ((T,), "float32")}
+    for layer in identity["layers"]:
+        specs[fmt.hidden_array(layer)] = ((T, D), identity["hidden_dtype"])
+    return specs
+
+
+def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.ndarray]:
+    out = {fmt.TOPK_IDS: encode.encode_ids(targets[fmt.TOPK_IDS], identity["vocab_size"]),
+           fmt.TOPK_LOGPROBS: encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
+           fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
+    for layer in identity["layers"]:
+        out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)])
+    return out
+
+
+def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str) -> TargetsStore:
+    """Capture targets for every row of `config.split`; skips shards a previous run finished."""
+    encode.check_encoding(config.encoding)
+    tokens = TokenStore(tokens_dir)
+    model, info = load_teacher(teacher_dir)
+    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    check_layers(model, config.layers)
+    if config.top_k > tokens.vocab_size:
+        raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
+    if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
+        raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
+                           f"re-run `kdcache teacher` on {tokens_dir}.")
+    identity = _identity(config, tokens, info, model)
+    writer = TargetsWriter(out, identity, _array_specs(identity))
+    device = resolve_device(config.device)
+    model.to(device).eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    blocks = tokens.blocks(config.split)
+    pending = writer.pending()
+    todo_rows = sum(writer.ranges[i][1] - writer.ranges[i][0] for i in pending)
+    if len(pending) < len(writer.ranges):
+        print(f"[cache] resuming: {len(writer.ranges) - len(pending)} of {len(writer.ranges)} shards done")
+    bar = progress(total=todo_rows * tokens.block_size, desc="capture", unit="tok", unit_scale=True)
+    start_time = time.perf_counter()
+    for index in pending:
+        start, stop = writer.ranges[index]
+        parts = []
+        for lo in range(start, stop, config.batch_size):
+            hi = min(lo + config.batch_size, stop)
+            input_ids = torch.from_numpy(blocks[lo:hi].astype(np.int64)).to(device)
+            with autocast:
+                targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
+                                          config.temperature, identity["layers"])
+            parts.append(_encode(targets, identity))
+            bar.update((hi - lo) * tokens.block_size)
+            bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
+        writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+    bar.close()
+    writer.finish()
+    return TargetsStore(out)

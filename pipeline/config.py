@@ -1,0 +1,156 @@
+"""Typed settings for each stage, validated once.
+
+One dataclass per DVC stage (`prepare` = PrepareConfig = params.yaml `prepare:`). Field defaults are
+the only defaults in the project; the click options in `stages/` are generated from these fields and
+their `help` metadata, so `--help`, params.yaml and the library cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import KdcacheError
+
+
+def setting(default, help: str, **extra):
+    """A dataclass field carrying its --help text (tuples become repeatable options)."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KdcacheError(message)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    corpus: str = setting("stdlib", "Corpus: 'stdlib' (this Python's standard library source), a path or "
+                          "glob of .txt/.jsonl/.parquet files, or hf:NAME[:CONFIG][:SPLIT].")
+    tokenizer: str = setting("", "Tokenizer path or hub id (use the teacher's). Empty: train a byte-level "
+                             "BPE on the train split.")
+    vocab_size: int = setting(4096, "Vocabulary size of the trained BPE (ignored with --tokenizer).")
+    block_size: int = setting(128, "Tokens per packed block (one row of the token store).")
+    val_fraction: float = setting(0.05, "Fraction of documents held out for validation.")
+    max_documents: int = setting(0, "Use at most this many documents (0: all).")
+
+    def __post_init__(self):
+        _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
+        _check(0.0 < self.val_fraction < 1.0,
+               f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+        _check(self.vocab_size >= 260, f"vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}.")
+        _check(self.max_documents >= 0, "max_documents must be >= 0 (0 means all).")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings shared by the default teacher and the students."""
+
+    max_steps: int = setting(200, "Stop after this many optimizer steps (0: no step limit).")
+    epochs: int = setting(0, "Stop after this many passes over the data (0: no epoch limit).")
+    batch_size: int = setting(16, "Blocks per optimizer step.")
+    lr: float = setting(1e-3, "Peak learning rate (AdamW).")
+    warmup_steps: int = setting(20, "Linear warm-up steps before cosine decay.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    seed: int = setting(0, "Seed for initialisation and data order.")
+    num_workers: int = setting(0, "DataLoader worker processes decoding shards.")
+    shuffle_buffer: int = setting(256, "Rows held in the shuffle buffer.")
+
+    def __post_init__(self):
+        _check(self.max_steps > 0 or self.epochs > 0,
+               "set max_steps or epochs (> 0): otherwise training never stops.")
+        _check(self.max_steps >= 0 and self.epochs >= 0, "max_steps and epochs must be >= 0.")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}.")
+        _check(self.num_workers >= 0, "num_workers must be >= 0.")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int = setting(2, "Transformer layers.")
+    n_embd: int = setting(128, "Hidden width.")
+    n_head: int = setting(4, "Attention heads (must divide n_embd).")
+
+    def __post_init__(self):
+        _check(self.n_layer >= 1 and self.n_embd >= 1, "n_layer and n_embd must be >= 1.")
+        _check(self.n_embd % self.n_head == 0,
+               f"n_head ({self.n_head}) must divide n_embd ({self.n_embd}).")
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelShape, TrainSettings):
+    model: str = setting("", "Path or hub id of an AutoModelForCausalLM to use as teacher. "
+                         "Empty: train the small default teacher on the token store.")
+    n_layer: int = setting(4, "Layers of the default teacher.")
+    n_embd: int = setting(256, "Width of the default teacher.")
+    vocab_multiple: int = setting(64, "Pad the default teacher's vocabulary to a multiple of this "
+                                  "(as real models do); targets cover only the tokenizer's ids.")
+
+    def __post_init__(self):
+        ModelShape.__post_init__(self)
+        if not self.model:
+            TrainSettings.__post_init__(self)
+        _check(self.vocab_multiple >= 1, "vocab_multiple must be >= 1.")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    top_k: int = setting(32, "Teacher log-probs kept per position (sorted by probability).")
+    layers: tuple = setting((), "Teacher hidden-state layer to capture (0 = embeddings, L = last "
+                            "block); repeat for several.", type=int, aliases=("--layer",))
+    batch_size: int = setting(16, "Blocks per teacher forward pass.")
+    temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
+    encoding: str = setting("fp16", "Top-k log-prob encoding: fp32 or fp16.")
+    split: str = setting("train", "Token-store split to capture.")
+    rows_per_chunk: int = setting(8, "Rows per compressed chunk.")
+    rows_per_shard: int = setting(64, "Rows per shard file (the unit of resume and checksums).")
+    device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self):
+        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}.")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        _check(self.batch_size >= 1, "batch_size must be >= 1.")
+        _check(self.rows_per_chunk >= 1 and self.rows_per_shard % self.rows_per_chunk == 0,
+               f"rows_per_shard ({self.rows_per_shard}) must be a positive multiple of "
+               f"rows_per_chunk ({self.rows_per_chunk}).")
+        _check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}.")
+
+
+KD_LOSSES = ("tail_kl", "topk_kl")
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelShape, TrainSettings):
+    alpha: float = setting(0.5, "Weight of cross-entropy on hard labels; 1 - alpha weighs KD. "
+                           "alpha = 1 (or no --targets) is plain cross-entropy training.")
+    temperature: float = setting(2.0, "KD temperature; the KD term is scaled by temperature^2.")
+    loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl (k+1 buckets, exact at k = V) "
+                        "or topk_kl (both sides renormalised over the top-k ids).")
+    beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
+    layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "
+                               "maps captured layers uniformly onto the student.")
+    init: str = setting("", "Start from this pretrained causal LM (path or hub id) instead of a "
+                        "fresh model of n_layer/n_embd/n_head.")
+    device: str = setting("auto", "Torch device: auto, cpu, cuda, ...")
+
+    def __post_init__(self):
+        ModelShape.__post_init__(self)
+        TrainSettings.__post_init__(self)
+        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}.")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
+        for pair in self.layer_map:
+            _check(len(str(pair).split(":")) == 2 and all(p.isdigit() for p in str(pair).split(":")),
+                   f"layer_map entry {pair!r} is not STUDENT:TEACHER, e.g. 2:4.")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = setting(16, "Blocks per forward pass.")
+    max_batches: int = setting(0, "Evaluate at most this many validation batches (0: all).")
+    reference: str = setting("teacher", "Name (from --model NAME=DIR) whose top-1 predictions the "
+                             "others are compared with.")
+    latency_rounds: int = setting(5, "Interleaved timing rounds for CPU latency per token.")
+

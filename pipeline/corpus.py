@@ -1,0 +1,131 @@
+"""Corpus sources → documents → packed token blocks.
+
+A source is one of:
+  stdlib                       the .py files of the running interpreter's standard library (no tests)
+  PATH or GLOB                 .txt (one document per file), .jsonl / .parquet (a `text` field per record)
+  hf:NAME[:CONFIG][:SPLIT]     a Hugging Face dataset (hub id, local dataset dir, or save_to_disk dir)
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import KdcacheError
+
+TEXT_FIELD = "text"
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(f for f in root.rglob("*.py") if not _STDLIB_SKIP & set(f.relative_to(root).parts))
+
+
+def _iter_file(path: Path) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".py", ".md"):
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if TEXT_FIELD not in record:
+                        raise KdcacheError(f"{path}:{line_no} has no '{TEXT_FIELD}' field; "
+                                           f"every JSONL record needs one.")
+                    yield record[TEXT_FIELD]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if TEXT_FIELD not in table.column_names:
+            raise KdcacheError(f"{path} has no '{TEXT_FIELD}' column (columns: {table.column_names}).")
+        yield from table.column(TEXT_FIELD).to_pylist()
+    else:
+        raise KdcacheError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet.")
+
+
+def _iter_hf(spec: str) -> Iterator[str]:
+    import datasets
+
+    parts = spec.split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    if (Path(name) / "dataset_info.json").exists() or (Path(name) / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(name)
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # the library raises many types; all mean "cannot load"
+            raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
+    if TEXT_FIELD not in ds.column_names:
+        raise KdcacheError(f"dataset {spec!r} has no '{TEXT_FIELD}' column (columns: {ds.column_names}).")
+    for record in ds:
+        yield record[TEXT_FIELD]
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The files a path/glob source names, sorted; raises when it names none."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".jsonl", ".parquet"))
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        raise KdcacheError(f"corpus {source!r} matches no files; give 'stdlib', an existing path or glob "
+                           f"of .txt/.jsonl/.parquet files, or hf:NAME.")
+    return files
+
+
+def iter_documents(source: str) -> Iterator[str]:
+    """Yield non-empty documents of a source, in a deterministic order."""
+    if source == "stdlib":
+        files = stdlib_files()
+        texts = (t for f in files for t in _iter_file(f))
+    elif source.startswith("hf:"):
+        texts = _iter_hf(source[3:])
+    else:
+        texts = (t for f in resolve_files(source) for t in _iter_file(f))
+    for text in texts:
+        if text and text.strip():
+            yield text
+
+
+def hash_bucket(text: str) -> float:
+    """A document's place in [0, 1), from its content alone."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little") / 2**64
+
+
+def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) split by content hash: a document always lands on the same
+    side whatever else is in the corpus. A small corpus whose hashes all miss still gets one
+    validation document (the lowest bucket), so evaluation is never empty."""
+    buckets = [hash_bucket(t) for t in texts]
+    is_val = [b < val_fraction for b in buckets]
+    if len(texts) >= 2 and not any(is_val):
+        is_val[buckets.index(min(buckets))] = True
+    train = [t for t, v in zip(texts, is_val) if not v]
+    return train, [t for t, v in zip(texts, is_val) if v]
+
+
+def pack_blocks(token_lists: Iterator[list[int]], block_size: int, eos_id: int | None) -> np.ndarray:
+    """Concatenate documents (EOS-separated) and cut into full blocks: (N, block_size) int64.
+
+    The incomplete last block is dropped, as in GPT-2-style pretraining.
+    """
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    n = len(stream) // block_size
+    return np.asarray(stream[: n * block_size], dtype=np.int64).reshape(n, block_size)

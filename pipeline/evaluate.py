@@ -1,0 +1,100 @@
+"""Held-out metrics for the teacher and the students, measured on the same validation blocks.
+
+Per model: validation loss and perplexity, top-1 agreement with a reference model (the teacher),
+parameter count, size on disk, and CPU latency per token timed in interleaved rounds so that machine
+noise hits every model alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pipeline.progress import progress
+
+from pipeline.config import EvaluateConfig
+from pipeline.errors import KdcacheError
+from pipeline.student import check_model_fits, load_causal_lm, param_count
+from pipeline.tokens import TokenStore
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@torch.inference_mode()
+def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str):
+    """Per-position validation loss summed over blocks (T-1,), block count, top-1 ids (N, T-1)."""
+    loss_sum, top1 = None, []
+    for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
+        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64))  # (B, T)
+        logits = model(input_ids=ids).logits[:, :-1, :vocab_size].float()  # (B, T-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(0)  # (T-1,)
+        loss_sum = nll if loss_sum is None else loss_sum + nll
+        top1.append(logits.argmax(-1).numpy().astype(np.int32))
+    return loss_sum.numpy(), len(blocks), np.concatenate(top1)
+
+
+@torch.inference_mode()
+def latency_per_token(models: dict, block: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per token of a forward pass over one block, models timed in turn each round."""
+    times = {name: [] for name in models}
+    for name, model in models.items():  # warm-up
+        model(input_ids=block)
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(input_ids=block)
+            times[name].append((time.perf_counter() - start) / block.numel())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, str], out: str,
+                 plot_path: str | None = None) -> dict:
+    tokens = TokenStore(tokens_dir)
+    if config.reference and config.reference not in model_dirs:
+        raise KdcacheError(f"reference model {config.reference!r} is not among --model names "
+                           f"{list(model_dirs)}; pass --model {config.reference}=DIR or set --reference.")
+    models = {}
+    for name, path in model_dirs.items():
+        models[name] = load_causal_lm(path, f"model {name}").eval()
+        check_model_fits(models[name], tokens.vocab_size, tokens.block_size, f"model {name}")
+    blocks = tokens.blocks("validation")
+    if config.max_batches:
+        blocks = blocks[: config.max_batches * config.batch_size]
+    per_position, top1, metrics = {}, {}, {}
+    for name, model in models.items():
+        loss_sum, n, top1[name] = score(model, blocks, tokens.vocab_size, config.batch_size, f"eval {name}")
+        per_position[name] = loss_sum / n
+        val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
+        metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
+                         "params": param_count(model), "disk_bytes": dir_size_bytes(model_dirs[name])}
+    if config.reference:
+        for name in models:
+            metrics[name]["top1_agreement"] = float((top1[name] == top1[config.reference]).mean())
+    block = torch.from_numpy(blocks[:1].astype(np.int64))
+    for name, seconds in latency_per_token(models, block, config.latency_rounds).items():
+        metrics[name]["latency_ms_per_token"] = seconds * 1e3
+    result = {"models": metrics, "validation_blocks": int(len(blocks)), "block_size": tokens.block_size}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    if plot_path:
+        write_position_plot(per_position, plot_path)
+    return result
+
+
+def write_position_plot(per_position: dict[str, np.ndarray], path: str) -> None:
+    """CSV of validation loss by position in the block, one column per model (a DVC plot)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    names = list(per_position)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["position", *names])
+        for t in range(len(per_position[names[0]])):
+            writer.writerow([t + 1, *(f"{per_position[n][t]:.5f}" for n in names)])

@@ -1,0 +1,93 @@
+"""Read a targets store: open with checks, then read whole shards (the unit of streaming)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import KdcacheError
+from pipeline.targets import encode
+from pipeline.targets import format as fmt
+from pipeline.targets.writer import checksum
+
+
+class TargetsStore:
+    def __init__(self, path: str | Path, require_complete: bool = True):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise KdcacheError(f"{self.path} is not a targets store (no zarr.json); "
+                               f"run `kdcache cache --out {self.path}` first.")
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.group.attrs)
+        fmt.check_version(self.attrs, self.path)
+        if require_complete and not self.attrs.get("complete"):
+            done, total = len(self.attrs.get("shards", {})), len(self.shard_ranges)
+            raise KdcacheError(f"{self.path} is an unfinished capture ({done}/{total} shards); re-run "
+                               f"`kdcache cache` with the same settings to resume it.")
+
+    rows = property(lambda self: int(self.attrs["rows"]))
+    top_k = property(lambda self: int(self.attrs["top_k"]))
+    layers = property(lambda self: list(self.attrs["layers"]))
+    vocab_size = property(lambda self: int(self.attrs["vocab_size"]))
+    temperature = property(lambda self: float(self.attrs["temperature"]))
+
+    @property
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
+
+    def array_names(self) -> list[str]:
+        return [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS] + [fmt.hidden_array(l) for l in self.layers]
+
+    def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
+                         layers=()) -> None:
+        """Refuse, before training, a store that does not belong to these tokens / this student."""
+        if self.attrs["tokens_fingerprint"] != tokens.fingerprint:
+            raise KdcacheError(f"{self.path} was captured from another token store (fingerprint "
+                               f"{self.attrs['tokens_fingerprint']}, tokens have {tokens.fingerprint}); "
+                               f"re-run `kdcache cache` on {tokens.path}.")
+        if self.attrs["split"] != split or self.rows != tokens.num_rows(split):
+            raise KdcacheError(f"{self.path} covers split {self.attrs['split']!r} with {self.rows} rows; "
+                               f"expected split {split!r} with {tokens.num_rows(split)} rows.")
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise KdcacheError(f"student vocabulary has {vocab_size} ids but the teacher's targets cover "
+                               f"{self.vocab_size}; the student must use the teacher's tokenizer.")
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise KdcacheError(f"teacher layers {missing} are mapped but were not captured (captured: "
+                               f"{self.layers}); re-run cache with --layer for them or change layer_map.")
+
+    def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
+        """Stored (encoded) arrays for rows [start, stop)."""
+        return {name: self.group[name][start:stop] for name in (names or self.array_names())}
+
+    def bad_shards(self) -> list[int]:
+        """Shards whose recorded checksums do not match what is on disk now."""
+        bad = []
+        for index, (start, stop) in enumerate(self.shard_ranges):
+            recorded = self.attrs.get("shards", {}).get(str(index))
+            try:
+                arrays = self.read_rows(start, stop, list(recorded or []))
+                ok = recorded is not None and all(checksum(a) == recorded[n] for n, a in arrays.items())
+            except Exception:  # an unreadable shard is a bad shard, whatever the codec raised
+                ok = False
+            if not ok:
+                bad.append(index)
+        return bad
+
+
+def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Encoded arrays → float32 / int64 tensors, same names."""
+    out = {}
+    for name, array in stored.items():
+        if name == fmt.TOPK_IDS:
+            out[name] = encode.decode_ids(array)
+        elif name == fmt.TOPK_LOGPROBS:
+            out[name] = encode.decode_topk_logprobs(array)
+        elif name.startswith("hidden_layer_"):
+            out[name] = encode.decode_hidden(array)
+        else:
+            out[name] = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    return out

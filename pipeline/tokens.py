@@ -1,0 +1,151 @@
+"""The token store: packed blocks in Arrow IPC files, one per split, plus the tokenizer.
+
+Layout of a token store directory:
+  meta.json           fingerprint, vocab_size, block_size, rows per split (written last)
+  {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
+  tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
+
+Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pipeline.progress import progress
+
+from pipeline.config import PrepareConfig
+from pipeline.corpus import iter_documents, pack_blocks, split_documents
+from pipeline.errors import KdcacheError
+
+FORMAT = "kdcache-tokens/1"
+SPLITS = ("train", "validation")
+EOS = "<|endoftext|>"
+
+
+class TokenStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise KdcacheError(f"{self.path} is not a finished token store (no meta.json); "
+                               f"run `kdcache prepare --out {self.path}` first.")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise KdcacheError(f"{self.path}: token store format {self.meta.get('format')!r}, "
+                               f"expected {FORMAT!r}; re-run `kdcache prepare`.")
+        self._arrays: dict[str, np.ndarray] = {}
+
+    fingerprint = property(lambda self: self.meta["fingerprint"])
+    vocab_size = property(lambda self: self.meta["vocab_size"])
+    block_size = property(lambda self: self.meta["block_size"])
+    tokenizer_path = property(lambda self: self.path / "tokenizer")
+
+    def num_rows(self, split: str) -> int:
+        if split not in self.meta["rows"]:
+            raise KdcacheError(f"token store has no split {split!r}; it has {list(self.meta['rows'])}.")
+        return self.meta["rows"][split]
+
+    def blocks(self, split: str) -> np.ndarray:
+        """All rows of a split as a memory-mapped (N, block_size) array; no copy is made."""
+        if split not in self._arrays:
+            self.num_rows(split)
+            source = pa.memory_map(str(self.path / f"{split}.arrow"))
+            column = pa.ipc.open_file(source).read_all().column("input_ids").combine_chunks()
+            self._arrays[split] = column.values.to_numpy(zero_copy_only=True).reshape(-1, self.block_size)
+        return self._arrays[split]
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE trained on `texts`, wrapped so save_pretrained/AutoTokenizer work."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
+                                   unk_token=EOS, pad_token=EOS)
+
+
+def _write_split(path: Path, blocks: np.ndarray, vocab_size: int) -> None:
+    dtype = np.uint16 if vocab_size <= 2**16 else np.int32
+    flat = pa.array(blocks.astype(dtype).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(flat, blocks.shape[1])
+    table = pa.table({"input_ids": column})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=4096)
+
+
+def _fingerprint(directory: Path, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(f.relative_to(directory).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
+    """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
+    out = Path(out)
+    texts = []
+    for text in progress(iterable=iter_documents(config.corpus), desc="read corpus", unit="doc"):
+        if config.max_documents and len(texts) >= config.max_documents:
+            break
+        texts.append(text)
+    train, validation = split_documents(texts, config.val_fraction)
+    documents = {"train": train, "validation": validation}
+    if not documents["train"]:
+        raise KdcacheError(f"corpus {config.corpus!r} gave no training documents (is it empty?).")
+    if not documents["validation"]:
+        raise KdcacheError(f"corpus {config.corpus!r} has a single document; at least two are needed "
+                           f"to hold one out for validation.")
+
+    if config.tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
+            raise KdcacheError(f"cannot load tokenizer {config.tokenizer!r}: {e}") from e
+    else:
+        tokenizer = train_bpe_tokenizer(documents["train"], config.vocab_size)
+    vocab_size = len(tokenizer)
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        rows = {}
+        for split in SPLITS:
+            encoded = tokenizer(documents[split], add_special_tokens=False)["input_ids"]
+            blocks = pack_blocks(progress(iterable=encoded, desc=f"pack {split}", unit="doc"), config.block_size,
+                                 tokenizer.eos_token_id)
+            if len(blocks) == 0:
+                raise KdcacheError(f"the {split} split is shorter than one block of {config.block_size} "
+                                   f"tokens; use a larger corpus or a smaller block_size.")
+            _write_split(tmp / f"{split}.arrow", blocks, vocab_size)
+            rows[split] = len(blocks)
+        settings = {**asdict(config), "vocab_size": vocab_size}
+        meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
+                "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
+                "settings": settings}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return TokenStore(out)

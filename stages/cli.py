@@ -1,0 +1,27 @@
+"""The `kdcache` command: one subcommand per DVC stage, plus inspect and verify."""
+
+import click
+
+from stages.cache import cache
+from stages.evaluate import evaluate
+from stages.inspect import encodings, inspect, verify
+from stages.options import KdcacheGroup
+from stages.prepare import prepare
+from stages.student import student
+from stages.teacher import teacher
+
+
+@click.group(cls=KdcacheGroup)
+def cli():
+    """kdcache: run a teacher once, cache its targets, train many students from the cache.
+
+    Stages in order: prepare -> teacher -> cache -> student -> evaluate (see dvc.yaml).
+    """
+
+
+for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings):
+    cli.add_command(command)
+
+
+def main():
+    cli()

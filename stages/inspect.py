@@ -1,0 +1,56 @@
+import json
+
+import click
+
+from pipeline.errors import KdcacheError
+from pipeline.targets.encode import ENCODINGS
+from pipeline.targets.reader import TargetsStore
+from pipeline.targets.stats import summarize
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(store, as_json):
+    """Describe a targets store: rows, bytes per token per array, settings, fingerprints, tail mass."""
+    summary = summarize(TargetsStore(store, require_complete=False))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['path']}: {'complete' if summary['complete'] else 'INCOMPLETE'} "
+               f"({summary['shards_done']}/{summary['shards']} shards), format v{summary['format_version']}")
+    click.echo(f"  {summary['rows']} rows, {summary['tokens']:,} tokens, split {summary['split']}, "
+               f"vocab {summary['vocab_size']}, top-{summary['top_k']} {summary['encoding']}, "
+               f"T={summary['temperature']}, layers {summary['layers']}")
+    for name, bpt in summary["arrays"].items():
+        click.echo(f"  {name:>20}: {bpt:8.2f} bytes/token")
+    click.echo(f"  {'total':>20}: {summary['bytes_per_token']:8.2f} bytes/token "
+               f"(fp16 full logits: {summary['fp16_full_logits_bytes_per_token']}), "
+               f"compression {summary['compression_ratio']:.2f}x")
+    pct = ", ".join(f"p{k}={v:.3g}" for k, v in summary["tail_mass_percentiles"].items())
+    click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
+    click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+def verify(store):
+    """Recompute every shard's checksum; exit non-zero naming each shard that does not match."""
+    targets = TargetsStore(store, require_complete=False)
+    bad = targets.bad_shards()
+    if bad:
+        ranges = targets.shard_ranges
+        raise KdcacheError("bad shards: " + ", ".join(f"{i} (rows {ranges[i][0]}-{ranges[i][1] - 1})" for i in bad))
+    click.echo(f"{store}: all {len(targets.shard_ranges)} shards match their checksums")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def encodings(as_json):
+    """List the encodings of cached top-k log-probs (for `kdcache cache --encoding`)."""
+    described = {name: text for name, (_, text) in ENCODINGS.items()}
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for name, text in described.items():
+        click.echo(f"{name:>6}  {text}")

@@ -1,0 +1,56 @@
+"""Click options generated from the config dataclasses: defaults and help live in pipeline/config.py.
+
+A field `block_size` becomes `--block-size` plus the alias `--block_size`, which is what DVC's
+dictionary unpacking of params.yaml (`${prepare}`) produces. Booleans become `--x/--no-x`, tuples
+repeatable options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from pipeline.errors import KdcacheError
+
+
+def _option(field: dataclasses.Field):
+    dashed, plain = field.name.replace("_", "-"), field.name
+    names = [f"--{dashed}"] + ([f"--{plain}"] if plain != dashed else []) + list(field.metadata.get("aliases", ()))
+    help_text = field.metadata.get("help", "")
+    if field.type in (bool, "bool"):
+        flags = f"--{dashed}/--no-{dashed}"
+        return click.option(flags, plain, default=field.default, show_default=True, help=help_text)
+    if field.default_factory is not dataclasses.MISSING:
+        return click.option(*names, plain, multiple=True, type=field.metadata.get("type", str),
+                            help=help_text + " (repeatable)")
+    return click.option(*names, plain, type=type(field.default), default=field.default,
+                        show_default=True, help=help_text)
+
+
+def config_options(config_cls):
+    """Decorator adding one option per field of `config_cls` (in declaration order)."""
+
+    def decorate(command):
+        for field in reversed(dataclasses.fields(config_cls)):
+            command = _option(field)(command)
+        return command
+
+    return decorate
+
+
+def build_config(config_cls, options: dict):
+    """The config from the command's keyword arguments (other keys are left for the command)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in options.items() if k in names}
+    return config_cls(**values)
+
+
+class KdcacheGroup(click.Group):
+    """Turns KdcacheError into a clean `Error: ...` and exit status 1, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as e:
+            raise click.ClickException(str(e)) from e

@@ -1,0 +1,31 @@
+import click
+
+from pipeline.config import StudentConfig
+from pipeline.errors import KdcacheError
+from pipeline.teacher import OnlineTargets
+from pipeline.tokens import TokenStore
+from pipeline.train import resolve_device, run_student
+from stages.options import build_config, config_options
+
+
+@click.command()
+@click.option("--tokens", required=True, type=click.Path(), help="Token store from `prepare`.")
+@click.option("--targets", type=click.Path(), help="Targets store from `cache`. Without it: CE-only training.")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the trained student.")
+@click.option("--log", type=click.Path(), help="CSV of the training loss per step (a DVC plot).")
+@click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
+@click.option("--teacher", "teacher_dir", type=click.Path(), help="Teacher directory, for --online.")
+@click.option("--online-top-k", default=32, show_default=True, help="Top-k of the online teacher (0: full vocabulary).")
+@config_options(StudentConfig)
+def student(tokens, targets, out, log, online, teacher_dir, online_top_k, **options):
+    """Train a student from the token store and the cached targets; save it with save_pretrained."""
+    config = build_config(StudentConfig, options)
+    add_targets = None
+    if online:
+        if not teacher_dir or targets:
+            raise KdcacheError("--online needs --teacher DIR and no --targets.")
+        vocab = TokenStore(tokens).vocab_size
+        add_targets = OnlineTargets(teacher_dir, vocab, online_top_k or vocab, 1.0, [],
+                                    resolve_device(config.device))
+    last = run_student(config, tokens, out, targets, log, add_targets)
+    click.echo(f"student -> {out} (final loss {last['loss']:.4f})")

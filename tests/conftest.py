@@ -1,0 +1,89 @@
+"""Shared tiny fixtures: a real corpus (a few stdlib modules) and a real token store built from it."""
+
+import inspect
+import json
+
+import pytest
+
+from pipeline.config import PrepareConfig
+from pipeline.tokens import prepare_tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A directory of .txt documents: the source of a few standard-library modules."""
+    import argparse, csv, difflib, json as json_module, textwrap, string, fractions, pathlib, heapq
+
+    root = tmp_path_factory.mktemp("corpus")
+    for module in (argparse, csv, difflib, json_module, textwrap, string, fractions, pathlib, heapq):
+        (root / f"{module.__name__}.txt").write_text(inspect.getsource(module))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_corpus, tmp_path_factory):
+    """A token store: BPE vocabulary 300, blocks of 32 tokens."""
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    config = PrepareConfig(corpus=str(tiny_corpus), vocab_size=300, block_size=32, val_fraction=0.2)
+    return prepare_tokens(config, out)
+
+
+# --- The `kdcache` command line on a really small pipeline (tests/test_cli.py) -----------------------
+# Few KB of text so that the CLI's capture and training stay fast: tiny_tokens above is too big for that.
+
+SMALL_TEACHER = ("--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--max-steps", "3", "--batch-size", "4")
+
+
+@pytest.fixture(scope="session")
+def kdcache():
+    """Run `kdcache ARGS...` in-process (click's CliRunner); returns the click Result."""
+    from click.testing import CliRunner
+
+    from stages.cli import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """24 .txt documents of 500 characters: about 12 KB of standard-library source."""
+    import shlex
+    import textwrap
+
+    text = inspect.getsource(textwrap) + inspect.getsource(shlex)
+    root = tmp_path_factory.mktemp("small_corpus")
+    for i in range(24):
+        (root / f"doc{i:02d}.txt").write_text(text[i * 500:(i + 1) * 500])
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_tokens(kdcache, small_corpus, tmp_path_factory):
+    """`kdcache prepare`: vocabulary 300, blocks of 32 tokens. Returns the store's path."""
+    out = tmp_path_factory.mktemp("small") / "tokens"
+    result = kdcache("prepare", "--out", out, "--corpus", small_corpus, "--vocab-size", 300,
+                     "--block-size", 32, "--val-fraction", 0.3)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_teacher(kdcache, small_tokens, tmp_path_factory):
+    """`kdcache teacher`: the default teacher, 1 layer of width 32, trained for 3 steps."""
+    out = tmp_path_factory.mktemp("small") / "teacher"
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", out, *SMALL_TEACHER)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_targets(kdcache, small_tokens, small_teacher, tmp_path_factory):
+    """`kdcache cache`: top-8 log-probs in shards of 32 rows (several shards)."""
+    out = tmp_path_factory.mktemp("small") / "targets.zarr"
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", out,
+                     "--top-k", 8, "--batch-size", 64, "--rows-per-shard", 32, "--rows-per-chunk", 8)
+    assert result.exit_code == 0, result.output
+    return out

@@ -1,0 +1,82 @@
+"""The smoke profile through real DVC in a temporary git repository, then a `dvc exp run`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def run(cmd, cwd, env):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project (code, dvc.yaml, DVC config) with the smoke params, after `dvc repro`."""
+    repo = tmp_path_factory.mktemp("e2e") / "project"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copy(ROOT / "params.smoke.yaml", repo / "params.yaml")
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "smoke"], repo, env)
+    log = run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "repro"], repo, env)
+    return repo, env, log
+
+
+def test_repro_runs_every_stage_and_writes_metrics(project):
+    repo, _, log = project
+    for stage in ("prepare", "teacher", "cache", "student", "student_ce", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+    metrics = json.loads((repo / "metrics.json").read_text())["models"]
+    assert set(metrics) == {"teacher", "student", "student_ce"}
+    for m in metrics.values():
+        assert m["val_loss"] > 0 and m["params"] > 0 and m["latency_ms_per_token"] > 0
+    assert metrics["teacher"]["top1_agreement"] == 1.0
+    for plot in ("teacher_loss", "student_loss", "student_ce_loss", "eval_loss_by_position"):
+        assert (repo / "plots" / f"{plot}.csv").stat().st_size > 0
+
+
+def test_student_loads_with_from_pretrained(project):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    repo, _, _ = project
+    model = AutoModelForCausalLM.from_pretrained(repo / "models" / "student")
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "student")
+    ids = torch.tensor([tokenizer("def main():")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] >= len(tokenizer)
+
+
+def test_inspect_and_verify_the_captured_store(project):
+    repo, env, _ = project
+    summary = json.loads(run(["kdcache", "inspect", "data/targets.zarr", "--json"], repo, env))
+    assert summary["complete"] and summary["rows"] > 0 and summary["bytes_per_token"] > 0
+    assert "hidden_layer_2" in summary["arrays"]
+    assert "all" in run(["kdcache", "verify", "data/targets.zarr"], repo, env)
+
+
+def test_exp_run_with_new_temperature_reuses_the_capture(project):
+    repo, env, _ = project
+    log = run(["dvc", "exp", "run", "-S", "student.temperature=3.0"], repo, env)
+    assert "Running stage 'student'" in log and "Running stage 'evaluate'" in log
+    for stage in ("prepare", "teacher", "cache", "student_ce"):
+        assert f"Running stage '{stage}'" not in log
