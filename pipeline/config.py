@@ -103,8 +103,8 @@ class CacheConfig:
     temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
     encoding: str = setting("fp16", "Top-k log-prob encoding: fp32 or fp16.")
     split: str = setting("train", "Token-store split to capture.")
-    rows_per_chunk: int = setting(8, "Rows per compressed chunk.")
-    rows_per_shard: int = setting(64, "Rows per shard file (the unit of resume and checksums).")
+    rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
+    rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
     device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self):

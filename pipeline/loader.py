@@ -26,7 +26,7 @@ class BlockStream(IterableDataset):
     """
 
     def __init__(self, tokens: str, split: str = "train", targets: str | None = None,
-                 target_names: list[str] | None = None, rows_per_shard: int = 64,
+                 target_names: list[str] | None = None, rows_per_shard: int = 256,
                  shuffle_buffer: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.tokens_path, self.split, self.targets_path = str(tokens), split, targets

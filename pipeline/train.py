@@ -59,19 +59,28 @@ class Objective:
         out = model(input_ids=input_ids, output_hidden_states=bool(self.beta and self.layer_pairs))
         logits = out.logits[..., : self.vocab_size]  # (B, T, V)
         V = self.vocab_size
-        parts = {"ce": losses.cross_entropy(logits[:, :-1].reshape(-1, V), input_ids[:, 1:].reshape(-1))}
-        loss = self.alpha * parts["ce"]
-        if self.alpha < 1.0:
+        flat = logits.reshape(-1, V)  # (B*T, V)
+        # Position t predicts token t+1: the last position of a block has no hard label.
+        labels = torch.roll(input_ids, -1, dims=1).flatten()
+        ce_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        ce_mask[:, -1] = False
+        ce_mask = ce_mask.flatten()
+        parts = {}
+        if self.alpha >= 1.0:
+            parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
+        else:
             ids = batch[fmt.TOPK_IDS].flatten(0, 1)  # (B*T, K)
             logprobs = batch[fmt.TOPK_LOGPROBS].flatten(0, 1)
-            flat = logits.reshape(-1, V)
             if self.loss == "tail_kl":
-                kd = losses.tail_kl(flat, ids, logprobs, batch[fmt.TAIL_LOGMASS].flatten(),
-                                    self.temperature, self.capture_temperature)
+                parts["ce"], parts["kd"] = losses.ce_and_tail_kl(
+                    flat, labels, ce_mask, ids, logprobs, batch[fmt.TAIL_LOGMASS].flatten(),
+                    self.temperature, self.capture_temperature)
             else:
-                kd = losses.topk_kl(flat, ids, logprobs, self.temperature, self.capture_temperature)
-            parts["kd"] = kd
-            loss = loss + (1 - self.alpha) * self.temperature**2 * kd
+                parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
+                parts["kd"] = losses.topk_kl(flat, ids, logprobs, self.temperature, self.capture_temperature)
+        loss = self.alpha * parts["ce"]
+        if "kd" in parts:
+            loss = loss + (1 - self.alpha) * self.temperature**2 * parts["kd"]
         if self.beta and self.layer_pairs:
             hidden = []
             for s, t in self.layer_pairs:

@@ -126,3 +126,25 @@ def test_hidden_mse_matches_reference():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g)
     assert losses.hidden_mse(a, b).item() == pytest.approx(F.mse_loss(a, b).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_ce_and_tail_kl_equal_the_reference_values_and_gradients(logits, temperature):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 6)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    labels[0] = ids[0, 0]  # a label inside the top-k, too
+    ce_mask = torch.ones(N, dtype=torch.bool)
+    ce_mask[-2:] = False
+    kd_mask = torch.ones(N, dtype=torch.bool)
+    kd_mask[3] = False
+    a = student.clone().requires_grad_(True)
+    ce, kd = losses.ce_and_tail_kl(a, labels, ce_mask, ids, lp, tail, temperature, kd_mask=kd_mask)
+    (0.3 * ce + 0.7 * temperature**2 * kd).backward()
+    b = student.clone().requires_grad_(True)
+    ce_ref = losses.cross_entropy(b, labels, ce_mask)
+    kd_ref = losses.tail_kl(b, ids, lp, tail, temperature, mask=kd_mask)
+    (0.3 * ce_ref + 0.7 * temperature**2 * kd_ref).backward()
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
+    assert kd.item() == pytest.approx(kd_ref.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)

@@ -1,0 +1,84 @@
+"""Student training speed: cached KD vs hard labels only vs the teacher in the loop (online KD).
+
+Runs the real `student` code path (`pipeline.train.run_student`) for each mode, alternating modes
+round by round so machine noise hits all of them alike, and prints ratios of medians.
+
+  python benchmarks/student_speed.py --tokens data/tokens --targets data/targets.zarr \
+      --teacher models/teacher --steps 100 --rounds 3          # step throughput, per mode
+  python benchmarks/student_speed.py ... --epoch --rounds 1     # one full epoch offline vs online
+
+Student settings come from the `student` section of --params (the default run's student).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import yaml
+
+from pipeline.config import StudentConfig
+from pipeline.targets.reader import TargetsStore
+from pipeline.teacher import OnlineTargets
+from pipeline.tokens import TokenStore
+from pipeline.train import resolve_device, run_student
+
+
+def modes(args, store: TargetsStore, vocab: int) -> dict:
+    """name -> (config overrides, run_student keyword arguments)."""
+    found = {
+        "ce": ({"alpha": 1.0}, {"targets": None}),
+        "cache_topk": ({}, {"targets": args.targets}),
+    }
+    if store.layers:
+        found["cache_topk_hidden"] = ({"beta": 1.0}, {"targets": args.targets})
+    if args.teacher:
+        online = OnlineTargets(args.teacher, vocab, store.top_k, store.temperature, [], resolve_device("cpu"))
+        found["online_topk"] = ({}, {"targets": None, "add_targets": online})
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--targets", default="data/targets.zarr")
+    parser.add_argument("--teacher", default="models/teacher", help="for the online-KD mode ('' to skip)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=100, help="steps per measured run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epoch", action="store_true", help="time one full epoch instead of --steps")
+    args = parser.parse_args()
+
+    section = yaml.safe_load(open(args.params))["student"]
+    base = StudentConfig(**section)
+    base = replace(base, max_steps=0, epochs=1) if args.epoch else replace(base, max_steps=args.steps, epochs=0)
+    tokens, store = TokenStore(args.tokens), TargetsStore(args.targets)
+    runs = modes(args, store, tokens.vocab_size)
+    seconds = {name: [] for name in runs}
+    for round_index in range(args.rounds):
+        for name, (overrides, kwargs) in runs.items():
+            config = replace(base, **overrides)
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                run_student(config, args.tokens, out, **kwargs)
+                seconds[name].append(time.perf_counter() - start)
+            print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s", flush=True)
+
+    unit = "1 epoch" if args.epoch else f"{args.steps} steps"
+    print(f"\nmedian wall time for {unit} (batch {base.batch_size} x {tokens.block_size} tokens), "
+          f"ratio = CE time / mode time (throughput relative to hard labels):")
+    ce = statistics.median(seconds["ce"])
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}")
+    if "online_topk" in seconds:
+        online = statistics.median(seconds["online_topk"])
+        offline = statistics.median(seconds["cache_topk"])
+        print(f"  offline / online wall time: {offline / online:5.3f}  (online is {online / offline:4.2f}x slower)")
+
+
+if __name__ == "__main__":
+    main()
