@@ -80,3 +80,15 @@ def test_exp_run_with_new_temperature_reuses_the_capture(project):
     assert "Running stage 'student'" in log and "Running stage 'evaluate'" in log
     for stage in ("prepare", "teacher", "cache", "student_ce"):
         assert f"Running stage '{stage}'" not in log
+
+
+def test_format_doc_example_reads_the_store_with_zarr_and_numpy_only(project):
+    """docs/FORMAT.md's example, run as written in a fresh interpreter that never imports kdcache."""
+    repo, env, _ = project
+    doc = (ROOT / "docs" / "FORMAT.md").read_text()
+    example = doc.split("```python\n")[-1].split("```")[0]
+    guard = "import sys\nsys.path = [p for p in sys.path if p not in ('', '.')]\n"
+    check = "\nassert 'pipeline' not in sys.modules and ids.shape[-1] == attrs['top_k']\nprint('read ok')\n"
+    result = subprocess.run([sys.executable, "-c", guard + example + check], cwd=repo, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "read ok" in result.stdout, result.stderr
