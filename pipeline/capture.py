@@ -37,7 +37,7 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
 def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
     T, K, D = identity["block_size"], identity["top_k"], identity["hidden_size"]
     specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
-             fmt.TOPK_LOGPROBS: ((T, K), np.dtype(encode.ENCODINGS[identity["encoding"]][0]).name),
+             **encode.topk_arrays(identity["encoding"], T, K),  # topk_logprobs (+ its parameters)
              fmt.TAIL_LOGMASS: ((T,), "float32")}
     for layer in identity["layers"]:
         specs[fmt.hidden_array(layer)] = ((T, D), identity["hidden_dtype"])
@@ -46,7 +46,7 @@ def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
 
 def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.ndarray]:
     out = {fmt.TOPK_IDS: encode.encode_ids(targets[fmt.TOPK_IDS], identity["vocab_size"]),
-           fmt.TOPK_LOGPROBS: encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
+           **encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
            fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
     for layer in identity["layers"]:
         out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)])

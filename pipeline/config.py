@@ -101,7 +101,8 @@ class CacheConfig:
                             "block); repeat for several.", type=int, aliases=("--layer",))
     batch_size: int = setting(16, "Blocks per teacher forward pass.")
     temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
-    encoding: str = setting("fp16", "Top-k log-prob encoding: fp32 or fp16.")
+    encoding: str = setting("fp16", "Top-k log-prob encoding (`kdcache encodings` lists them): "
+                          "fp32, fp16, bf16, q8, q8d.")
     split: str = setting("train", "Token-store split to capture.")
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
@@ -117,7 +118,9 @@ class CacheConfig:
         _check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}.")
 
 
-KD_LOSSES = ("tail_kl", "topk_kl")
+# Names of pipeline.losses.KD_LOSS_FUNCTIONS (a test keeps the two in step): tail_* work on the K+1
+# buckets (top-k ids + tail), topk_* renormalise both sides over the top-k ids.
+KD_LOSSES = ("tail_kl", "topk_kl", "tail_rkl", "topk_rkl", "tail_jsd", "topk_jsd", "tail_tv", "topk_tv")
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,9 @@ class StudentConfig(ModelShape, TrainSettings):
     alpha: float = setting(0.5, "Weight of cross-entropy on hard labels; 1 - alpha weighs KD. "
                            "alpha = 1 (or no --targets) is plain cross-entropy training.")
     temperature: float = setting(2.0, "KD temperature; the KD term is scaled by temperature^2.")
-    loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl (k+1 buckets, exact at k = V) "
-                        "or topk_kl (both sides renormalised over the top-k ids).")
+    loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
+                        "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
+                        "renormalised over the top-k ids).")
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
     layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "
                                "maps captured layers uniformly onto the student.")

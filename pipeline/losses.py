@@ -7,8 +7,13 @@ Teacher log-probs ℓ were cached at the capture temperature τc; losses take th
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
+
+from pipeline.errors import KdcacheError
 
 # Stands in for log(0) where a finite value is needed: exp() of it is exactly 0 in float32 and
 # 0 * it is 0, so empty buckets add nothing and produce no NaN gradients (unlike -inf).
@@ -67,12 +72,8 @@ def tail_kl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: 
 
     Equals the dense KL(p ‖ q) when K = V. student_logits (N, V); topk_* (N, K); tail_logmass (N,).
     """
-    p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature)
-    q = student_buckets(student_logits, topk_ids, temperature)
-    if topk_ids.shape[-1] >= student_logits.shape[-1]:
-        # K = V: the tail is empty on both sides; drop it rather than let the teacher's rounding
-        # residue (~1e-7) meet the student's log(0).
-        p, q = torch.log_softmax(p[..., :-1], -1), q[..., :-1]
+    p, q = _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
+                                 capture_temperature)
     return masked_mean(kl_from_logprobs(p, q), mask)
 
 
@@ -83,8 +84,7 @@ def topk_kl(student_logits, topk_ids, topk_logprobs, temperature: float = 1.0,
     Teacher p_S / Σ p_S against softmax of the student's logits gathered at S (not the student's
     softmax over V, which would compare distributions with different normalisers).
     """
-    p = torch.log_softmax(topk_logprobs.float() * (capture_temperature / temperature), dim=-1)
-    q = torch.log_softmax(student_logits.float().gather(-1, topk_ids) / temperature, dim=-1)
+    p, q = _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature, capture_temperature)
     return masked_mean(kl_from_logprobs(p, q), mask)
 
 
@@ -170,3 +170,150 @@ def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tai
     both = _CrossEntropyAndTailKL.apply(student_logits, labels, ce_mask / ce_mask.sum().clamp(min=1.0),
                                         topk_ids, p, kd_mask / kd_mask.sum().clamp(min=1.0), temperature)
     return both[0], both[1]
+
+
+# --- Divergences between bucket log-distributions ------------------------------------------------
+# Each takes teacher log-probs p and student log-probs q over the same B buckets (N, B) → (N,). The
+# tail_* losses pass B = K+1 buckets (top-k, then the tail); the topk_* losses pass B = K, both sides
+# renormalised over the top-k ids. Inputs may hold -inf; they are clamped to LOG_ZERO so that empty
+# buckets contribute exactly 0 to values and gradients.
+
+# Reverse KL is +inf where the teacher has an empty bucket the student does not. The teacher side is
+# floored at the log of float32's smallest normal number: a large, finite penalty (~87 nats per unit of
+# student mass) that still pushes mass out of the bucket, instead of LOG_ZERO's 1e30-scale gradients.
+RKL_TEACHER_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) per row: (N, B), (N, B) → (N,), differentiable in both arguments.
+
+    Written as p · (difference of finite logs), not xlogy(p, p): xlogy's gradient in its second
+    argument is p / p, which is NaN wherever a differentiated p is 0.
+    """
+    log_p, log_q = log_p.clamp(min=LOG_ZERO), log_q.clamp(min=LOG_ZERO)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def reverse_kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor):
+    """KL(q ‖ p) per row: (N, B), (N, B) → (N,). Teacher-empty buckets cost RKL_TEACHER_LOG_FLOOR."""
+    return _kl_terms(student_logprobs, teacher_logprobs.clamp(min=RKL_TEACHER_LOG_FLOOR))
+
+
+def jsd_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, beta: float = 0.5):
+    """Generalised JSD per row: β KL(p ‖ m) + (1 − β) KL(q ‖ m), m = β p + (1 − β) q. (N, B) → (N,).
+
+    log m comes from a logsumexp over the two weighted logs, so no probability is ever subtracted and
+    m > 0 wherever either side is: the value is finite (≤ log 2 at β = 0.5) even with empty buckets.
+    """
+    if not 0.0 < beta < 1.0:
+        raise KdcacheError(f"JSD beta must lie strictly between 0 and 1, got {beta}.")
+    log_p, log_q = teacher_logprobs.clamp(min=LOG_ZERO), student_logprobs.clamp(min=LOG_ZERO)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    return beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
+
+
+def tv_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """Total variation ½ Σ |p − q| per row: (N, B), (N, B) → (N,), in [0, 1]."""
+    return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
+
+
+def _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: float,
+                          capture_temperature: float):
+    """Teacher and student log-probs over the K+1 buckets, as in `tail_kl`: each (N, K+1), or (N, K)
+    when K = V (the tail is empty on both sides and is dropped, teacher renormalised over the rest)."""
+    p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature)
+    q = student_buckets(student_logits, topk_ids, temperature)
+    if topk_ids.shape[-1] >= student_logits.shape[-1]:
+        # K = V: the tail is empty on both sides; drop it rather than let the teacher's rounding
+        # residue (~1e-7) meet the student's log(0).
+        p, q = torch.log_softmax(p[..., :-1], -1), q[..., :-1]
+    return p, q
+
+
+def _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature: float, capture_temperature: float):
+    """Teacher and student log-probs, each renormalised over the top-k ids, as in `topk_kl`: (N, K) each."""
+    scaled = topk_logprobs.float().clamp(min=LOG_ZERO) * (capture_temperature / temperature)
+    p = torch.log_softmax(scaled, dim=-1)
+    q = torch.log_softmax(student_logits.float().gather(-1, topk_ids) / temperature, dim=-1)
+    return p, q
+
+
+def tail_rkl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: float = 1.0,
+             capture_temperature: float = 1.0, mask=None) -> torch.Tensor:
+    """Reverse KL(q ‖ p) on the K+1 buckets; dense KL(q ‖ p) when K = V. Shapes as `tail_kl`."""
+    p, q = _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
+                                 capture_temperature)
+    return masked_mean(reverse_kl_from_logprobs(p, q), mask)
+
+
+def topk_rkl(student_logits, topk_ids, topk_logprobs, temperature: float = 1.0,
+             capture_temperature: float = 1.0, mask=None) -> torch.Tensor:
+    """Reverse KL(q ‖ p), both sides renormalised over the top-k ids. Shapes as `topk_kl`."""
+    p, q = _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature, capture_temperature)
+    return masked_mean(reverse_kl_from_logprobs(p, q), mask)
+
+
+def tail_jsd(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: float = 1.0,
+             capture_temperature: float = 1.0, mask=None, beta: float = 0.5) -> torch.Tensor:
+    """Generalised JSD_β(p ‖ q) on the K+1 buckets (see `jsd_from_logprobs`). Shapes as `tail_kl`."""
+    p, q = _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
+                                 capture_temperature)
+    return masked_mean(jsd_from_logprobs(p, q, beta), mask)
+
+
+def topk_jsd(student_logits, topk_ids, topk_logprobs, temperature: float = 1.0,
+             capture_temperature: float = 1.0, mask=None, beta: float = 0.5) -> torch.Tensor:
+    """Generalised JSD_β(p ‖ q), both sides renormalised over the top-k ids. Shapes as `topk_kl`."""
+    p, q = _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature, capture_temperature)
+    return masked_mean(jsd_from_logprobs(p, q, beta), mask)
+
+
+def tail_tv(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: float = 1.0,
+            capture_temperature: float = 1.0, mask=None) -> torch.Tensor:
+    """Total variation on the K+1 buckets; dense ½ Σ |p − q| when K = V. Shapes as `tail_kl`."""
+    p, q = _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
+                                 capture_temperature)
+    return masked_mean(tv_from_logprobs(p, q), mask)
+
+
+def topk_tv(student_logits, topk_ids, topk_logprobs, temperature: float = 1.0,
+            capture_temperature: float = 1.0, mask=None) -> torch.Tensor:
+    """Total variation, both sides renormalised over the top-k ids. Shapes as `topk_kl`."""
+    p, q = _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature, capture_temperature)
+    return masked_mean(tv_from_logprobs(p, q), mask)
+
+
+def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask=None) -> torch.Tensor:
+    """Mean of 1 − cosine similarity per position: (N, D), (N, D) → scalar in [0, 2].
+
+    The student side is already projected to the teacher's width, as for `hidden_mse`.
+    """
+    similarity = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+    return masked_mean(1.0 - similarity, mask)
+
+
+def _ignoring_tail(topk_loss):
+    """Give a topk_* loss the registry signature: it takes tail_logmass and ignores it."""
+    @functools.wraps(topk_loss)
+    def loss(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature: float = 1.0,
+             capture_temperature: float = 1.0, mask=None, **options):
+        return topk_loss(student_logits, topk_ids, topk_logprobs, temperature, capture_temperature, mask,
+                         **options)
+    del loss.__wrapped__  # so inspect.signature reports the registry signature, not topk_loss's
+    return loss
+
+
+# Every KD loss by name, with one signature:
+#   fn(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature=1.0, capture_temperature=1.0,
+#      mask=None) → scalar
+# The JSD entries take beta=0.5 by keyword: functools.partial(KD_LOSS_FUNCTIONS["tail_jsd"], beta=0.1).
+KD_LOSS_FUNCTIONS = {
+    "tail_kl": tail_kl,
+    "topk_kl": _ignoring_tail(topk_kl),
+    "tail_rkl": tail_rkl,
+    "topk_rkl": _ignoring_tail(topk_rkl),
+    "tail_jsd": tail_jsd,
+    "topk_jsd": _ignoring_tail(topk_jsd),
+    "tail_tv": tail_tv,
+    "topk_tv": _ignoring_tail(topk_tv),
+}

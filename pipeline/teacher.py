@@ -111,3 +111,13 @@ class OnlineTargets:
         targets = teacher_targets(self.model, batch["input_ids"], self.vocab_size, self.top_k,
                                   self.temperature, self.layers)
         return {**batch, **{k: v.clone() for k, v in targets.items()}}  # out of inference mode
+
+
+def run_online_student(config, tokens_dir: str, out: str, teacher_dir: str, top_k: int = 32,
+                       log_path: str | None = None) -> dict:
+    """The online-KD baseline: train a student with the teacher in the loop (top_k 0: full vocabulary)."""
+    from pipeline.train import run_student
+
+    vocab = TokenStore(tokens_dir).vocab_size
+    online = OnlineTargets(teacher_dir, vocab, top_k or vocab, 1.0, [], resolve_device(config.device))
+    return run_student(config, tokens_dir, out, None, log_path, add_targets=online)

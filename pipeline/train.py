@@ -22,6 +22,7 @@ from pipeline.config import StudentConfig, TrainSettings
 from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream, make_loader
 from pipeline.student import build_gpt2, check_model_fits, hidden_size, load_causal_lm, num_layers
+from pipeline.targets import encode
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
 from pipeline.tokens import TokenStore
@@ -77,7 +78,9 @@ class Objective:
                     self.temperature, self.capture_temperature)
             else:
                 parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
-                parts["kd"] = losses.topk_kl(flat, ids, logprobs, self.temperature, self.capture_temperature)
+                parts["kd"] = losses.KD_LOSS_FUNCTIONS[self.loss](
+                    flat, ids, logprobs, batch[fmt.TAIL_LOGMASS].flatten(), self.temperature,
+                    self.capture_temperature)
         loss = self.alpha * parts["ce"]
         if "kd" in parts:
             loss = loss + (1 - self.alpha) * self.temperature**2 * parts["kd"]
@@ -209,7 +212,8 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
                           loss=config.loss, beta=config.beta, layer_pairs=layer_pairs, projections=projections)
     names = None
     if store is not None:
-        names = ([fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS] if distill else []) + \
+        topk = [fmt.TOPK_IDS, *encode.topk_names(store.attrs["encoding"]), fmt.TAIL_LOGMASS]
+        names = (topk if distill else []) + \
                 [fmt.hidden_array(t) for _, t in layer_pairs]
     stream = BlockStream(tokens_dir, "train", targets if names else None, names,
                          shuffle_buffer=config.shuffle_buffer, seed=config.seed)

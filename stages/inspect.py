@@ -48,7 +48,7 @@ def verify(store):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def encodings(as_json):
     """List the encodings of cached top-k log-probs (for `kdcache cache --encoding`)."""
-    described = {name: text for name, (_, text) in ENCODINGS.items()}
+    described = {name: encoding.description for name, encoding in ENCODINGS.items()}
     if as_json:
         click.echo(json.dumps(described, indent=2))
         return

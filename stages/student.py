@@ -2,9 +2,8 @@ import click
 
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
-from pipeline.teacher import OnlineTargets
-from pipeline.tokens import TokenStore
-from pipeline.train import resolve_device, run_student
+from pipeline.teacher import run_online_student
+from pipeline.train import run_student
 from stages.options import build_config, config_options
 
 
@@ -20,12 +19,10 @@ from stages.options import build_config, config_options
 def student(tokens, targets, out, log, online, teacher_dir, online_top_k, **options):
     """Train a student from the token store and the cached targets; save it with save_pretrained."""
     config = build_config(StudentConfig, options)
-    add_targets = None
     if online:
         if not teacher_dir or targets:
             raise KdcacheError("--online needs --teacher DIR and no --targets.")
-        vocab = TokenStore(tokens).vocab_size
-        add_targets = OnlineTargets(teacher_dir, vocab, online_top_k or vocab, 1.0, [],
-                                    resolve_device(config.device))
-    last = run_student(config, tokens, out, targets, log, add_targets)
+        last = run_online_student(config, tokens, out, teacher_dir, online_top_k, log)
+    else:
+        last = run_student(config, tokens, out, targets, log)
     click.echo(f"student -> {out} (final loss {last['loss']:.4f})")

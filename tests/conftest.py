@@ -12,10 +12,10 @@ from pipeline.tokens import prepare_tokens
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A directory of .txt documents: the source of a few standard-library modules."""
-    import argparse, csv, difflib, json as json_module, textwrap, string, fractions, pathlib, heapq
+    import csv, heapq, json as json_module, shlex, string, textwrap
 
     root = tmp_path_factory.mktemp("corpus")
-    for module in (argparse, csv, difflib, json_module, textwrap, string, fractions, pathlib, heapq):
+    for module in (csv, heapq, json_module, shlex, string, textwrap):
         (root / f"{module.__name__}.txt").write_text(inspect.getsource(module))
     return root
 

@@ -251,6 +251,14 @@ def test_student_targets_from_another_token_store(kdcache, small_corpus, small_t
     assert_nothing_complete(out)
 
 
+def test_student_maps_a_layer_that_was_not_captured(kdcache, small_tokens, small_targets, tmp_path):
+    out = tmp_path / "student"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--out", out,
+                     "--beta", 1.0, "--layer-map", "1:1", "--max-steps", 1, *SMALL_STUDENT)
+    assert_refused(result, "layers [1]", "not captured")
+    assert_nothing_complete(out)
+
+
 @pytest.mark.parametrize("extra_ids", [200, -200], ids=["larger", "smaller"])
 def test_student_init_with_another_vocabulary(kdcache, small_tokens, small_targets, tmp_path, extra_ids):
     vocab = vocab_size_of(small_tokens)
@@ -296,3 +304,13 @@ def test_interrupted_capture_is_refused_then_resumed(kdcache, small_tokens, smal
                      "--max-steps", 1, *SMALL_STUDENT)
     assert result.exit_code == 0, result.output
     assert (out / "config.json").exists()
+
+
+def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_tokens, small_teacher, tmp_path):
+    out = tmp_path / "online"
+    result = kdcache("student", "--tokens", small_tokens, "--online", "--teacher", small_teacher, "--out", out,
+                     "--alpha", 0.5, "--max-steps", 2, *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists()
+    refused = kdcache("student", "--tokens", small_tokens, "--online", "--out", tmp_path / "x", "--max-steps", 1)
+    assert_refused(refused, "--online needs --teacher")

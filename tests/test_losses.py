@@ -1,5 +1,6 @@
 """Sparse KD losses against dense reference math (DESIGN §4)."""
 
+import functools
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
+from pipeline.errors import KdcacheError
 
 N, V = 12, 50
 
@@ -148,3 +150,225 @@ def test_fused_ce_and_tail_kl_equal_the_reference_values_and_gradients(logits, t
     assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
     assert kd.item() == pytest.approx(kd_ref.item(), rel=1e-5)
     torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
+# --- Reverse KL, JSD, total variation, hidden cosine, the registry ---------------------------------
+# References below work on probabilities (N, B) with plain torch ops, independent of pipeline.losses.
+
+def dense_kl(p, q):
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def dense_jsd(p, q, beta=0.5):
+    m = beta * p + (1 - beta) * q
+    return beta * dense_kl(p, m) + (1 - beta) * dense_kl(q, m)
+
+
+DENSE = {
+    "kl": dense_kl,
+    "rkl": lambda p, q: dense_kl(q, p),
+    "jsd": dense_jsd,
+    "tv": lambda p, q: 0.5 * (p - q).abs().sum(-1),
+}
+KINDS = list(DENSE)
+
+
+def dense_reference(kind, teacher, student, temperature):
+    """Dense divergence of softmax(teacher/τ) and softmax(student/τ); forward KL through F.kl_div."""
+    if kind == "kl":
+        return F.kl_div(torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1),
+                        log_target=True, reduction="batchmean")
+    p, q = torch.softmax(teacher / temperature, -1), torch.softmax(student / temperature, -1)
+    return DENSE[kind](p, q).mean()
+
+
+def test_registry_names_every_kd_loss():
+    assert set(losses.KD_LOSS_FUNCTIONS) == {f"{support}_{kind}" for support in ("tail", "topk") for kind in KINDS}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_losses_with_full_support_equal_dense_values_and_gradients(logits, kind, temperature):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher / temperature, V)  # K = V: the tail is empty
+    a = student.clone().requires_grad_(True)
+    sparse = losses.KD_LOSS_FUNCTIONS[f"tail_{kind}"](a, ids, lp, tail, temperature=temperature,
+                                                      capture_temperature=temperature)
+    sparse.backward()
+    b = student.clone().requires_grad_(True)
+    dense = dense_reference(kind, teacher, b, temperature)
+    dense.backward()
+    assert sparse.item() == pytest.approx(dense.item(), abs=1e-6)
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_losses_are_divergences_of_the_coarsened_distributions(logits, kind):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 5)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    p_s, q_s = p.gather(-1, ids), q.gather(-1, ids)
+    p_c = torch.cat([p_s, 1 - p_s.sum(-1, keepdim=True)], -1)
+    q_c = torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1)
+    expected = DENSE[kind](p_c, q_c).mean()
+    value = losses.KD_LOSS_FUNCTIONS[f"tail_{kind}"](student, ids, lp, tail)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+
+
+def test_tail_jsd_with_other_beta_equals_dense(logits):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, V)
+    expected = dense_jsd(torch.softmax(teacher, -1), torch.softmax(student, -1), beta=0.2).mean()
+    assert losses.tail_jsd(student, ids, lp, tail, beta=0.2).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_topk_losses_hand_computed():
+    # The case of test_topk_kl_hand_computed: renormalised over S, teacher 2/3, 1/3; student 3/4, 1/4.
+    topk_logprobs = torch.tensor([[math.log(0.5), math.log(0.25)]])
+    ids = torch.tensor([[1, 3]])
+    student = torch.tensor([[0.0, math.log(3.0), 5.0, 0.0]])
+    tail = torch.tensor([math.log(0.25)])
+    p, q = [2 / 3, 1 / 3], [3 / 4, 1 / 4]
+    m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
+    expected = {
+        "kl": sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)),
+        "rkl": sum(qi * math.log(qi / pi) for pi, qi in zip(p, q)),
+        "jsd": 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m))
+        + 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m)),
+        "tv": 0.5 * (abs(2 / 3 - 3 / 4) + abs(1 / 3 - 1 / 4)),  # 1/12
+    }
+    for kind, value in expected.items():
+        got = losses.KD_LOSS_FUNCTIONS[f"topk_{kind}"](student, ids, topk_logprobs, tail).item()
+        assert got == pytest.approx(value, rel=1e-5), kind
+
+
+@pytest.mark.parametrize("kind", ["rkl", "jsd", "tv"])
+def test_topk_losses_ignore_student_mass_outside_support(kind):
+    topk_logprobs = torch.log(torch.tensor([[0.6, 0.2]]))
+    ids = torch.tensor([[0, 1]])
+    a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0, 9.0, -3.0]])
+    fn = getattr(losses, f"topk_{kind}")
+    assert fn(a, ids, topk_logprobs).item() == pytest.approx(fn(b, ids, topk_logprobs).item())
+
+
+@pytest.mark.parametrize("name", sorted(losses.KD_LOSS_FUNCTIONS))
+def test_every_registry_loss_is_zero_with_zero_gradient_when_all_masked(logits, name):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 4)
+    student = student.clone().requires_grad_(True)
+    value = losses.KD_LOSS_FUNCTIONS[name](student, ids, lp, tail, mask=torch.zeros(N, dtype=torch.bool))
+    assert value.item() == 0.0
+    value.backward()
+    assert (student.grad == 0).all()
+
+
+@pytest.mark.parametrize("k", [4, V])
+@pytest.mark.parametrize("name", sorted(losses.KD_LOSS_FUNCTIONS))
+def test_no_nan_when_teacher_has_empty_buckets(logits, name, k):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, k)
+    lp = lp.clone()
+    lp[:, -1] = -math.inf  # an empty top-k bucket
+    tail = torch.full_like(tail, -math.inf)  # and an empty tail: the top-k hold all the mass
+    for temperature in (1.0, 2.0):
+        a = student.clone().requires_grad_(True)
+        value = losses.KD_LOSS_FUNCTIONS[name](a, ids, lp, tail, temperature=temperature)
+        value.backward()
+        assert torch.isfinite(value), (name, temperature)
+        assert torch.isfinite(a.grad).all(), (name, temperature)
+
+
+def test_no_nan_when_student_puts_no_mass_outside_the_topk():
+    student = torch.full((2, V), -200.0, requires_grad=True)  # the student's tail underflows to 0
+    ids = torch.arange(3).expand(2, 3)
+    with torch.no_grad():
+        student[:, :3] = 0.0
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]])).expand(2, 3)
+    tail = torch.log(torch.tensor([0.1, 0.1]))
+    for name, fn in losses.KD_LOSS_FUNCTIONS.items():
+        student.grad = None
+        fn(student, ids, lp, tail).backward()
+        assert torch.isfinite(student.grad).all(), name
+
+
+def test_reverse_kl_penalises_student_mass_in_an_empty_teacher_bucket():
+    lp = torch.log(torch.tensor([[0.7, 0.3]]))
+    tail = torch.tensor([-math.inf])
+    ids = torch.tensor([[0, 1]])
+    concentrated = torch.tensor([[math.log(0.7), math.log(0.3), -50.0, -50.0]])
+    spread = torch.tensor([[math.log(0.7), math.log(0.3), 0.0, 0.0]])
+    assert losses.tail_rkl(concentrated, ids, lp, tail).item() == pytest.approx(0.0, abs=1e-5)
+    assert losses.tail_rkl(spread, ids, lp, tail).item() > 10.0  # large and finite, not 1e30-scale
+    assert losses.tail_rkl(spread, ids, lp, tail).item() < 100.0
+
+
+def test_jsd_is_symmetric_at_one_half_and_mirrors_beta():
+    g = torch.Generator().manual_seed(3)
+    a = torch.log_softmax(torch.randn(N, 7, generator=g) * 2, -1)
+    b = torch.log_softmax(torch.randn(N, 7, generator=g) * 2, -1)
+    torch.testing.assert_close(losses.jsd_from_logprobs(a, b, 0.5), losses.jsd_from_logprobs(b, a, 0.5))
+    torch.testing.assert_close(losses.jsd_from_logprobs(a, b, 0.2), losses.jsd_from_logprobs(b, a, 0.8))
+    assert not torch.allclose(losses.jsd_from_logprobs(a, b, 0.2), losses.jsd_from_logprobs(b, a, 0.2))
+    assert (losses.jsd_from_logprobs(a, b, 0.5) <= math.log(2) + 1e-6).all()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_is_zero_when_teacher_and_student_agree(logits, beta):
+    teacher, _ = logits
+    ids, lp, tail = teacher_topk(teacher, 6)
+    assert losses.tail_jsd(teacher, ids, lp, tail, beta=beta).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.topk_jsd(teacher, ids, lp, beta=beta).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5, 2.0])
+def test_jsd_rejects_beta_outside_the_open_interval(logits, beta):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 4)
+    with pytest.raises(KdcacheError, match="beta"):
+        losses.tail_jsd(student, ids, lp, tail, beta=beta)
+
+
+def test_registry_jsd_takes_beta_by_partial(logits):
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 4)
+    direct = {"tail_jsd": losses.tail_jsd(student, ids, lp, tail, beta=0.2),
+              "topk_jsd": losses.topk_jsd(student, ids, lp, beta=0.2)}
+    for name, expected in direct.items():
+        registered = losses.KD_LOSS_FUNCTIONS[name]
+        value = functools.partial(registered, beta=0.2)(student, ids, lp, tail)
+        assert value.item() == pytest.approx(expected.item())
+        assert value.item() != pytest.approx(registered(student, ids, lp, tail).item())  # beta took effect
+
+
+def test_hidden_cosine_matches_reference_and_extremes():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g)
+    expected = (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
+    assert losses.hidden_cosine(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.hidden_cosine(a, 3 * a).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.hidden_cosine(a, -a).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_hidden_cosine_all_masked_is_zero():
+    a = torch.randn(N, 8, requires_grad=True)
+    value = losses.hidden_cosine(a, torch.randn(N, 8), torch.zeros(N, dtype=torch.bool))
+    assert value.item() == 0.0
+    value.backward()
+    assert (a.grad == 0).all()
+
+
+def test_no_nan_when_student_logits_hold_minus_inf(logits):
+    # Padded vocabularies carry -inf logits; one here also sits on a cached top-k id.
+    teacher, student = logits
+    ids, lp, tail = teacher_topk(teacher, 4)
+    student = student.clone()
+    student[:, -3:] = -math.inf
+    student[0, ids[0, 1]] = -math.inf
+    for name in ("tail_rkl", "topk_rkl", "tail_jsd", "topk_jsd", "tail_tv", "topk_tv"):
+        a = student.clone().requires_grad_(True)
+        value = losses.KD_LOSS_FUNCTIONS[name](a, ids, lp, tail)
+        value.backward()
+        assert torch.isfinite(value), name
+        assert torch.isfinite(a.grad).all(), name

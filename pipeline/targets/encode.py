@@ -2,20 +2,169 @@
 
 Top-k log-probs are stored in one of ENCODINGS; ids in the narrowest unsigned type that holds the
 vocabulary; hidden states as float16. Decoding always returns float32 / int64 tensors.
+
+An encoding is one entry of ENCODINGS: the dtype of the stored `topk_logprobs` array, a one-line
+description, and its codec: `encode` ((R, T, K) float32 log-probs, sorted descending along K → arrays
+by name) and `decode` (those arrays → (R, T, K) float32). Encodings with per-position parameters
+store them in a second array, `topk_logprobs_{name}` (its `params`). docs/FORMAT.md ("Encodings")
+says how to decode each one with numpy alone; keep the two in step.
+
+Lossy encodings guarantee, after decoding: values non-increasing along K, and Σ exp ≤ 1 per position
+(if rounding pushed the kept mass above 1, every value of that position is lowered by the excess,
+log Σ exp; the stored `tail_logmass` is computed from the true values at capture and is untouched).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from pipeline.errors import KdcacheError
+from pipeline.targets import format as fmt
 
-ENCODINGS = {
-    "fp32": (np.float32, "float32 log-probs: the reference, 4 bytes per kept entry."),
-    "fp16": (np.float16, "float16 log-probs: 2 bytes per kept entry, ~3 significant digits."),
-}
 HIDDEN_DTYPE = np.float16
+QUANT_RANGE = 30.0  # nats: quantised encodings clip log-probs more than this below a position's first
+
+
+def cap_mass(logprobs: np.ndarray) -> np.ndarray:
+    """Lower each position (last axis) by max(0, log Σ exp) so that its probabilities sum to ≤ 1."""
+    x = np.asarray(logprobs, dtype=np.float32)
+    if x.size == 0:
+        return x
+    top = x.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, np.float32(0))
+    with np.errstate(divide="ignore"):  # log(0) = -inf for a position that is all -inf
+        log_mass = top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+    excess = np.maximum(log_mass, np.float32(0))  # 0 when the mass is ≤ 1 (or the position is all -inf)
+    return x - excess if excess.any() else x
+
+
+class Encoding(NamedTuple):
+    """One encoding of top-k log-probs. Subclasses implement `encode` and `_decode`."""
+
+    dtype: str          # dtype of the stored `topk_logprobs` array
+    description: str    # one line, listed by `kdcache encodings`
+
+    params = None       # name of the per-position parameter array, if the encoding has one
+    lossy = True        # lossy encodings cap the decoded mass at 1 (see cap_mass)
+
+    def arrays(self, block_size: int, top_k: int) -> dict[str, tuple[tuple, str]]:
+        """name -> (per-row shape, dtype) of every array the encoding stores."""
+        return {fmt.TOPK_LOGPROBS: ((block_size, top_k), self.dtype)}
+
+    def encode(self, logprobs: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+        """Stored arrays (by name) → float32 log-probs (..., K)."""
+        values = self._decode(stored)
+        return cap_mass(values) if self.lossy else np.asarray(values, dtype=np.float32)
+
+
+class Cast(Encoding):
+    """Plain floating point: stored in `dtype`, decoded by a cast to float32."""
+
+    def encode(self, logprobs):
+        return {fmt.TOPK_LOGPROBS: np.asarray(logprobs, dtype=np.float32).astype(self.dtype)}
+
+    def _decode(self, stored):
+        return stored[fmt.TOPK_LOGPROBS].astype(np.float32)
+
+
+class Float32(Cast):
+    lossy = False
+
+
+class BFloat16(Encoding):
+    """bfloat16 (the top 16 bits of a float32), rounded to nearest even, stored as uint16 bit patterns."""
+
+    def encode(self, logprobs):
+        bits = np.ascontiguousarray(logprobs, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        rounded = np.where(np.isnan(logprobs), np.uint32(0x7FC0), rounded)  # keep NaN a NaN
+        return {fmt.TOPK_LOGPROBS: rounded.astype(np.uint16)}
+
+    def _decode(self, stored):
+        return (stored[fmt.TOPK_LOGPROBS].astype(np.uint32) << 16).view(np.float32)
+
+
+def _grid(logprobs: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position float16 (offset, step): offset = first (largest) value, offset − levels·step ≤ the
+    last value (or offset − QUANT_RANGE when the last is further down)."""
+    x = np.asarray(logprobs, dtype=np.float32)
+    offset = x[..., 0].astype(np.float16)
+    low = np.maximum(x[..., -1], x[..., 0] - QUANT_RANGE)
+    with np.errstate(invalid="ignore"):  # -inf − -inf for a position that is all -inf
+        span = np.where(np.isfinite(offset), offset.astype(np.float32) - low, 0.0)
+    step = (np.maximum(span, 0.0) / levels).astype(np.float16)
+    short = step.astype(np.float32) * levels < span  # rounded down: one float16 ulp up covers the span
+    step = np.where(short, np.nextafter(step, np.float16(np.inf)), step)
+    return offset, step
+
+
+def _codes(logprobs: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: int) -> np.ndarray:
+    """Nearest grid index of each value: round((offset − x) / step), clipped to [0, levels]."""
+    x = np.asarray(logprobs, dtype=np.float32)
+    o, s = offset.astype(np.float32)[..., None], step.astype(np.float32)[..., None]
+    with np.errstate(invalid="ignore"):
+        index = np.divide(o - x, s, out=np.zeros_like(x), where=s > 0)
+    return np.clip(np.rint(np.nan_to_num(index, nan=0.0)), 0, levels).astype(np.uint8)
+
+
+class LogQuant8(Encoding):
+    """8-bit log-domain quantisation on a per-position linear grid.
+
+    Stored: codes c (uint8, (R, T, K)) and params (float16, (R, T, 2)) = (offset, step); decoded
+    value = offset − c·step. offset is the first (largest) log-prob, step = span / 255 with span
+    from the first to the last log-prob (at most QUANT_RANGE), so the error is ≤ step / 2.
+    Codes of sorted values are non-decreasing, so decoded values stay sorted.
+    """
+
+    params = f"{fmt.TOPK_LOGPROBS}_q8"
+    levels = 255
+    delta = False  # q8d stores c_k − c_{k−1} instead of c_k
+
+    def arrays(self, block_size, top_k):
+        return {**super().arrays(block_size, top_k), self.params: ((block_size, 2), "float16")}
+
+    def encode(self, logprobs):
+        offset, step = _grid(logprobs, self.levels)
+        codes = _codes(logprobs, offset, step, self.levels)
+        if self.delta:
+            codes = np.diff(codes, axis=-1, prepend=np.uint8(0))  # wraps mod 256 if unsorted: still exact
+        return {fmt.TOPK_LOGPROBS: codes, self.params: np.stack([offset, step], axis=-1)}
+
+    def _decode(self, stored):
+        codes, params = stored[fmt.TOPK_LOGPROBS], stored[self.params].astype(np.float32)
+        if self.delta:
+            codes = np.cumsum(codes, axis=-1, dtype=np.uint8)  # exact inverse of the diff, mod 256
+        return params[..., :1] - codes.astype(np.float32) * params[..., 1:]
+
+
+class LogQuant8Delta(LogQuant8):
+    """q8's grid and values, with codes stored as differences of consecutive codes.
+
+    Sorted log-probs give non-decreasing codes whose differences are small numbers: zstd stores them
+    in fewer bytes than the codes themselves. Decoding yields exactly q8's values.
+    """
+
+    params = f"{fmt.TOPK_LOGPROBS}_q8d"
+    delta = True
+
+
+ENCODINGS: dict[str, Encoding] = {
+    "fp32": Float32("float32", "float32 log-probs: the reference, 4 bytes per kept entry."),
+    "fp16": Cast("float16", "float16 log-probs: 2 bytes per kept entry, ~3 significant digits."),
+    "bf16": BFloat16("uint16", "bfloat16 log-probs as uint16 bits: 2 bytes per entry, ~2 significant digits."),
+    "q8": LogQuant8("uint8", "8-bit codes on a per-position log-prob grid (offset, step): error <= step/2."),
+    "q8d": LogQuant8Delta("uint8", "q8's values with codes stored as consecutive differences: "
+                                   "fewer bytes after compression."),
+}
 
 
 def check_encoding(name: str) -> None:
@@ -24,17 +173,47 @@ def check_encoding(name: str) -> None:
                            f"(`kdcache encodings` lists them).")
 
 
+def topk_arrays(encoding: str, block_size: int, top_k: int) -> dict[str, tuple[tuple, str]]:
+    """The arrays that hold top-k log-probs in `encoding`: name -> (per-row shape, dtype)."""
+    check_encoding(encoding)
+    return ENCODINGS[encoding].arrays(block_size, top_k)
+
+
+def topk_names(encoding: str) -> list[str]:
+    """Names of the arrays that hold top-k log-probs in `encoding` (read them together)."""
+    check_encoding(encoding)
+    params = ENCODINGS[encoding].params
+    return [fmt.TOPK_LOGPROBS] + ([params] if params else [])
+
+
 def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def encode_topk_logprobs(logprobs: torch.Tensor, encoding: str) -> np.ndarray:
+def encode_topk_logprobs(logprobs: torch.Tensor, encoding: str) -> dict[str, np.ndarray]:
+    """(R, T, K) log-probs sorted descending along K → the encoding's arrays by name."""
     check_encoding(encoding)
-    return logprobs.float().cpu().numpy().astype(ENCODINGS[encoding][0])
+    return ENCODINGS[encoding].encode(logprobs.float().cpu().numpy())
 
 
-def decode_topk_logprobs(stored: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(stored, dtype=np.float32))
+def find_encoding(stored: dict[str, np.ndarray]) -> Encoding:
+    """The encoding of stored top-k arrays: by their parameter array, else by the values' dtype."""
+    for encoding in ENCODINGS.values():
+        if encoding.params and encoding.params in stored:
+            return encoding
+    dtype = np.dtype(stored[fmt.TOPK_LOGPROBS].dtype).name
+    for encoding in ENCODINGS.values():
+        if not encoding.params and encoding.dtype == dtype:
+            return encoding
+    needs = [e.params for e in ENCODINGS.values() if e.params and e.dtype == dtype]
+    raise KdcacheError(f"{fmt.TOPK_LOGPROBS} is stored as {dtype} and cannot be decoded without its "
+                       f"parameter array ({' or '.join(needs) or 'none known'}); read every array of "
+                       f"TargetsStore.array_names() that starts with {fmt.TOPK_LOGPROBS}.")
+
+
+def decode_topk_logprobs(stored: dict[str, np.ndarray]) -> torch.Tensor:
+    """Stored top-k arrays (`topk_logprobs` and its parameter array, if any) → float32 (R, T, K)."""
+    return torch.from_numpy(np.ascontiguousarray(find_encoding(stored).decode(stored), dtype=np.float32))
 
 
 def encode_ids(ids: torch.Tensor, vocab_size: int) -> np.ndarray:

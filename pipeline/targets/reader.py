@@ -39,7 +39,8 @@ class TargetsStore:
         return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
 
     def array_names(self) -> list[str]:
-        return [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS] + [fmt.hidden_array(l) for l in self.layers]
+        return ([fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), fmt.TAIL_LOGMASS]
+                + [fmt.hidden_array(l) for l in self.layers])
 
     def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
                          layers=()) -> None:
@@ -79,13 +80,20 @@ class TargetsStore:
 
 
 def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Encoded arrays → float32 / int64 tensors, same names."""
+    """Encoded arrays → float32 / int64 tensors, same names.
+
+    Decodes every encoding of `topk_logprobs`; an encoding's parameter array (`topk_logprobs_{name}`)
+    must be passed along with it and is consumed, not returned.
+    """
+    params = {e.params for e in encode.ENCODINGS.values() if e.params}
     out = {}
     for name, array in stored.items():
         if name == fmt.TOPK_IDS:
             out[name] = encode.decode_ids(array)
         elif name == fmt.TOPK_LOGPROBS:
-            out[name] = encode.decode_topk_logprobs(array)
+            out[name] = encode.decode_topk_logprobs({n: a for n, a in stored.items() if n == name or n in params})
+        elif name in params:
+            continue
         elif name.startswith("hidden_layer_"):
             out[name] = encode.decode_hidden(array)
         else:

@@ -1,0 +1,76 @@
+"""The capture: a real (tiny) teacher with a padded vocabulary, run once, against dense reference math."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.capture import run_capture
+from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.targets import format as fmt
+from pipeline.targets.reader import TargetsStore
+from pipeline.teacher import load_teacher, materialise_teacher, teacher_targets
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("capture") / "teacher"
+    config = TeacherConfig(n_layer=2, n_embd=32, n_head=2, max_steps=4, batch_size=4, vocab_multiple=64)
+    materialise_teacher(config, str(tiny_tokens.path), str(out))
+    return out
+
+
+def capture(teacher_dir, tokens, out, **settings):
+    config = CacheConfig(**{"top_k": 8, "layers": (0, 2), "batch_size": 16, "rows_per_chunk": 4,
+                            "rows_per_shard": 16, "encoding": "fp32", **settings})
+    return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
+
+
+def test_padded_teacher_targets_cover_the_tokenizer_only(teacher_dir, tiny_tokens):
+    model, info = load_teacher(teacher_dir)
+    V = tiny_tokens.vocab_size
+    assert model.get_output_embeddings().weight.shape[0] == 320 > V == 300  # padded like real models
+    assert info["fingerprint"] and info["num_layers"] == 2
+    ids = torch.from_numpy(tiny_tokens.blocks("train")[:3].astype(np.int64))
+    out = teacher_targets(model, ids, V, top_k=8, layers=(2,))
+    dense = torch.log_softmax(model(input_ids=ids).logits[..., :V].float(), -1)
+    expected, expected_ids = dense.topk(8, -1)
+    torch.testing.assert_close(out[fmt.TOPK_LOGPROBS], expected)
+    assert torch.equal(out[fmt.TOPK_IDS], expected_ids) and int(out[fmt.TOPK_IDS].max()) < V
+    mass = out[fmt.TOPK_LOGPROBS].exp().sum(-1) + out[fmt.TAIL_LOGMASS].exp()
+    torch.testing.assert_close(mass, torch.ones_like(mass))
+    assert out[fmt.hidden_array(2)].shape == (3, tiny_tokens.block_size, 32)
+
+
+def test_store_holds_what_the_teacher_says(teacher_dir, tiny_tokens, tmp_path):
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr")
+    assert store.rows == tiny_tokens.num_rows("train") and store.layers == [0, 2]
+    model, _ = load_teacher(teacher_dir)
+    rows = slice(17, 20)
+    ids = torch.from_numpy(tiny_tokens.blocks("train")[rows].astype(np.int64))
+    direct = teacher_targets(model, ids, tiny_tokens.vocab_size, 8, layers=(0, 2))
+    stored = store.read_rows(rows.start, rows.stop)
+    np.testing.assert_array_equal(stored[fmt.TOPK_IDS], direct[fmt.TOPK_IDS].numpy())
+    np.testing.assert_allclose(stored[fmt.TOPK_LOGPROBS], direct[fmt.TOPK_LOGPROBS].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stored[fmt.hidden_array(2)], direct[fmt.hidden_array(2)].numpy(), rtol=1e-2, atol=1e-2)
+    assert store.attrs["teacher_fingerprint"] == json.loads((teacher_dir / "kdcache.json").read_text())["fingerprint"]
+
+
+def test_interrupted_capture_resumes_to_identical_arrays(teacher_dir, tiny_tokens, tmp_path):
+    whole = capture(teacher_dir, tiny_tokens, tmp_path / "whole.zarr")
+    # An interruption after two shards: what a killed run leaves (later shards never recorded).
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(whole.path, cut)
+    group = zarr.open_group(cut, mode="r+")
+    group.attrs["shards"] = {k: v for k, v in whole.attrs["shards"].items() if int(k) < 2}
+    group.attrs["complete"] = False
+    for index in range(2, len(whole.shard_ranges)):  # garbage where the unfinished shards were
+        start, stop = whole.shard_ranges[index]
+        group[fmt.TOPK_IDS][start:stop] = 0
+    resumed = capture(teacher_dir, tiny_tokens, cut)
+    assert resumed.attrs["complete"] and resumed.bad_shards() == []
+    for name in whole.array_names():
+        np.testing.assert_array_equal(resumed.read_rows(0, whole.rows)[name], whole.read_rows(0, whole.rows)[name])

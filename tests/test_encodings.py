@@ -1,0 +1,201 @@
+"""Encodings of top-k log-probs: round trips and their error bounds, the invariants every decoding keeps
+(sorted, mass ≤ 1), a real capture in each encoding read back through the reader, and the CLI refusal."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from pipeline.capture import run_capture
+from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.errors import KdcacheError
+from pipeline.loader import BlockStream
+from pipeline.targets import encode
+from pipeline.targets import format as fmt
+from pipeline.targets.reader import TargetsStore, decode_rows
+from pipeline.teacher import materialise_teacher
+from stages.cli import cli
+
+NAMES = list(encode.ENCODINGS)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def realistic_logprobs(shape=(4, 64), V=1000, K=32, temperature=1.0, seed=0) -> np.ndarray:
+    """Top-K of log_softmax(logits / temperature), sorted descending, for random logits."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, V, generator=gen) * 3.0
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.topk(K, dim=-1, sorted=True).values.numpy()
+
+
+def mixed_logprobs(seed=0) -> np.ndarray:
+    """Sharp, ordinary and flat positions side by side."""
+    return np.concatenate([realistic_logprobs(temperature=t, seed=seed + i) for i, t in enumerate((0.3, 1.0, 2.5))])
+
+
+def round_trip(name, x):
+    stored = encode.ENCODINGS[name].encode(x)
+    return stored, decode_rows(stored)[fmt.TOPK_LOGPROBS].numpy()
+
+
+def test_registry_is_consistent():
+    """Each entry declares the arrays it writes; the reader finds the encoding from them alone."""
+    x = realistic_logprobs()
+    T, K = x.shape[1:]
+    params = [e.params for e in encode.ENCODINGS.values() if e.params]
+    assert len(set(params)) == len(params) and all(p.startswith(fmt.TOPK_LOGPROBS + "_") for p in params)
+    for name, entry in encode.ENCODINGS.items():
+        _, text = entry  # (dtype, description), as `kdcache encodings` lists them
+        assert text and "\n" not in text
+        stored = entry.encode(x)
+        specs = encode.topk_arrays(name, T, K)
+        assert list(stored) == list(specs) == encode.topk_names(name)
+        for array_name, (row_shape, dtype) in specs.items():
+            assert stored[array_name].shape == (x.shape[0], *row_shape) and stored[array_name].dtype == dtype
+        assert encode.find_encoding(stored) is entry
+    listed = CliRunner().invoke(cli, ["encodings"])
+    assert listed.exit_code == 0 and all(name in listed.output for name in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_error_bounds(name):
+    x = mixed_logprobs()
+    entry = encode.ENCODINGS[name]
+    stored, decoded = round_trip(name, x)
+    assert decoded.dtype == np.float32 and decoded.shape == x.shape
+    raw = entry._decode(stored)  # before the mass cap, which only lowers a position by its excess mass
+    excess = np.maximum(np.logaddexp.reduce(raw.astype(np.float64), axis=-1, keepdims=True), 0)
+    np.testing.assert_allclose(decoded, raw - excess if entry.lossy else raw, rtol=1e-6, atol=1e-6)
+    err = np.abs(raw - x)
+    assert (excess <= err.max(-1, keepdims=True) + 1e-6).all()  # so decoded errors are at most twice these
+    if name == "fp32":
+        np.testing.assert_array_equal(decoded, x)
+    elif name == "fp16":
+        assert (err <= 2.0**-11 * np.abs(x) + 1e-7).all()                     # ~5e-4 relative
+    elif name == "bf16":
+        exact = torch.from_numpy(x).to(torch.bfloat16).float().numpy()     # torch rounds to nearest even
+        np.testing.assert_array_equal(raw, exact)
+        assert (err <= 2.0**-8 * np.abs(x)).all()                          # ~4e-3 relative
+    else:  # q8, q8d: within half a grid step, or float16 rounding of the first value at the top
+        offset, step = np.moveaxis(stored[entry.params].astype(np.float32), -1, 0)
+        bound = np.maximum(step / 2, 2.0**-11 * np.abs(x[..., 0]))[..., None] + 1e-6
+        assert (err <= bound).all()
+        assert (step <= (x[..., 0] - x[..., -1]) / 255 * 1.01 + 1e-6).all()  # the grid spans this position only
+        assert err.max() <= encode.QUANT_RANGE / 255 / 2 + 1e-3 and err.mean() < 0.01
+    if name == "q8d":  # exactly q8's values, in other bytes
+        np.testing.assert_array_equal(decoded, round_trip("q8", x)[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", ["ordinary", "sharp", "whole_vocabulary", "tiny_k"])
+def test_decoded_are_sorted_and_hold_at_most_all_the_mass(name, case):
+    x = {"ordinary": mixed_logprobs(seed=5),
+         "sharp": realistic_logprobs(temperature=0.05, seed=7),              # top-1 ≈ 1, tail ≈ 0
+         "whole_vocabulary": realistic_logprobs(V=40, K=40, seed=9),         # Σ exp = 1: rounding overshoots
+         "tiny_k": realistic_logprobs(K=1, seed=11)}[case]
+    _, decoded = round_trip(name, x)
+    assert np.isfinite(decoded).all()
+    assert (np.diff(decoded, axis=-1) <= 0).all()
+    assert (np.exp(decoded.astype(np.float64)).sum(-1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_degenerate_positions_decode_without_nan(name):
+    """Equal values (zero grid step), -inf entries (fully masked ids) and an all -inf position."""
+    x = np.array([[[-2.0, -2.0, -2.0, -2.0], [-0.1, -3.0, -np.inf, -np.inf], [-np.inf] * 4]], np.float32)
+    _, decoded = round_trip(name, x)
+    assert not np.isnan(decoded).any()
+    np.testing.assert_allclose(decoded[0, 0], -2.0, atol=0.01)
+    np.testing.assert_allclose(decoded[0, 1, :2], [-0.1, -3.0], atol=encode.QUANT_RANGE / 255 / 2 + 1e-3)
+    assert (decoded[0, 1, 2:] < -29).all() and (decoded[0, 2] == -np.inf).all()
+
+
+def test_quantised_values_cannot_be_decoded_without_their_parameters():
+    stored = encode.ENCODINGS["q8"].encode(realistic_logprobs())
+    with pytest.raises(KdcacheError, match="topk_logprobs_q8"):
+        decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]})
+
+
+def test_format_md_recipe_decodes_like_the_reader(tmp_path):
+    """The plain numpy + zarr decoder printed in docs/FORMAT.md agrees with decode_rows."""
+    text = (ROOT / "docs" / "FORMAT.md").read_text()
+    recipe = re.search(r"```python\n(def read_topk_logprobs.*?)```", text, re.S).group(1)
+    scope = {"np": np}
+    exec(recipe, scope)
+    x = mixed_logprobs(seed=3)
+    for name in NAMES:
+        group = zarr.open_group(tmp_path / f"{name}.zarr", mode="w", attributes={"encoding": name})
+        for array_name, array in encode.ENCODINGS[name].encode(x).items():
+            group.create_array(array_name, data=array)
+        expected = decode_rows(encode.ENCODINGS[name].encode(x))[fmt.TOPK_LOGPROBS].numpy()
+        np.testing.assert_allclose(scope["read_topk_logprobs"](group, slice(None)), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- A real capture in every encoding -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("encodings") / "teacher"
+    config = TeacherConfig(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=4, vocab_multiple=64)
+    materialise_teacher(config, str(tiny_tokens.path), str(out))
+    return out
+
+
+def capture(teacher_dir, tokens, out, encoding):
+    # Temperature 0.1 spreads the untrained teacher's near-uniform log-probs over several nats.
+    config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, temperature=0.1,
+                         split="validation", encoding=encoding, device="cpu")
+    return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_dir, tiny_tokens, tmp_path_factory):
+    store = capture(teacher_dir, tiny_tokens, tmp_path_factory.mktemp("encodings") / "fp32.zarr", "fp32")
+    return store, decode_rows(store.read_rows(0, store.rows))
+
+
+CAPTURE_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 4e-2, "q8": 3e-2, "q8d": 3e-2}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capture_in_each_encoding_reads_back_close_to_fp32(name, teacher_dir, tiny_tokens, reference, tmp_path):
+    ref_store, ref = reference
+    store = capture(teacher_dir, tiny_tokens, tmp_path / f"{name}.zarr", name)
+    assert store.attrs["encoding"] == name and store.rows == ref_store.rows
+    assert store.array_names()[:len(encode.topk_names(name)) + 1] == [fmt.TOPK_IDS, *encode.topk_names(name)]
+    assert store.bad_shards() == []  # the parameter array is checksummed like every other
+    decoded = decode_rows(store.read_rows(0, store.rows))
+    assert set(decoded) == set(ref)  # parameter arrays are consumed by decoding
+    assert torch.equal(decoded[fmt.TOPK_IDS], ref[fmt.TOPK_IDS])
+    assert torch.equal(decoded[fmt.TAIL_LOGMASS], ref[fmt.TAIL_LOGMASS])  # float32, from the true values
+    got, want = decoded[fmt.TOPK_LOGPROBS], ref[fmt.TOPK_LOGPROBS]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert float((got - want).abs().max()) <= CAPTURE_TOLERANCE[name]
+    assert bool((got.diff(dim=-1) <= 0).all()) and float(got.double().exp().sum(-1).max()) <= 1 + 1e-6
+    # The student's loader reads the store with every array it names and yields decoded rows.
+    item = next(iter(BlockStream(str(tiny_tokens.path), "validation", str(store.path), shuffle_buffer=1)))
+    assert set(item) == {"input_ids", "row", *ref} and item[fmt.TOPK_LOGPROBS].dtype == torch.float32
+
+
+def test_cache_refuses_an_unknown_encoding(tmp_path):
+    result = CliRunner().invoke(cli, ["cache", "--teacher", tmp_path / "teacher", "--tokens", tmp_path / "tokens",
+                                      "--out", tmp_path / "t.zarr", "--encoding", "nope"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert "Error: unknown encoding 'nope'" in result.output and all(n in result.output for n in NAMES)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_student_trains_from_a_quantised_store(teacher_dir, tiny_tokens, tmp_path):
+    from pipeline.config import StudentConfig
+    from pipeline.train import run_student
+
+    config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, encoding="q8d", device="cpu")
+    store = run_capture(config, str(teacher_dir), str(tiny_tokens.path), str(tmp_path / "q8d.zarr"))
+    student = StudentConfig(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=4, alpha=0.5)
+    last = run_student(student, str(tiny_tokens.path), str(tmp_path / "student"), str(store.path))
+    assert np.isfinite(last["kd"]) and last["kd"] > 0
