@@ -87,3 +87,19 @@ def small_targets(kdcache, small_tokens, small_teacher, tmp_path_factory):
                      "--top-k", 8, "--batch-size", 64, "--rows-per-shard", 32, "--rows-per-chunk", 8)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def make_teacher(tiny_tokens, tmp_path_factory):
+    """Train (a few steps) and save a default teacher on `tiny_tokens`; vocabulary padded 300 -> 320."""
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher import materialise_teacher
+
+    def make(n_layer: int, n_embd: int, max_steps: int):
+        out = tmp_path_factory.mktemp("teacher") / "teacher"
+        config = TeacherConfig(n_layer=n_layer, n_embd=n_embd, n_head=2, max_steps=max_steps, batch_size=4,
+                               vocab_multiple=64)
+        materialise_teacher(config, str(tiny_tokens.path), str(out))
+        return out
+
+    return make

@@ -9,18 +9,15 @@ import torch
 import zarr
 
 from pipeline.capture import run_capture
-from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.config import CacheConfig
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
-from pipeline.teacher import load_teacher, materialise_teacher, teacher_targets
+from pipeline.teacher import load_teacher, teacher_targets
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tiny_tokens, tmp_path_factory):
-    out = tmp_path_factory.mktemp("capture") / "teacher"
-    config = TeacherConfig(n_layer=2, n_embd=32, n_head=2, max_steps=4, batch_size=4, vocab_multiple=64)
-    materialise_teacher(config, str(tiny_tokens.path), str(out))
-    return out
+def teacher_dir(make_teacher):
+    return make_teacher(n_layer=2, n_embd=32, max_steps=4)
 
 
 def capture(teacher_dir, tokens, out, **settings):

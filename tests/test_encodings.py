@@ -11,13 +11,12 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.capture import run_capture
-from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.config import CacheConfig
 from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream
 from pipeline.targets import encode
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore, decode_rows
-from pipeline.teacher import materialise_teacher
 from stages.cli import cli
 
 NAMES = list(encode.ENCODINGS)
@@ -138,11 +137,8 @@ def test_format_md_recipe_decodes_like_the_reader(tmp_path):
 # --- A real capture in every encoding -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def teacher_dir(tiny_tokens, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encodings") / "teacher"
-    config = TeacherConfig(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=4, vocab_multiple=64)
-    materialise_teacher(config, str(tiny_tokens.path), str(out))
-    return out
+def teacher_dir(make_teacher):
+    return make_teacher(n_layer=1, n_embd=16, max_steps=2)
 
 
 def capture(teacher_dir, tokens, out, encoding):
