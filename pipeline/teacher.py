@@ -77,14 +77,48 @@ def check_layers(model, layers) -> None:
                            f"--layer {bad} does not exist.")
 
 
+# Keys of the random-sampling KD targets (Anshumann et al., ACL 2025) in `teacher_targets`' result.
+SAMPLED_IDS = "sampled_ids"
+SAMPLED_COUNTS = "sampled_counts"
+
+
+def sample_targets(logprobs: torch.Tensor, num_samples: int,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `num_samples` ids per position from the teacher and store them as unique ids + counts.
+
+    logprobs (B, T, V) float32 (normalised log-probs) → sampled_ids (B, T, N) int64 and
+    sampled_counts (B, T, N) int64, N = num_samples. Draws are i.i.d. with replacement from
+    p = exp(logprobs); each position's distinct ids come first in increasing id order, then padding
+    (id 0, count 0), so the counts of a position sum to N. `generator` must live on logprobs' device.
+    Vectorised: sort the draws, mark where each run of equal ids starts, scatter-add the run lengths.
+    """
+    if num_samples < 1:
+        raise KdcacheError(f"num_samples must be at least 1, got {num_samples}.")
+    *lead, vocab = logprobs.shape
+    probs = logprobs.float().reshape(-1, vocab).exp()
+    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (P, N)
+    draws = draws.sort(dim=-1).values
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = starts.long().cumsum(dim=-1) - 1  # index of each draw's run among the distinct ids
+    # Every draw of a run writes the same id to its slot, so duplicate indices are harmless here.
+    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
+    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
+    shape = (*lead, num_samples)
+    return ids.reshape(shape), counts.reshape(shape)
+
+
 @torch.inference_mode()
 def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
-                    temperature: float = 1.0, layers=()) -> dict[str, torch.Tensor]:
+                    temperature: float = 1.0, layers=(), num_samples: int = 0,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """What the teacher contributes for a batch (B, T) of token ids.
 
     Returns topk_ids (B, T, K) int64 sorted by probability, topk_logprobs (B, T, K) float32,
     tail_logmass (B, T) float32 = log(1 − Σ top-k p) (−inf when nothing is left), and
     hidden_layer_{l} (B, T, D) for each requested layer. Padded vocabulary rows are cut off first.
+    With num_samples > 0 it also returns sampled_ids and sampled_counts (B, T, num_samples) int64:
+    `sample_targets` drawn from the teacher at `temperature` (random-sampling KD).
     """
     out = model(input_ids=input_ids, output_hidden_states=bool(layers))
     logprobs = torch.log_softmax(out.logits[..., :vocab_size].float() / temperature, dim=-1)  # (B, T, V)
@@ -96,6 +130,8 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     result = {fmt.TOPK_IDS: topk_ids, fmt.TOPK_LOGPROBS: topk_logprobs, fmt.TAIL_LOGMASS: tail}
     for layer in layers:
         result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
+    if num_samples > 0:
+        result[SAMPLED_IDS], result[SAMPLED_COUNTS] = sample_targets(logprobs, num_samples, generator)
     return result
 
 
