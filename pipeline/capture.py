@@ -31,23 +31,34 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
         "hidden_dtype": np.dtype(encode.HIDDEN_DTYPE).name, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
+        "samples": config.samples, "seed": config.seed,
     }
 
 
 def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
-    T, K, D = identity["block_size"], identity["top_k"], identity["hidden_size"]
-    specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
-             **encode.topk_arrays(identity["encoding"], T, K),  # topk_logprobs (+ its parameters)
-             fmt.TAIL_LOGMASS: ((T,), "float32")}
+    T, K, N, D = identity["block_size"], identity["top_k"], identity["samples"], identity["hidden_size"]
+    specs = {}
+    if K:
+        specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
+                 **encode.topk_arrays(identity["encoding"], T, K),  # topk_logprobs (+ its parameters)
+                 fmt.TAIL_LOGMASS: ((T,), "float32")}
+    if N:
+        specs[fmt.SAMPLED_IDS] = ((T, N), identity["ids_dtype"])
+        specs[fmt.SAMPLED_COUNTS] = ((T, N), "uint8")
     for layer in identity["layers"]:
         specs[fmt.hidden_array(layer)] = ((T, D), identity["hidden_dtype"])
     return specs
 
 
 def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.ndarray]:
-    out = {fmt.TOPK_IDS: encode.encode_ids(targets[fmt.TOPK_IDS], identity["vocab_size"]),
-           **encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
-           fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
+    out = {}
+    if identity["top_k"]:
+        out = {fmt.TOPK_IDS: encode.encode_ids(targets[fmt.TOPK_IDS], identity["vocab_size"]),
+               **encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
+               fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
+    if identity["samples"]:
+        out[fmt.SAMPLED_IDS] = encode.encode_ids(targets[fmt.SAMPLED_IDS], identity["vocab_size"])
+        out[fmt.SAMPLED_COUNTS] = targets[fmt.SAMPLED_COUNTS].cpu().numpy().astype(np.uint8)
     for layer in identity["layers"]:
         out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)])
     return out
@@ -83,9 +94,11 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
         for lo in range(start, stop, config.batch_size):
             hi = min(lo + config.batch_size, stop)
             input_ids = torch.from_numpy(blocks[lo:hi].astype(np.int64)).to(device)
+            # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
+            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
                 targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
-                                          config.temperature, identity["layers"])
+                                          config.temperature, identity["layers"], config.samples, generator)
             parts.append(_encode(targets, identity))
             bar.update((hi - lo) * tokens.block_size)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)

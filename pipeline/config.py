@@ -96,7 +96,11 @@ class TeacherConfig(ModelShape, TrainSettings):
 
 @dataclass(frozen=True)
 class CacheConfig:
-    top_k: int = setting(32, "Teacher log-probs kept per position (sorted by probability).")
+    top_k: int = setting(32, "Teacher log-probs kept per position (sorted by probability); 0 with "
+                         "--samples stores sampled targets only.")
+    samples: int = setting(0, "Also draw this many ids per position from the teacher (random-sampling "
+                           "KD), stored as distinct ids + counts; 0: none.")
+    seed: int = setting(0, "Seed of the sampled draws (a resumed capture draws the same ids).")
     layers: tuple = setting((), "Teacher hidden-state layer to capture (0 = embeddings, L = last "
                             "block); repeat for several.", type=int, aliases=("--layer",))
     batch_size: int = setting(16, "Blocks per teacher forward pass.")
@@ -109,7 +113,9 @@ class CacheConfig:
     device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self):
-        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}.")
+        _check(self.top_k >= 0 and 0 <= self.samples <= 255,
+               f"top_k must be >= 0 and samples in [0, 255], got top_k={self.top_k}, samples={self.samples}.")
+        _check(self.top_k > 0 or self.samples > 0, "nothing to capture: set top_k or samples above 0.")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
         _check(self.batch_size >= 1, "batch_size must be >= 1.")
         _check(self.rows_per_chunk >= 1 and self.rows_per_shard % self.rows_per_chunk == 0,
@@ -131,6 +137,8 @@ class StudentConfig(ModelShape, TrainSettings):
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
                         "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
                         "renormalised over the top-k ids).")
+    kd_targets: str = setting("auto", "Which cached targets the KD term uses: topk, sampled, or auto "
+                              "(top-k when the store has them, else sampled).")
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
     layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "
                                "maps captured layers uniformly onto the student.")
@@ -144,6 +152,8 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}.")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        _check(self.kd_targets in ("auto", "topk", "sampled"),
+               f"kd_targets must be auto, topk or sampled, got {self.kd_targets!r}.")
         _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
         for pair in self.layer_map:
             _check(len(str(pair).split(":")) == 2 and all(p.isdigit() for p in str(pair).split(":")),

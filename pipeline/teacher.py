@@ -78,8 +78,6 @@ def check_layers(model, layers) -> None:
 
 
 # Keys of the random-sampling KD targets (Anshumann et al., ACL 2025) in `teacher_targets`' result.
-SAMPLED_IDS = "sampled_ids"
-SAMPLED_COUNTS = "sampled_counts"
 
 
 def sample_targets(logprobs: torch.Tensor, num_samples: int,
@@ -122,16 +120,18 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     """
     out = model(input_ids=input_ids, output_hidden_states=bool(layers))
     logprobs = torch.log_softmax(out.logits[..., :vocab_size].float() / temperature, dim=-1)  # (B, T, V)
-    topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1, sorted=True)
-    kept = torch.logsumexp(topk_logprobs, dim=-1).clamp(max=0.0)
-    tail = torch.log(-torch.expm1(kept))  # log(1 - e^kept), accurate near 0
-    if top_k >= vocab_size:
-        tail = torch.full_like(tail, float("-inf"))  # nothing is left; don't keep rounding residue
-    result = {fmt.TOPK_IDS: topk_ids, fmt.TOPK_LOGPROBS: topk_logprobs, fmt.TAIL_LOGMASS: tail}
+    result = {}
+    if top_k > 0:  # top_k = 0: sampled targets only
+        topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1, sorted=True)
+        kept = torch.logsumexp(topk_logprobs, dim=-1).clamp(max=0.0)
+        tail = torch.log(-torch.expm1(kept))  # log(1 - e^kept), accurate near 0
+        if top_k >= vocab_size:
+            tail = torch.full_like(tail, float("-inf"))  # nothing is left; don't keep rounding residue
+        result = {fmt.TOPK_IDS: topk_ids, fmt.TOPK_LOGPROBS: topk_logprobs, fmt.TAIL_LOGMASS: tail}
     for layer in layers:
         result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
     if num_samples > 0:
-        result[SAMPLED_IDS], result[SAMPLED_COUNTS] = sample_targets(logprobs, num_samples, generator)
+        result[fmt.SAMPLED_IDS], result[fmt.SAMPLED_COUNTS] = sample_targets(logprobs, num_samples, generator)
     return result
 
 

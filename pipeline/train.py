@@ -22,7 +22,6 @@ from pipeline.config import StudentConfig, TrainSettings
 from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream, make_loader
 from pipeline.student import build_gpt2, check_model_fits, hidden_size, load_causal_lm, num_layers
-from pipeline.targets import encode
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
 from pipeline.tokens import TokenStore
@@ -51,6 +50,7 @@ class Objective:
     temperature: float = 1.0
     capture_temperature: float = 1.0
     loss: str = "tail_kl"
+    kd_targets: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
     projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t)
@@ -69,6 +69,10 @@ class Objective:
         parts = {}
         if self.alpha >= 1.0:
             parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
+        elif self.kd_targets == "sampled":
+            parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
+            parts["kd"] = losses.sampled_kd(flat, batch[fmt.SAMPLED_IDS].flatten(0, 1),
+                                            batch[fmt.SAMPLED_COUNTS].flatten(0, 1), self.temperature)
         else:
             ids = batch[fmt.TOPK_IDS].flatten(0, 1)  # (B*T, K)
             logprobs = batch[fmt.TOPK_LOGPROBS].flatten(0, 1)
@@ -179,6 +183,17 @@ def check_same_tokenizer(model_dir: str, tokens: TokenStore) -> None:
                            f"teacher's ({tokens.vocab_size} ids); the student must use the teacher's tokenizer.")
 
 
+def resolve_kd_targets(requested: str, store: TargetsStore) -> str:
+    """"topk" or "sampled": what the KD term reads, refusing a kind the store does not hold."""
+    has = {"topk": store.top_k > 0, "sampled": store.samples > 0}
+    kind = requested if requested != "auto" else ("topk" if has["topk"] else "sampled")
+    if not has[kind]:
+        raise KdcacheError(f"{store.path} holds no {kind} targets (top_k={store.top_k}, samples="
+                           f"{store.samples}); use --kd-targets {'sampled' if kind == 'topk' else 'topk'} "
+                           f"or re-run cache with them.")
+    return kind
+
+
 def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str | None = None,
                 log_path: str | None = None, add_targets=None, capture_temperature: float = 1.0) -> dict:
     """Train one student from a token store (+ a targets store) and save it with save_pretrained.
@@ -191,7 +206,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "student")
     if config.init:
         check_same_tokenizer(config.init, tokens)
-    layer_pairs, store = [], None
+    layer_pairs, store, kind = [], None, "topk"
     if targets is not None:
         store = TargetsStore(targets)
         pairs = [tuple(int(x) for x in p.split(":")) for p in config.layer_map]
@@ -204,16 +219,18 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
                                f"{num_layers(model)}).")
         layer_pairs = pairs if config.beta else []
         capture_temperature = store.temperature
+        kind = resolve_kd_targets(config.kd_targets, store)
     projections = torch.nn.ModuleDict({
         str(s): torch.nn.Linear(hidden_size(model), int(store.attrs["hidden_size"]), bias=False)
         for s, _ in layer_pairs})
     objective = Objective(vocab_size=tokens.vocab_size, alpha=config.alpha if distill else 1.0,
                           temperature=config.temperature, capture_temperature=capture_temperature,
-                          loss=config.loss, beta=config.beta, layer_pairs=layer_pairs, projections=projections)
+                          loss=config.loss, kd_targets=kind, beta=config.beta, layer_pairs=layer_pairs,
+                          projections=projections)
     names = None
     if store is not None:
-        topk = [fmt.TOPK_IDS, *encode.topk_names(store.attrs["encoding"]), fmt.TAIL_LOGMASS]
-        names = (topk if distill else []) + \
+        kd_names = store.sampled_names() if kind == "sampled" else store.topk_names()
+        names = (kd_names if distill else []) + \
                 [fmt.hidden_array(t) for _, t in layer_pairs]
     stream = BlockStream(tokens_dir, "train", targets if names else None, names,
                          shuffle_buffer=config.shuffle_buffer, seed=config.seed)

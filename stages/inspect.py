@@ -21,14 +21,16 @@ def inspect(store, as_json):
                f"({summary['shards_done']}/{summary['shards']} shards), format v{summary['format_version']}")
     click.echo(f"  {summary['rows']} rows, {summary['tokens']:,} tokens, split {summary['split']}, "
                f"vocab {summary['vocab_size']}, top-{summary['top_k']} {summary['encoding']}, "
+               f"{summary['samples']} samples, "
                f"T={summary['temperature']}, layers {summary['layers']}")
     for name, bpt in summary["arrays"].items():
         click.echo(f"  {name:>20}: {bpt:8.2f} bytes/token")
     click.echo(f"  {'total':>20}: {summary['bytes_per_token']:8.2f} bytes/token "
                f"(fp16 full logits: {summary['fp16_full_logits_bytes_per_token']}), "
                f"compression {summary['compression_ratio']:.2f}x")
-    pct = ", ".join(f"p{k}={v:.3g}" for k, v in summary["tail_mass_percentiles"].items())
-    click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
+    if summary["top_k"]:
+        pct = ", ".join(f"p{k}={v:.3g}" for k, v in summary["tail_mass_percentiles"].items())
+        click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 

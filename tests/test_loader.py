@@ -17,7 +17,8 @@ def store_path(tiny_tokens, tmp_path_factory):
                 "tokens_fingerprint": tiny_tokens.fingerprint, "teacher_fingerprint": "t", "split": "train",
                 "rows": rows, "block_size": T, "vocab_size": tiny_tokens.vocab_size, "temperature": 1.0,
                 "top_k": 2, "encoding": "fp32", "ids_dtype": "uint16", "layers": [], "hidden_size": 4,
-                "hidden_dtype": "float16", "rows_per_chunk": 2, "rows_per_shard": 4, "teacher_num_layers": 1}
+                "hidden_dtype": "float16", "rows_per_chunk": 2, "rows_per_shard": 4, "teacher_num_layers": 1,
+                "samples": 0, "seed": 0}
     specs = {fmt.TOPK_IDS: ((T, 2), "uint16"), fmt.TOPK_LOGPROBS: ((T, 2), "float32"),
              fmt.TAIL_LOGMASS: ((T,), "float32")}
     path = tmp_path_factory.mktemp("loader") / "targets.zarr"

@@ -2,13 +2,20 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline import losses
+from pipeline.capture import run_capture
+from pipeline.config import CacheConfig, StudentConfig
+from pipeline.errors import KdcacheError
+from pipeline.targets.reader import TargetsStore
+from pipeline.train import run_student
 from pipeline.targets import format as fmt
-from pipeline.teacher import SAMPLED_COUNTS, SAMPLED_IDS, sample_targets, teacher_targets
+from pipeline.targets.format import SAMPLED_COUNTS, SAMPLED_IDS
+from pipeline.teacher import sample_targets, teacher_targets
 
 
 class FixedTeacher(torch.nn.Module):
@@ -130,3 +137,43 @@ def test_sampled_kd_gradient_is_unbiased_and_top_k_is_not():
     print(f"max |sampled − dense| {sampled_error.max():.2e} (≤ {(sampled_error / std_err).max():.2f} SE), "
           f"max tolerance {tolerance.max():.2e}, max |top-{TOP_K} − dense| {top_k_error.max():.2e} "
           f"(≤ {(top_k_error / std_err).max():.0f} SE)")
+
+
+# --- sampled targets through the store and the student --------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_teacher_dir(make_teacher):
+    return make_teacher(n_layer=1, n_embd=16, max_steps=2)
+
+
+def capture_sampled(teacher_dir, tokens, out, top_k, samples=12):
+    config = CacheConfig(top_k=top_k, samples=samples, batch_size=64, rows_per_chunk=16, rows_per_shard=64)
+    return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
+
+
+def test_store_holds_topk_and_sampled_targets_when_asked(small_teacher_dir, tiny_tokens, tmp_path):
+    store = capture_sampled(small_teacher_dir, tiny_tokens, tmp_path / "both.zarr", top_k=8)
+    assert store.array_names()[:5] == ["topk_ids", "topk_logprobs", "tail_logmass", SAMPLED_IDS, SAMPLED_COUNTS]
+    stored = store.read_rows(0, store.rows)
+    counts = stored[SAMPLED_COUNTS].astype(np.int64)
+    assert stored[SAMPLED_COUNTS].dtype == np.uint8 and (counts.sum(-1) == 12).all()
+    assert int(stored[SAMPLED_IDS].max()) < tiny_tokens.vocab_size
+    again = capture_sampled(small_teacher_dir, tiny_tokens, tmp_path / "again.zarr", top_k=8)
+    np.testing.assert_array_equal(again.read_rows(0, store.rows)[SAMPLED_IDS], stored[SAMPLED_IDS])  # seeded
+
+
+def test_sampled_only_store_trains_a_student_and_refuses_topk(small_teacher_dir, tiny_tokens, tmp_path):
+    store = capture_sampled(small_teacher_dir, tiny_tokens, tmp_path / "sampled.zarr", top_k=0)
+    assert store.array_names() == [SAMPLED_IDS, SAMPLED_COUNTS]
+    assert TargetsStore(store.path).bad_shards() == []
+    config = StudentConfig(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=4, alpha=0.5)
+    last = run_student(config, str(tiny_tokens.path), str(tmp_path / "student"), str(store.path))
+    assert np.isfinite(last["kd"]) and last["kd"] > 0
+    with pytest.raises(KdcacheError, match="holds no topk targets"):
+        run_student(StudentConfig(**{**config.__dict__, "kd_targets": "topk"}), str(tiny_tokens.path),
+                    str(tmp_path / "refused"), str(store.path))
+
+
+def test_nothing_to_capture_is_refused():
+    with pytest.raises(KdcacheError, match="nothing to capture"):
+        CacheConfig(top_k=0, samples=0)

@@ -17,7 +17,7 @@ def identity(rows=21, **overrides):
             "teacher_fingerprint": "teach", "split": "train", "rows": rows, "block_size": T,
             "vocab_size": 300, "temperature": 1.0, "top_k": K, "encoding": "fp32", "ids_dtype": "uint16",
             "layers": [1], "hidden_size": D, "hidden_dtype": "float16", "rows_per_chunk": 2,
-            "rows_per_shard": 8, "teacher_num_layers": 2}
+            "rows_per_shard": 8, "teacher_num_layers": 2, "samples": 0, "seed": 0}
     return {**base, **overrides}
 
 

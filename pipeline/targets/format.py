@@ -15,6 +15,8 @@ FORMAT_VERSION = 1
 TOPK_IDS = "topk_ids"            # (R, T, K) uint16 | uint32, sorted by teacher probability, descending
 TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) float32 | float16, log p at the capture temperature
 TAIL_LOGMASS = "tail_logmass"    # (R, T) float32, log(1 - sum of the top-k probabilities); -inf if none
+SAMPLED_IDS = "sampled_ids"      # (R, T, N) ids drawn from the teacher, distinct ids first, then id 0 padding
+SAMPLED_COUNTS = "sampled_counts"  # (R, T, N) uint8 draw counts of those ids (0 for padding); sum N
 
 
 def hidden_array(layer: int) -> str:
@@ -27,7 +29,7 @@ def hidden_array(layer: int) -> str:
 IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fingerprint", "split",
                  "rows", "block_size", "vocab_size", "temperature", "top_k", "encoding", "ids_dtype",
                  "layers", "hidden_size", "hidden_dtype", "rows_per_chunk", "rows_per_shard",
-                 "teacher_num_layers")
+                 "teacher_num_layers", "samples", "seed")
 
 
 def compressor_for(dtype) -> BloscCodec:

@@ -38,9 +38,19 @@ class TargetsStore:
     def shard_ranges(self) -> list[tuple[int, int]]:
         return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
 
+    samples = property(lambda self: int(self.attrs["samples"]))
+
+    def topk_names(self) -> list[str]:
+        """Arrays of the top-k targets (none when only sampled targets were captured)."""
+        if not self.top_k:
+            return []
+        return [fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), fmt.TAIL_LOGMASS]
+
+    def sampled_names(self) -> list[str]:
+        return [fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.samples else []
+
     def array_names(self) -> list[str]:
-        return ([fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), fmt.TAIL_LOGMASS]
-                + [fmt.hidden_array(l) for l in self.layers])
+        return self.topk_names() + self.sampled_names() + [fmt.hidden_array(l) for l in self.layers]
 
     def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
                          layers=()) -> None:
@@ -88,7 +98,7 @@ def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     params = {e.params for e in encode.ENCODINGS.values() if e.params}
     out = {}
     for name, array in stored.items():
-        if name == fmt.TOPK_IDS:
+        if name in (fmt.TOPK_IDS, fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS):
             out[name] = encode.decode_ids(array)
         elif name == fmt.TOPK_LOGPROBS:
             out[name] = encode.decode_topk_logprobs({n: a for n, a in stored.items() if n == name or n in params})

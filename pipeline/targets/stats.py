@@ -26,15 +26,18 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
                         "bytes_per_token": stored / tokens, "compression_ratio": raw / max(stored, 1)}
         raw_total, stored_total = raw_total + raw, stored_total + stored
-    tail = store.group[fmt.TAIL_LOGMASS][: min(store.rows, tail_sample_rows)]
-    tail_mass = np.exp(tail.astype(np.float64)).ravel()
+    if store.top_k:
+        tail = store.group[fmt.TAIL_LOGMASS][: min(store.rows, tail_sample_rows)]
+        tail_mass = np.exp(tail.astype(np.float64)).ravel()
+    else:  # sampled targets only: no tail
+        tail_mass = np.zeros(1)
     return {
         "path": str(store.path), "complete": bool(attrs.get("complete")),
         "format_version": attrs["format_version"], "rows": store.rows, "tokens": tokens,
         "bytes_per_token": stored_total / tokens, "compression_ratio": raw_total / max(stored_total, 1),
         "fp16_full_logits_bytes_per_token": 2 * store.vocab_size,
         "arrays": {name: a["bytes_per_token"] for name, a in arrays.items()}, "array_details": arrays,
-        "encoding": attrs["encoding"], "top_k": attrs["top_k"], "temperature": attrs["temperature"],
+        "encoding": attrs["encoding"], "top_k": attrs["top_k"], "samples": attrs["samples"], "temperature": attrs["temperature"],
         "layers": attrs["layers"], "vocab_size": store.vocab_size, "split": attrs["split"],
         "shards_done": len(attrs.get("shards", {})), "shards": len(store.shard_ranges),
         "tokens_fingerprint": attrs["tokens_fingerprint"], "teacher_fingerprint": attrs["teacher_fingerprint"],
