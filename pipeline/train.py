@@ -195,7 +195,7 @@ def resolve_kd_targets(requested: str, store: TargetsStore) -> str:
 
 
 def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str | None = None,
-                log_path: str | None = None, add_targets=None, capture_temperature: float = 1.0) -> dict:
+                log_path: str | None = None, add_targets=None) -> dict:
     """Train one student from a token store (+ a targets store) and save it with save_pretrained.
 
     Everything that can be refused (fingerprints, vocabulary, layers) is checked before training.
@@ -207,6 +207,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     if config.init:
         check_same_tokenizer(config.init, tokens)
     layer_pairs, store, kind = [], None, "topk"
+    capture_temperature = 1.0  # the online baseline computes its targets at τ = 1
     if targets is not None:
         store = TargetsStore(targets)
         pairs = [tuple(int(x) for x in p.split(":")) for p in config.layer_map]
