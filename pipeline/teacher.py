@@ -19,7 +19,8 @@ from pipeline.loader import BlockStream
 from pipeline.student import build_gpt2, check_model_fits, load_causal_lm, num_layers, padded
 from pipeline.targets import format as fmt
 from pipeline.tokens import TokenStore
-from pipeline.train import Objective, resolve_device, save_model, train_loop
+from pipeline.objective import Objective
+from pipeline.train import resolve_device, save_model, train_loop
 
 INFO_FILE = "kdcache.json"
 
@@ -152,7 +153,7 @@ class OnlineTargets:
 def run_online_student(config, tokens_dir: str, out: str, teacher_dir: str, top_k: int = 32,
                        log_path: str | None = None) -> dict:
     """The online-KD baseline: train a student with the teacher in the loop (top_k 0: full vocabulary)."""
-    from pipeline.train import run_student
+    from pipeline.distill import run_student
 
     vocab = TokenStore(tokens_dir).vocab_size
     online = OnlineTargets(teacher_dir, vocab, top_k or vocab, 1.0, [], resolve_device(config.device))

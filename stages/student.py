@@ -3,7 +3,7 @@ import click
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.teacher import run_online_student
-from pipeline.train import run_student
+from pipeline.distill import run_student
 from stages.options import build_config, config_options
 
 

@@ -188,7 +188,7 @@ def test_cache_refuses_an_unknown_encoding(tmp_path):
 
 def test_student_trains_from_a_quantised_store(teacher_dir, tiny_tokens, tmp_path):
     from pipeline.config import StudentConfig
-    from pipeline.train import run_student
+    from pipeline.distill import run_student
 
     config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, encoding="q8d", device="cpu")
     store = run_capture(config, str(teacher_dir), str(tiny_tokens.path), str(tmp_path / "q8d.zarr"))

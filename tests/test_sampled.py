@@ -12,7 +12,7 @@ from pipeline.capture import run_capture
 from pipeline.config import CacheConfig, StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.targets.reader import TargetsStore
-from pipeline.train import run_student
+from pipeline.distill import run_student
 from pipeline.targets import format as fmt
 from pipeline.targets.format import SAMPLED_COUNTS, SAMPLED_IDS
 from pipeline.teacher import sample_targets, teacher_targets

@@ -8,7 +8,9 @@ from pipeline.config import KD_LOSSES
 from pipeline.student import build_gpt2
 from pipeline.config import ModelShape
 from pipeline.targets import format as fmt
-from pipeline.train import Objective, lr_at, uniform_layer_map
+from pipeline.distill import uniform_layer_map
+from pipeline.objective import Objective
+from pipeline.train import lr_at
 
 B, T, V, K = 2, 8, 40, 5
 

@@ -24,6 +24,11 @@ def hidden_array(layer: int) -> str:
     return f"hidden_layer_{layer}"
 
 
+def teacher_key(name: str, teacher: int) -> str:
+    """Batch key of array `name` from the teacher-th targets store (the first keeps the bare name)."""
+    return name if teacher == 0 else f"{name}@{teacher}"
+
+
 # Attributes that identify what a store holds. A store whose identity differs from the capture being
 # asked for is stale (different teacher, tokens or settings) and is rewritten, never resumed.
 IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fingerprint", "split",
