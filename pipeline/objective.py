@@ -28,7 +28,8 @@ class Objective:
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
     projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t)
 
-    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, model, batch: dict, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """progress: fraction of training done, in [0, 1] (for schedules)."""
         input_ids = batch["input_ids"]  # (B, T)
         out = model(input_ids=input_ids, output_hidden_states=bool(self.beta and self.layer_pairs))
         logits = out.logits[..., : self.vocab_size]  # (B, T, V)

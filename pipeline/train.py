@@ -59,7 +59,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             lr = lr_at(step, total, settings.warmup_steps, settings.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = objective(model, batch)
+            parts = objective(model, batch, progress=step / total)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
