@@ -7,20 +7,27 @@ round by round so machine noise hits all of them alike, and prints ratios of med
       --teacher models/teacher --steps 100 --rounds 3          # step throughput, per mode
   python benchmarks/student_speed.py ... --epoch --rounds 1     # one full epoch offline vs online
 
+Modes: ce (hard labels only), cache_topk, cache_topk_hidden (beta = 1, when the store has layers),
+cache_sampled (when it has sampled targets), online_topk (teacher in the loop), and teacher_forward:
+the teacher's forward alone over the same batches, which gives the ideal online / offline ratio
+(teacher forward + student step) / student step that the measured one is compared with.
 Student settings come from the `student` section of --params (the default run's student).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 from dataclasses import replace
 
+import torch
 import yaml
 
 from pipeline.config import StudentConfig
+from pipeline.loader import BlockStream, make_loader
 from pipeline.targets.reader import TargetsStore
 from pipeline.teacher import OnlineTargets
 from pipeline.tokens import TokenStore
@@ -36,10 +43,25 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
     }
     if store.layers:
         found["cache_topk_hidden"] = ({"beta": 1.0}, {"targets": args.targets})
+    if store.samples:
+        found["cache_sampled"] = ({"kd_targets": "sampled"}, {"targets": args.targets})
     if args.teacher:
         online = OnlineTargets(args.teacher, vocab, store.top_k, store.temperature, [], resolve_device("cpu"))
         found["online_topk"] = ({}, {"targets": None, "add_targets": online})
+        found["teacher_forward"] = ({}, {"teacher_only": online})
     return found
+
+
+def teacher_forward(config: StudentConfig, tokens: str, online: OnlineTargets) -> None:
+    """The teacher's share of an online step: its forward over the batches the student would see."""
+    stream = BlockStream(tokens, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    loader = make_loader(stream, config.batch_size, config.num_workers)
+    steps = config.max_steps or config.epochs * math.ceil(stream.num_rows / config.batch_size)
+    with torch.inference_mode():
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            online(batch)
 
 
 def main():
@@ -64,7 +86,10 @@ def main():
             config = replace(base, **overrides)
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                run_student(config, args.tokens, out, **kwargs)
+                if "teacher_only" in kwargs:
+                    teacher_forward(config, args.tokens, kwargs["teacher_only"])
+                else:
+                    run_student(config, args.tokens, out, **kwargs)
                 seconds[name].append(time.perf_counter() - start)
             print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s", flush=True)
 
@@ -79,6 +104,9 @@ def main():
         online = statistics.median(seconds["online_topk"])
         offline = statistics.median(seconds["cache_topk"])
         print(f"  offline / online wall time: {offline / online:5.3f}  (online is {online / offline:4.2f}x slower)")
+        ideal = (statistics.median(seconds["teacher_forward"]) + offline) / offline
+        print(f"  ideal online / offline (teacher forward + student step) / student step: {ideal:4.2f}; "
+              f"measured {online / offline:4.2f} = {online / offline / ideal:5.3f} of ideal")
 
 
 if __name__ == "__main__":
