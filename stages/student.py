@@ -9,7 +9,9 @@ from stages.options import build_config, config_options
 
 @click.command()
 @click.option("--tokens", required=True, type=click.Path(), help="Token store from `prepare`.")
-@click.option("--targets", type=click.Path(), help="Targets store from `cache`. Without it: CE-only training.")
+@click.option("--targets", multiple=True, help="Targets store from `cache`, as PATH or PATH:WEIGHT; repeat for "
+              "several teachers (weights equal by default, normalised to sum 1; see --multi-teacher). "
+              "Without it: CE-only training.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the trained student.")
 @click.option("--log", type=click.Path(), help="CSV of the training loss per step (a DVC plot).")
 @click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
@@ -24,5 +26,5 @@ def student(tokens, targets, out, log, online, teacher_dir, online_top_k, **opti
             raise KdcacheError("--online needs --teacher DIR and no --targets.")
         last = run_online_student(config, tokens, out, teacher_dir, online_top_k, log)
     else:
-        last = run_student(config, tokens, out, targets, log)
+        last = run_student(config, tokens, out, list(targets) or None, log)
     click.echo(f"student -> {out} (final loss {last['loss']:.4f})")
