@@ -195,3 +195,93 @@ def test_parse_targets_refuses_bad_weights(specs, words):
 def test_multi_teacher_mode_is_validated():
     with pytest.raises(KdcacheError, match="multi_teacher must be mixture or sum"):
         StudentConfig(multi_teacher="average")
+
+
+# --- `kdcache student --targets A:W --targets B:W` on two real stores --------------------------------
+
+import csv  # noqa: E402
+import json  # noqa: E402
+
+TINY = ("--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "4")
+
+
+def capture(kdcache, teacher, tokens, out, *options):
+    result = kdcache("cache", "--teacher", teacher, "--tokens", tokens, "--out", out, "--batch-size", 64,
+                     "--rows-per-chunk", 8, *options)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def second_store(kdcache, small_tokens, tmp_path_factory):
+    """A store from another teacher (width 16, seed 1) over the same tokens, top-4, like small_targets' shards."""
+    root = tmp_path_factory.mktemp("second")
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", root / "teacher", "--n-layer", 1, "--n-embd", 16,
+                     "--n-head", 2, "--max-steps", 2, "--batch-size", 4, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    return capture(kdcache, root / "teacher", small_tokens, root / "targets.zarr", "--top-k", 4,
+                   "--rows-per-shard", 32, "--layer", 1)
+
+
+def first_step(kdcache, tokens, out, *options):
+    log = out.with_suffix(".csv")
+    result = kdcache("student", "--tokens", tokens, "--out", out, "--log", log, "--max-steps", 2, *TINY, *options)
+    assert result.exit_code == 0, result.output
+    return next(csv.DictReader(log.open()))
+
+
+@pytest.mark.parametrize("mode", ["mixture", "sum"])
+def test_student_from_two_teachers(kdcache, small_tokens, small_targets, second_store, tmp_path, mode):
+    out = tmp_path / "student"
+    both = first_step(kdcache, small_tokens, out, "--targets", f"{small_targets}:0.7", "--targets",
+                      f"{second_store}:0.3", "--multi-teacher", mode, "--alpha", 0.5)
+    info = json.loads((out / "kdcache.json").read_text())
+    assert info["targets"] == [str(small_targets), str(second_store)]
+    assert info["target_weights"] == pytest.approx([0.7, 0.3])
+    assert (out / "model.safetensors").exists()
+    # Same seed, same first batch: the second teacher changes the KD term; the first alone twice does not.
+    alone = first_step(kdcache, small_tokens, tmp_path / "alone", "--targets", small_targets, "--alpha", 0.5)
+    twice = first_step(kdcache, small_tokens, tmp_path / "twice", "--targets", small_targets, "--targets",
+                       small_targets, "--multi-teacher", mode, "--alpha", 0.5)
+    assert float(both["ce"]) == pytest.approx(float(alone["ce"]), rel=1e-6)
+    assert float(both["kd"]) != pytest.approx(float(alone["kd"]), rel=1e-3)
+    assert float(twice["kd"]) == pytest.approx(float(alone["kd"]), rel=1e-5)
+
+
+def test_stores_with_other_shards_are_refused(kdcache, small_tokens, small_teacher, small_targets, tmp_path):
+    other = capture(kdcache, small_teacher, small_tokens, tmp_path / "other.zarr", "--top-k", 4,
+                    "--rows-per-shard", 16)
+    out = tmp_path / "student"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--targets", other,
+                     "--out", out, "--max-steps", 1, *TINY)
+    assert_refused(result, str(other), "rows_per_shard 16", "--rows-per-shard 32")
+    assert not out.exists()
+
+
+def test_store_of_another_token_store_is_named(kdcache, small_tokens, small_targets, tmp_path):
+    import shutil
+
+    import zarr
+
+    foreign = tmp_path / "foreign.zarr"  # a real store, re-labelled as captured from other tokens
+    shutil.copytree(small_targets, foreign)
+    zarr.open_group(foreign, mode="r+").attrs["tokens_fingerprint"] = "0123456789abcdef"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--targets", foreign,
+                     "--out", tmp_path / "student", "--max-steps", 1, *TINY)
+    assert_refused(result, str(foreign), "another token store")
+
+
+def test_hidden_states_from_several_teachers_are_refused(kdcache, small_tokens, small_targets, second_store, tmp_path):
+    result = kdcache("student", "--tokens", small_tokens, "--targets", second_store, "--targets", small_targets,
+                     "--out", tmp_path / "student", "--beta", 1.0, "--max-steps", 1, *TINY)
+    assert_refused(result, "hidden-state loss", "several --targets", "beta 0")
+    result = kdcache("student", "--tokens", small_tokens, "--targets", f"{small_targets}:2", "--targets",
+                     second_store, "--out", tmp_path / "student", "--max-steps", 1, *TINY)
+    assert_refused(result, "every store a :WEIGHT")
+
+
+def assert_refused(result, *words):
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert "Error:" in result.output and "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, f"{word!r} not in:\n{result.output}"
