@@ -2,7 +2,7 @@ import click
 
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
-from pipeline.teacher import run_online_student
+from pipeline.teacher import mutual_peer_dir, run_mutual_students, run_online_student
 from pipeline.distill import run_student
 from stages.options import build_config, config_options
 
@@ -17,10 +17,20 @@ from stages.options import build_config, config_options
 @click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
 @click.option("--teacher", "teacher_dir", type=click.Path(), help="Teacher directory, for --online.")
 @click.option("--online-top-k", default=32, show_default=True, help="Top-k of the online teacher (0: full vocabulary).")
+@click.option("--mutual/--no-mutual", default=False, help="Baseline without a teacher: deep mutual learning "
+              "(Zhang et al., 2018). Two students (seeds s, s+1) train on the same batches, each with CE + KD "
+              "towards the other's current full distribution; saved to --out and its sibling OUT-peer.")
 @config_options(StudentConfig)
-def student(tokens, targets, out, log, online, teacher_dir, online_top_k, **options):
+def student(tokens, targets, out, log, online, teacher_dir, online_top_k, mutual, **options):
     """Train a student from the token store and the cached targets; save it with save_pretrained."""
     config = build_config(StudentConfig, options)
+    if mutual:
+        if online or targets:
+            raise KdcacheError("--mutual trains two students from each other: leave out --online and --targets.")
+        last = run_mutual_students(config, tokens, out, log)
+        click.echo(f"students -> {out}, {mutual_peer_dir(out)} (final losses {last['student_loss']:.4f}, "
+                   f"{last['peer_loss']:.4f})")
+        return
     if online:
         if not teacher_dir or targets:
             raise KdcacheError("--online needs --teacher DIR and no --targets.")
