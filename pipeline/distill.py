@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     if config.init:
         check_same_tokenizer(config.init, tokens)
     if config.loss_chunk:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise KdcacheError("loss_chunk does not run under torchrun/DDP yet; set loss_chunk 0.")
         check_chunkable(model)
     layer_pairs, stores, kind = [], [TargetsStore(path) for path in paths], "topk"
     capture_temperature = 1.0  # the online baseline computes its targets at τ = 1

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline import losses
 from pipeline.errors import KdcacheError
 from pipeline.schedules import Schedule
+from pipeline.student import max_positions
 from pipeline.targets import format as fmt
 
 SCHEDULABLE = ("alpha", "temperature", "beta")
@@ -64,6 +65,8 @@ class Objective:
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
         output_hidden = bool(beta and self.layer_pairs)
         if self.loss_chunk:
+            if hasattr(model, "module"):  # DistributedDataParallel: gradients sync only through its forward
+                raise KdcacheError("loss_chunk does not run under DistributedDataParallel yet; set loss_chunk 0.")
             out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False)
             parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
                                               targets, temperature)
@@ -142,7 +145,8 @@ def check_chunkable(model) -> None:
     if head is None or model.base_model is model:
         raise KdcacheError(f"loss_chunk needs a causal LM with a base model and an output-embedding head; "
                            f"{name} has none. Set loss_chunk 0.")
-    ids = torch.arange(8, device=next(model.parameters()).device).unsqueeze(0) % head.weight.shape[0]
+    length = min(8, max_positions(model) or 8)
+    ids = torch.arange(length, device=next(model.parameters()).device).unsqueeze(0) % head.weight.shape[0]
     was_training = model.training
     model.eval()  # no dropout: the two paths must see the same activations
     try:

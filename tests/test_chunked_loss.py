@@ -111,3 +111,28 @@ def test_a_llama_chunked_equals_unchunked(batch):
     (plain, plain_grad), (chunked, chunked_grad) = run(0), run(5)
     assert chunked == pytest.approx(plain, rel=1e-5)
     torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_student_cli_with_loss_chunk_logs_the_same_losses(kdcache, small_tokens, small_targets, tmp_path):
+    import csv
+
+    def losses_of(*options):
+        log = tmp_path / f"log{len(options)}.csv"
+        result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--out", tmp_path / "s",
+                         "--log", log, "--max-steps", 2, "--n-layer", 1, "--n-embd", 16, "--n-head", 2,
+                         "--batch-size", 4, "--loss", "tail_rkl", *options)
+        assert result.exit_code == 0, result.output
+        return [float(row["loss"]) for row in csv.DictReader(log.open())]
+
+    assert losses_of("--loss-chunk", 24) == pytest.approx(losses_of(), rel=1e-5)
+
+
+def test_loss_chunk_under_torchrun_is_refused_before_training(small_tokens, small_targets, tmp_path, monkeypatch):
+    from pipeline.config import StudentConfig
+    from pipeline.distill import run_student
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the library call sets up no process group
+    config = StudentConfig(max_steps=1, loss_chunk=16, n_layer=1, n_embd=16, n_head=2)
+    with pytest.raises(KdcacheError, match="set loss_chunk 0"):
+        run_student(config, str(small_tokens), str(tmp_path / "s"), str(small_targets))
+    assert not (tmp_path / "s").exists()
