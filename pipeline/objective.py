@@ -63,7 +63,7 @@ class Objective:
         # A scheduled alpha keeps KD on even at steps where it passes 1, so every logged row has it.
         with_kd = alpha < 1.0 or "alpha" in self.schedules
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
-        output_hidden = bool(beta and self.layer_pairs)
+        output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
         if self.loss_chunk:
             if hasattr(model, "module"):  # DistributedDataParallel: gradients sync only through its forward
                 raise KdcacheError("loss_chunk does not run under DistributedDataParallel yet; set loss_chunk 0.")
@@ -77,7 +77,7 @@ class Objective:
         loss = alpha * parts["ce"]
         if "kd" in parts:
             loss = loss + (1 - alpha) * temperature**2 * parts["kd"]
-        if beta and self.layer_pairs:
+        if output_hidden:
             hidden = []
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)

@@ -113,3 +113,30 @@ def test_values_follow_their_schedules_over_a_short_run(kdcache, small_tokens, s
         assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)  # the logged values are the ones used
     assert "beta" not in rows[0]  # only scheduled values are logged
     assert float(rows[0]["alpha"]) > float(rows[-1]["alpha"])
+
+
+def test_objective_reads_its_schedules_at_the_progress_it_is_given():
+    import torch
+
+    from pipeline.config import ModelShape
+    from pipeline.objective import Objective
+    from pipeline.student import build_gpt2
+    from pipeline.targets import format as fmt
+
+    B, T, V, D = 2, 6, 30, 8
+    g = torch.Generator().manual_seed(0)
+    logprobs, ids = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).topk(4, -1)
+    batch = {"input_ids": torch.randint(0, V, (B, T), generator=g), fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: logprobs,
+             fmt.TAIL_LOGMASS: torch.log(-torch.expm1(torch.logsumexp(logprobs, -1))),
+             fmt.hidden_array(1): torch.randn(B, T, D, generator=g)}
+    model = build_gpt2(ModelShape(n_layer=1, n_embd=16, n_head=2), V, T)
+    objective = Objective(vocab_size=V, alpha=0.5, beta=0.0, layer_pairs=[(1, 1)],
+                          projections=torch.nn.ModuleDict({"1": torch.nn.Linear(16, D)}),
+                          schedules={"beta": make_schedule("linear:0:2"), "temperature": make_schedule("cosine:1:3")})
+    for progress in (0.0, 0.25, 1.0):
+        parts = objective(model, batch, progress)
+        beta, tau = 2 * progress, 1 + 2 * 0.5 * (1 - math.cos(math.pi * progress))
+        assert parts["beta"].item() == pytest.approx(beta) and parts["temperature"].item() == pytest.approx(tau)
+        assert "alpha" not in parts  # not scheduled: the plain 0.5
+        expected = 0.5 * parts["ce"] + 0.5 * tau**2 * parts["kd"] + beta * parts["hidden"]  # hidden even at beta 0
+        assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
