@@ -9,9 +9,10 @@ from stages.options import build_config, config_options
 
 @click.command()
 @click.option("--tokens", required=True, type=click.Path(), help="Token store from `prepare`.")
-@click.option("--targets", multiple=True, help="Targets store from `cache`, as PATH or PATH:WEIGHT; repeat for "
-              "several teachers (weights equal by default, normalised to sum 1; see --multi-teacher). "
-              "Without it: CE-only training.")
+@click.option("--targets", multiple=True, help="Targets store from `cache`, as PATH or PATH:WEIGHT (a weight only "
+              "when the part after the last ':' is a number); repeat for several teachers over the same tokens "
+              "(weights equal by default, normalised to sum 1; see --multi-teacher; hidden states from one "
+              "store only). Without it: CE-only training.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the trained student.")
 @click.option("--log", type=click.Path(), help="CSV of the training loss per step (a DVC plot).")
 @click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
