@@ -271,6 +271,15 @@ def test_store_of_another_token_store_is_named(kdcache, small_tokens, small_targ
     assert_refused(result, str(foreign), "another token store")
 
 
+def test_a_store_without_the_first_ones_kind_of_targets_is_named(kdcache, small_tokens, small_teacher,
+                                                                  small_targets, tmp_path):
+    sampled = capture(kdcache, small_teacher, small_tokens, tmp_path / "sampled.zarr", "--top-k", 0, "--samples", 4,
+                      "--rows-per-shard", 32)
+    result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--targets", sampled,
+                     "--out", tmp_path / "student", "--max-steps", 1, *TINY)
+    assert_refused(result, str(sampled), "holds no topk targets")
+
+
 def test_hidden_states_from_several_teachers_are_refused(kdcache, small_tokens, small_targets, second_store, tmp_path):
     result = kdcache("student", "--tokens", small_tokens, "--targets", second_store, "--targets", small_targets,
                      "--out", tmp_path / "student", "--beta", 1.0, "--max-steps", 1, *TINY)
