@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import KdcacheError
+from pipeline.schedules import Schedule, make_schedule
 
 
 def setting(default, help: str, **extra):
@@ -127,6 +128,10 @@ class CacheConfig:
 # Names of pipeline.losses.KD_LOSS_FUNCTIONS (a test keeps the two in step): tail_* work on the K+1
 # buckets (top-k ids + tail), topk_* renormalise both sides over the top-k ids.
 KD_LOSSES = ("tail_kl", "topk_kl", "tail_rkl", "topk_rkl", "tail_jsd", "topk_jsd", "tail_tv", "topk_tv")
+# Student values that can follow a schedule (field NAME_schedule), with the range each must stay in.
+SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": ("> 0", lambda v: v > 0),
+             "beta": (">= 0", lambda v: v >= 0)}
+MULTI_TEACHER = ("mixture", "sum")
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,30 @@ class StudentConfig(ModelShape, TrainSettings):
     init: str = setting("", "Start from this pretrained causal LM (path or hub id) instead of a "
                         "fresh model of n_layer/n_embd/n_head.")
     device: str = setting("auto", "Torch device: auto, cpu, cuda, ...")
+    alpha_schedule: str = setting("", "Schedule alpha over training: constant:V, linear:START:END or "
+                                  "cosine:START:END (START at the first step, END after the last). Empty: "
+                                  "--alpha throughout. Scheduled values are logged per step in --log.")
+    temperature_schedule: str = setting("", "Schedule the KD temperature, as --alpha-schedule. Empty: "
+                                        "--temperature throughout.")
+    beta_schedule: str = setting("", "Schedule beta, as --alpha-schedule. Empty: --beta throughout.")
+    loss_chunk: int = setting(0, "Compute the LM head, CE and KD over chunks of this many positions "
+                              "(batch x block flattened), recomputed in backward, so the full logits and "
+                              "their gradient never sit in memory at once; the loss is the same. Assumes "
+                              "logits = output embeddings applied to the base model's final hidden state "
+                              "(GPT-2, Llama style; checked before training). 0: off.")
+    multi_teacher: str = setting("mixture", "How several --targets combine. mixture: the KD loss against "
+                                 "sum_i w_i p_i on the union of the teachers' top-k ids, an id outside teacher "
+                                 "i's top-k getting 0 from it and the tail bucket sum_i w_i tail_i (exact at "
+                                 "k = V; otherwise mass a teacher left in its tail on ids that another teacher "
+                                 "lists stays in the tail, so union ids are under-weighted). sum: "
+                                 "sum_i w_i KD(teacher i). With sampled targets the two are the same.")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)
         TrainSettings.__post_init__(self)
+        _check(self.loss_chunk >= 0, f"loss_chunk must be >= 0 (0: off), got {self.loss_chunk}.")
+        _check(self.multi_teacher in MULTI_TEACHER,
+               f"multi_teacher must be mixture or sum, got {self.multi_teacher!r}.")
         _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}.")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
@@ -158,6 +183,25 @@ class StudentConfig(ModelShape, TrainSettings):
         for pair in self.layer_map:
             _check(len(str(pair).split(":")) == 2 and all(p.isdigit() for p in str(pair).split(":")),
                    f"layer_map entry {pair!r} is not STUDENT:TEACHER, e.g. 2:4.")
+        for name, schedule in self.schedules().items():  # make_schedule refuses a malformed spec
+            allowed, ok = SCHEDULED[name]
+            _check(all(ok(value) for value in schedule.bounds()),
+                   f"{name}_schedule {getattr(self, name + '_schedule')!r} leaves the range of {name}, "
+                   f"which must stay {allowed}; change its endpoints.")
+
+    def schedule(self, name: str) -> Schedule:
+        """alpha, temperature or beta over training: its schedule, or constant at the plain field."""
+        spec = getattr(self, f"{name}_schedule")
+        if not spec:
+            return Schedule("constant", getattr(self, name), getattr(self, name))
+        try:
+            return make_schedule(spec)
+        except KdcacheError as e:
+            raise KdcacheError(f"{name}_schedule: {e}") from None
+
+    def schedules(self) -> dict[str, Schedule]:
+        """The values given a schedule, by name (the others stay at their plain fields)."""
+        return {name: self.schedule(name) for name in SCHEDULED if getattr(self, f"{name}_schedule")}
 
 
 @dataclass(frozen=True)

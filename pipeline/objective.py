@@ -1,7 +1,8 @@
 """The per-batch training objective: α·CE(hard labels) + (1−α)·τ²·KD + β·hidden loss (DESIGN §4).
 
-Shapes: B batch, T block, V vocab, K top-k, D hidden width. Logits are cut to the token store's V,
-so padded output layers are fine.
+Shapes: B batch, T block, N = B·T positions, V vocab, K top-k, D hidden width. Logits are cut to the
+token store's V, so padded output layers are fine. α, τ and β may follow schedules over training
+(pipeline/schedules.py); several targets stores (teachers) are mixed or summed (`multi_teacher`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from pipeline import losses
+from pipeline.errors import KdcacheError
+from pipeline.schedules import Schedule
+from pipeline.student import max_positions
 from pipeline.targets import format as fmt
+
+SCHEDULABLE = ("alpha", "temperature", "beta")
 
 
 @dataclass
@@ -27,49 +34,128 @@ class Objective:
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
     projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t)
+    schedules: dict[str, Schedule] = field(default_factory=dict)  # alpha/temperature/beta over progress
+    loss_chunk: int = 0  # positions per chunk of LM head + CE + KD; 0: all N at once
+    teacher_weights: tuple[float, ...] = (1.0,)  # one per targets store, summing to 1
+    multi_teacher: str = "mixture"  # or "sum" (see StudentConfig.multi_teacher)
+
+    def values_at(self, progress: float) -> dict[str, float]:
+        """alpha, temperature and beta at this fraction of training (a schedule overrides the field)."""
+        return {name: self.schedules[name].at(progress) if name in self.schedules else getattr(self, name)
+                for name in SCHEDULABLE}
+
+    def kd_keys(self) -> list[list[str]]:
+        """Batch keys the KD term reads, one list per teacher (fmt.teacher_key)."""
+        names = ([fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.kd_targets == "sampled"
+                 else [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
+        return [[fmt.teacher_key(name, i) for name in names] for i in range(len(self.teacher_weights))]
 
     def __call__(self, model, batch: dict, progress: float = 0.0) -> dict[str, torch.Tensor]:
         """progress: fraction of training done, in [0, 1] (for schedules)."""
+        values = self.values_at(progress)
+        alpha, temperature, beta = values["alpha"], values["temperature"], values["beta"]
         input_ids = batch["input_ids"]  # (B, T)
-        out = model(input_ids=input_ids, output_hidden_states=bool(self.beta and self.layer_pairs))
-        logits = out.logits[..., : self.vocab_size]  # (B, T, V)
-        V = self.vocab_size
-        flat = logits.reshape(-1, V)  # (B*T, V)
         # Position t predicts token t+1: the last position of a block has no hard label.
         labels = torch.roll(input_ids, -1, dims=1).flatten()
         ce_mask = torch.ones_like(input_ids, dtype=torch.bool)
         ce_mask[:, -1] = False
         ce_mask = ce_mask.flatten()
-        parts = {}
-        if self.alpha >= 1.0:
-            parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
-        elif self.kd_targets == "sampled":
-            parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
-            parts["kd"] = losses.sampled_kd(flat, batch[fmt.SAMPLED_IDS].flatten(0, 1),
-                                            batch[fmt.SAMPLED_COUNTS].flatten(0, 1), self.temperature)
+        # A scheduled alpha keeps KD on even at steps where it passes 1, so every logged row has it.
+        with_kd = alpha < 1.0 or "alpha" in self.schedules
+        targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
+        output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
+        if self.loss_chunk:
+            if hasattr(model, "module"):  # DistributedDataParallel: gradients sync only through its forward
+                raise KdcacheError("loss_chunk does not run under DistributedDataParallel yet; set loss_chunk 0.")
+            out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False)
+            parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
+                                              targets, temperature)
         else:
-            ids = batch[fmt.TOPK_IDS].flatten(0, 1)  # (B*T, K)
-            logprobs = batch[fmt.TOPK_LOGPROBS].flatten(0, 1)
-            if self.loss == "tail_kl":
-                parts["ce"], parts["kd"] = losses.ce_and_tail_kl(
-                    flat, labels, ce_mask, ids, logprobs, batch[fmt.TAIL_LOGMASS].flatten(),
-                    self.temperature, self.capture_temperature)
-            else:
-                parts["ce"] = losses.cross_entropy(flat, labels, ce_mask)
-                parts["kd"] = losses.KD_LOSS_FUNCTIONS[self.loss](
-                    flat, ids, logprobs, batch[fmt.TAIL_LOGMASS].flatten(), self.temperature,
-                    self.capture_temperature)
-        loss = self.alpha * parts["ce"]
+            out = model(input_ids=input_ids, output_hidden_states=output_hidden)
+            flat = out.logits[..., : self.vocab_size].flatten(0, 1)  # (N, V)
+            parts = self.logit_losses(flat, labels, ce_mask, targets, temperature)
+        loss = alpha * parts["ce"]
         if "kd" in parts:
-            loss = loss + (1 - self.alpha) * self.temperature**2 * parts["kd"]
-        if self.beta and self.layer_pairs:
+            loss = loss + (1 - alpha) * temperature**2 * parts["kd"]
+        if output_hidden:
             hidden = []
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)
                 hidden.append(losses.hidden_mse(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
             parts["hidden"] = torch.stack(hidden).mean()
-            loss = loss + self.beta * parts["hidden"]
+            loss = loss + beta * parts["hidden"]
         parts["loss"] = loss
+        parts.update({name: torch.tensor(values[name]) for name in self.schedules})  # logged per step
         return parts
 
+    def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
+        """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
+        if not targets:
+            return {"ce": losses.cross_entropy(logits, labels, ce_mask)}
+        teachers = [[targets[key] for key in keys] for keys in self.kd_keys()]
+        weights, tau, tau_c = self.teacher_weights, temperature, self.capture_temperature
+        if len(teachers) == 1 and self.kd_targets == "topk" and self.loss == "tail_kl":
+            ce, kd = losses.ce_and_tail_kl(logits, labels, ce_mask, *teachers[0], tau, tau_c)  # fused
+            return {"ce": ce, "kd": kd}
+        ce = losses.cross_entropy(logits, labels, ce_mask)
+        if self.kd_targets == "sampled":
+            # Sampled KD is a cross-entropy, linear in the target: mixture and sum are the same loss.
+            kd = sum(w * losses.sampled_kd(logits, ids, counts, tau) for w, (ids, counts) in zip(weights, teachers))
+        elif len(teachers) > 1 and self.multi_teacher == "mixture":
+            kd = losses.mixture_kd(logits, teachers, weights, self.loss, tau, tau_c)
+        else:
+            kd = sum(w * losses.KD_LOSS_FUNCTIONS[self.loss](logits, *t, tau, tau_c) for w, t in zip(weights, teachers))
+        return {"ce": ce, "kd": kd}
 
+    def chunked_logit_losses(self, model, final_hidden, labels, ce_mask, targets: dict, temperature: float):
+        """`logit_losses` from the final hidden states (N, D), loss_chunk positions at a time.
+
+        Each chunk's head matmul and losses run under activation checkpointing, so backward recomputes
+        that chunk's (chunk, V) logits instead of keeping all N rows: peak memory is one chunk's worth.
+        Chunk means are weighted by their share of (masked) positions, so the sums equal the full means.
+        """
+        head = model.get_output_embeddings()
+        n = final_hidden.shape[0]
+        ce_count = ce_mask.sum().clamp(min=1).float()
+
+        def chunk_losses(hidden, rows):
+            logits = head(hidden)[:, : self.vocab_size]  # (chunk, V)
+            parts = self.logit_losses(logits, labels[rows], ce_mask[rows],
+                                      {k: v[rows] for k, v in targets.items()}, temperature)
+            ce = parts["ce"] * (ce_mask[rows].sum() / ce_count)
+            # KD losses average over every position (no mask), so a chunk weighs its share of N.
+            kd = parts["kd"] * ((rows.stop - rows.start) / n) if "kd" in parts else torch.zeros_like(ce)
+            return torch.stack([ce, kd])
+
+        total = 0.0
+        for start in range(0, n, self.loss_chunk):
+            rows = slice(start, min(start + self.loss_chunk, n))
+            total = total + checkpoint(chunk_losses, final_hidden[rows], rows, use_reentrant=False)
+        return {"ce": total[0], "kd": total[1]} if targets else {"ce": total[0]}
+
+
+def check_chunkable(model) -> None:
+    """Refuse, before training, a model whose logits are not head(base model's last hidden state).
+
+    Chunked losses (loss_chunk) apply `get_output_embeddings()` to `base_model(...).last_hidden_state`
+    themselves; a model that scales or soft-caps its logits after the head would train on wrong logits.
+    """
+    name = type(model).__name__
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model:
+        raise KdcacheError(f"loss_chunk needs a causal LM with a base model and an output-embedding head; "
+                           f"{name} has none. Set loss_chunk 0.")
+    length = min(8, max_positions(model) or 8)
+    ids = torch.arange(length, device=next(model.parameters()).device).unsqueeze(0) % head.weight.shape[0]
+    was_training = model.training
+    model.eval()  # no dropout: the two paths must see the same activations
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits.float()
+            rebuilt = head(model.base_model(input_ids=ids).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    if full.shape != rebuilt.shape or not torch.allclose(full, rebuilt, rtol=1e-4, atol=1e-4):
+        raise KdcacheError(f"loss_chunk assumes logits = output embeddings applied to the final hidden state, "
+                           f"but {name} computes its logits otherwise (scaling or soft-capping, say). "
+                           f"Set loss_chunk 0 for this model.")

@@ -34,10 +34,18 @@ class Schedule:
 
     def __call__(self, step: int, total_steps: int) -> float:
         # No steps to spread over: the schedule is already at its end.
-        progress = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 1.0
+        return self.at(step / total_steps if total_steps > 0 else 1.0)
+
+    def at(self, progress: float) -> float:
+        """The value at a fraction of training done (clamped to [0, 1]), as `Objective` passes it."""
+        progress = min(max(progress, 0.0), 1.0)
         if self.shape == "cosine":
             progress = 0.5 * (1.0 - math.cos(math.pi * progress))
         return self.start + (self.end - self.start) * progress
+
+    def bounds(self) -> tuple[float, float]:
+        """(lowest, highest) value over training: every shape is monotone between its endpoints."""
+        return min(self.start, self.end), max(self.start, self.end)
 
 
 def make_schedule(spec: str) -> Schedule:

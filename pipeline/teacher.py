@@ -158,3 +158,81 @@ def run_online_student(config, tokens_dir: str, out: str, teacher_dir: str, top_
     vocab = TokenStore(tokens_dir).vocab_size
     online = OnlineTargets(teacher_dir, vocab, top_k or vocab, 1.0, [], resolve_device(config.device))
     return run_student(config, tokens_dir, out, None, log_path, add_targets=online)
+
+
+# --- Deep mutual learning (Zhang et al., CVPR 2018): two students teach each other ------------------
+
+
+def mutual_peer_dir(out: str | Path) -> Path:
+    """Where `run_mutual_students` saves the second student: OUT's sibling OUT-peer."""
+    out = Path(out)
+    return out.with_name(out.name + "-peer")
+
+
+def peer_targets(peer, input_ids: torch.Tensor, vocab_size: int) -> dict:
+    """The peer's current distribution as full-vocabulary top-k targets (τ = 1, no gradient)."""
+    targets = teacher_targets(peer, input_ids, vocab_size, vocab_size)
+    return {k: v.clone() for k, v in targets.items()}  # out of inference mode
+
+
+class MutualObjective:
+    """Both students' losses for one batch: each is `objective` with the other as its teacher.
+
+    Called with the pair (ModuleList of two students) as the model. Each KD term compares a student with
+    its peer's detached distribution of the same step, before either is updated (a simultaneous update;
+    the paper alternates). The total is the sum of the two losses; their graphs are disjoint, so each
+    student's gradient is that of its own loss. Logged: the first student's parts (its own loss as
+    student_loss), peer_* for the other, and loss = student_loss + peer_loss.
+    """
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, pair, batch: dict, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        first, second = pair
+        vocab = self.objective.vocab_size
+        from_second = peer_targets(second, batch["input_ids"], vocab)
+        from_first = peer_targets(first, batch["input_ids"], vocab)
+        parts = self.objective(first, {**batch, **from_second}, progress)
+        peer = self.objective(second, {**batch, **from_first}, progress)
+        parts.update({f"peer_{name}": value for name, value in peer.items()})
+        parts["student_loss"] = parts["loss"]
+        parts["loss"] = parts["loss"] + peer["loss"]  # what the optimizer steps on
+        return parts
+
+
+def run_mutual_students(config, tokens_dir: str, out: str, log_path: str | None = None) -> dict:
+    """Train two students (seeds s and s + 1) by deep mutual learning; save them to OUT and OUT-peer.
+
+    The baseline without any teacher: each student learns from the hard labels (α) and from the other
+    student's current full distribution (1 − α, at the KD temperature and --loss). Both see the same batches.
+    """
+    from dataclasses import replace
+
+    from pipeline.distill import build_student
+    from pipeline.objective import check_chunkable
+
+    if config.init:
+        raise KdcacheError("--mutual trains two differently initialised students; --init would start both from "
+                           "the same weights (and keep them equal). Leave --init out.")
+    if config.beta or config.beta_schedule:
+        raise KdcacheError("--mutual has no teacher hidden states to match; set beta 0 (and no beta_schedule).")
+    tokens = TokenStore(tokens_dir)
+    configs = [config, replace(config, seed=config.seed + 1)]
+    pair = torch.nn.ModuleList([build_student(c, tokens.vocab_size, tokens.block_size) for c in configs])
+    for student in pair:
+        check_model_fits(student, tokens.vocab_size, tokens.block_size, "student")
+        if config.loss_chunk:
+            check_chunkable(student)
+    objective = Objective(vocab_size=tokens.vocab_size, alpha=config.alpha, temperature=config.temperature,
+                          loss=config.loss, schedules=config.schedules(), loss_chunk=config.loss_chunk)
+    stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    history = train_loop(pair, stream, config, MutualObjective(objective), resolve_device(config.device),
+                         f"mutual {Path(out).name}", log_path)
+    places = [Path(out), mutual_peer_dir(out)]
+    for student, student_config, place, peer_place, key in zip(pair, configs, places, places[::-1],
+                                                                ("student_loss", "peer_loss")):
+        save_model(student, tokens, place, {"config": asdict(student_config), "mutual_peer": str(peer_place),
+                                            "tokens_fingerprint": tokens.fingerprint,
+                                            "final_loss": history[-1][key], "steps": len(history)})
+    return history[-1]
