@@ -145,6 +145,9 @@ class StudentConfig(ModelShape, TrainSettings):
     init: str = setting("", "Start from this pretrained causal LM (path or hub id) instead of a "
                         "fresh model of n_layer/n_embd/n_head.")
     device: str = setting("auto", "Torch device: auto, cpu, cuda, ...")
+    verify: bool = setting(True, "Before training, recompute the checksums of every targets shard the "
+                           "student will read and refuse a store that fails (--no-verify skips this "
+                           "full read, e.g. for huge stores).")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)

@@ -94,6 +94,8 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         kd_names = store.sampled_names() if kind == "sampled" else store.topk_names()
         names = (kd_names if distill else []) + \
                 [fmt.hidden_array(t) for _, t in layer_pairs]
+        if config.verify and names:
+            store.check_shards(names)  # a corrupt shard would train silently on garbage
     stream = BlockStream(tokens_dir, "train", targets if names else None, names,
                          shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     device = resolve_device(config.device)

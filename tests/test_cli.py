@@ -306,6 +306,40 @@ def test_interrupted_capture_is_refused_then_resumed(kdcache, small_tokens, smal
     assert (out / "config.json").exists()
 
 
+def test_corrupt_shard_is_refused_by_the_student_and_repaired_by_cache(kdcache, small_tokens, small_teacher,
+                                                                      small_targets, tmp_path):
+    store = tmp_path / "targets.zarr"
+    shutil.copytree(small_targets, store)
+    # Flip bytes in the middle of shard 1's file of the log-probs: a disk error after the capture.
+    shard_file = store / "topk_logprobs" / "c" / "1" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    shard_file.write_bytes(bytes(data))
+    assert_refused(kdcache("verify", store), "bad shards 1 (rows 32-63)")
+
+    out = tmp_path / "student"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", out,
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert_refused(result, "fails verification", "bad shards 1 (rows 32-63)", "re-run `kdcache cache`")
+    assert_nothing_complete(out)
+    # --no-verify skips the check (for huge stores): the corruption then goes unnoticed by design.
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", out, "--no-verify",
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert "fails verification" not in result.output
+
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", store,
+                     "--top-k", 8, "--batch-size", 64, "--rows-per-shard", 32, "--rows-per-chunk", 8)
+    assert result.exit_code == 0, result.output
+    assert "shards [1]" in result.output and "re-capturing" in result.output
+    assert kdcache("verify", store).exit_code == 0
+    original = zarr.open_group(small_targets, mode="r")["topk_logprobs"][:]
+    assert (zarr.open_group(store, mode="r")["topk_logprobs"][:] == original).all()
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", tmp_path / "again",
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
+
+
 def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_tokens, small_teacher, tmp_path):
     out = tmp_path / "online"
     result = kdcache("student", "--tokens", small_tokens, "--online", "--teacher", small_teacher, "--out", out,

@@ -11,7 +11,7 @@ import zarr
 from pipeline.errors import KdcacheError
 from pipeline.targets import encode
 from pipeline.targets import format as fmt
-from pipeline.targets.writer import checksum
+from pipeline.targets.writer import bad_shards
 
 
 class TargetsStore:
@@ -74,19 +74,19 @@ class TargetsStore:
         """Stored (encoded) arrays for rows [start, stop)."""
         return {name: self.group[name][start:stop] for name in (names or self.array_names())}
 
-    def bad_shards(self) -> list[int]:
-        """Shards whose recorded checksums do not match what is on disk now."""
-        bad = []
-        for index, (start, stop) in enumerate(self.shard_ranges):
-            recorded = self.attrs.get("shards", {}).get(str(index))
-            try:
-                arrays = self.read_rows(start, stop, list(recorded or []))
-                ok = recorded is not None and all(checksum(a) == recorded[n] for n, a in arrays.items())
-            except Exception:  # an unreadable shard is a bad shard, whatever the codec raised
-                ok = False
-            if not ok:
-                bad.append(index)
-        return bad
+    def bad_shards(self, names=None) -> list[int]:
+        """Shards unfinished or whose checksums do not match what is on disk now (names: only these arrays)."""
+        return bad_shards(self.group, self.shard_ranges, self.attrs.get("shards", {}), names)
+
+    def check_shards(self, names=None) -> None:
+        """Raise a KdcacheError naming every bad shard (see bad_shards)."""
+        bad = self.bad_shards(names)
+        if bad:
+            ranges = self.shard_ranges
+            listed = ", ".join(f"{i} (rows {ranges[i][0]}-{ranges[i][1] - 1})" for i in bad)
+            raise KdcacheError(f"{self.path} fails verification: bad shards {listed} are unfinished or no "
+                               f"longer match the checksums recorded at capture. Re-run `kdcache cache` "
+                               f"with the same settings to re-capture them, then `kdcache verify {self.path}`.")
 
 
 def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

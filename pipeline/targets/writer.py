@@ -22,6 +22,22 @@ def checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
 
 
+def bad_shards(group: zarr.Group, ranges: list[tuple[int, int]], recorded: dict, names=None) -> list[int]:
+    """Shards with no record in `recorded` (the `shards` attribute) or whose arrays on disk no longer
+    match their recorded checksums. names: check only these arrays (default: every recorded one)."""
+    bad = []
+    for index, (start, stop) in enumerate(ranges):
+        sums = recorded.get(str(index))
+        try:
+            ok = sums is not None and all(checksum(group[name][start:stop]) == sums[name]
+                                          for name in (sums if names is None else names))
+        except Exception:  # an unreadable shard is a bad shard, whatever the codec raised
+            ok = False
+        if not ok:
+            bad.append(index)
+    return bad
+
+
 class TargetsWriter:
     def __init__(self, path: str | Path, identity: dict, array_specs: dict[str, tuple[tuple, str]]):
         """identity: the IDENTITY_KEYS attributes; array_specs: name -> (per-row shape, dtype)."""
@@ -33,6 +49,7 @@ class TargetsWriter:
         self.ranges = fmt.shard_ranges(rows, per_shard)
         self.group = self._open_or_create(array_specs, rows, per_chunk, per_shard)
         self.done: dict = dict(self.group.attrs.get("shards", {}))
+        self._forget_corrupt_shards()
 
     def _open_or_create(self, array_specs, rows, per_chunk, per_shard) -> zarr.Group:
         if (self.path / "zarr.json").exists():
@@ -55,8 +72,17 @@ class TargetsWriter:
                                compressors=[fmt.compressor_for(dtype)], fill_value=0)
         return group
 
+    def _forget_corrupt_shards(self) -> None:
+        """Shards recorded as written whose files changed since (disk errors, edits) are written again."""
+        corrupt = [i for i in bad_shards(self.group, self.ranges, self.done) if str(i) in self.done]
+        if corrupt:
+            print(f"[cache] shards {corrupt} of {self.path} no longer match their checksums; re-capturing them.")
+            for index in corrupt:
+                del self.done[str(index)]
+            self.group.attrs.update({"shards": self.done, "complete": False})
+
     def pending(self) -> list[int]:
-        """Indices of shards not yet written."""
+        """Indices of shards not yet written (or found corrupt when the store was opened)."""
         return [i for i in range(len(self.ranges)) if str(i) not in self.done]
 
     def write_shard(self, index: int, arrays: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,103 @@
+"""Students at equal steps, one per kind of teacher signal: validation loss and calibration side by side.
+
+Rows (all the same student, data order and number of steps; settings from the `student` section of
+--params, steps from --steps):
+
+  ce            hard labels only (alpha = 1)
+  topk_{enc}    cached top-k targets in each encoding of `kdcache encodings` (one capture each)
+  sampled       cached sampled targets (--top-k 0 --samples N)
+  online_dense  the teacher in the loop over the full vocabulary (no cache): the dense-KD reference
+
+Captures use the `cache` section of --params with the encoding / sampling changed, written under
+--work (a complete capture there is reused, an interrupted one resumed). Each student is scored by
+`pipeline.evaluate.run_evaluate` on the validation split: loss, ECE (15 bins) and top-1 agreement
+with the teacher. Columns: bytes/tok of the store, wall seconds of training (the machine may be
+shared: indicative only), val_loss, ECE, top-1 agreement.
+
+  python benchmarks/student_table.py --tokens /work/default-run/data/tokens \
+      --teacher /work/default-run/models/teacher --steps 400 --work /tmp/student-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from pipeline.capture import run_capture
+from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig
+from pipeline.distill import run_student
+from pipeline.evaluate import run_evaluate
+from pipeline.targets.encode import ENCODINGS
+from pipeline.targets.stats import summarize
+from pipeline.teacher import run_online_student
+
+
+def capture(name: str, config: CacheConfig, args) -> tuple[str, float]:
+    """(store path, bytes per token) of one capture under --work."""
+    out = Path(args.work) / f"targets_{name}.zarr"
+    start = time.perf_counter()
+    store = run_capture(config, args.teacher, args.tokens, str(out))
+    print(f"[table] capture {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return str(out), summarize(store)["bytes_per_token"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--teacher", default="models/teacher")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--work", default="/tmp/kdcache-student-table", help="captures and students go here")
+    parser.add_argument("--steps", type=int, default=0, help="student steps (0: params.yaml's max_steps)")
+    parser.add_argument("--samples", type=int, default=12, help="draws per position of the sampled capture")
+    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS))
+    parser.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: all)")
+    args = parser.parse_args()
+
+    params = yaml.safe_load(open(args.params))
+    cache_base = CacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params["cache"].items()})
+    cache_base = replace(cache_base, layers=())  # the table compares output targets only
+    student = StudentConfig(**params["student"])
+    if args.steps:
+        student = replace(student, max_steps=args.steps, epochs=0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    stores = {f"topk_{e}": capture(f"topk_{e}", replace(cache_base, encoding=e, samples=0), args)
+              for e in args.encodings}
+    stores["sampled"] = capture("sampled", replace(cache_base, top_k=0, samples=args.samples), args)
+
+    seconds, bytes_per_token = {}, {"ce": 0.0, "online_dense": 0.0}
+    runs = {"ce": lambda out: run_student(replace(student, alpha=1.0), args.tokens, out)}
+    for name, (path, bpt) in stores.items():
+        runs[name] = lambda out, path=path: run_student(student, args.tokens, out, path)
+        bytes_per_token[name] = bpt
+    runs["online_dense"] = lambda out: run_online_student(student, args.tokens, out, args.teacher, top_k=0)
+    for name, train in runs.items():
+        start = time.perf_counter()
+        train(str(work / f"student_{name}"))
+        seconds[name] = time.perf_counter() - start
+        print(f"[table] student {name}: {seconds[name]:.0f} s", flush=True)
+
+    models = {"teacher": args.teacher, **{name: str(work / f"student_{name}") for name in runs}}
+    config = EvaluateConfig(batch_size=32, max_batches=args.eval_batches, reference="teacher", latency_rounds=1)
+    metrics = run_evaluate(config, args.tokens, models, str(work / "metrics.json"))["models"]
+
+    print(f"\n{student.max_steps} steps x batch {student.batch_size}, student {student.n_layer}L x "
+          f"{student.n_embd}, alpha {student.alpha}, T {student.temperature}, loss {student.loss}; "
+          f"validation split ({metrics['teacher']['params']:,}-parameter teacher)")
+    print(f"{'student':>14} {'bytes/tok':>9} {'train s':>8} {'val_loss':>9} {'ECE':>7} {'top-1 agr':>9}")
+    for name, m in metrics.items():
+        size = f"{bytes_per_token[name]:9.1f}" if name in bytes_per_token else f"{'':>9}"
+        train_s = f"{seconds[name]:8.0f}" if name in seconds else f"{'':>8}"
+        print(f"{name:>14} {size} {train_s} {m['val_loss']:9.4f} {m['ece']:7.4f} {m['top1_agreement']:9.3f}")
+    (work / "table.json").write_text(json.dumps({"metrics": metrics, "train_seconds": seconds,
+                                                 "bytes_per_token": bytes_per_token}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
