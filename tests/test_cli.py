@@ -306,6 +306,40 @@ def test_interrupted_capture_is_refused_then_resumed(kdcache, small_tokens, smal
     assert (out / "config.json").exists()
 
 
+def test_inspect_tail_mass_histogram_as_json_text_and_svg(kdcache, small_targets, tmp_path):
+    import json
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+
+    result = kdcache("inspect", small_targets, "--json", "--plot", tmp_path / "tail.svg")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    for key in ("rows", "tokens", "bytes_per_token", "arrays", "encoding", "complete"):
+        assert key in summary
+    histogram = summary["tail_mass_histogram"]
+    counts, edges = histogram["counts"], histogram["bin_edges"]
+    assert len(edges) == len(counts) + 1 and edges[0] == 0.0 and edges[-1] == 1.0
+    assert sum(counts) == summary["tokens"]
+    # The counts are those of every stored position's tail mass, read straight from the store.
+    tail_mass = np.exp(zarr.open_group(small_targets, mode="r")["tail_logmass"][:].astype(np.float64))
+    assert counts == np.histogram(tail_mass, bins=np.array(edges))[0].tolist()
+
+    root = ET.parse(tmp_path / "tail.svg").getroot()  # valid XML, or this raises
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "bar"]
+    assert len(bars) == len(counts)
+    assert [int(b.get("data-count")) for b in bars] == counts
+    tallest = max(range(len(counts)), key=counts.__getitem__)
+    assert float(bars[tallest].get("height")) == max(float(b.get("height")) for b in bars) > 0
+
+    text = kdcache("inspect", small_targets)
+    assert text.exit_code == 0, text.output
+    lines = [line for line in text.output.splitlines() if line.strip().startswith("[")]
+    assert len(lines) == len(counts)
+    assert [int(line.split()[-1].replace(",", "")) for line in lines] == counts
+
+
 def test_corrupt_shard_is_refused_by_the_student_and_repaired_by_cache(kdcache, small_tokens, small_teacher,
                                                                       small_targets, tmp_path):
     store = tmp_path / "targets.zarr"
