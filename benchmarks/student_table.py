@@ -9,7 +9,10 @@ Rows (all the same student, data order and number of steps; settings from the `s
   online_dense  the teacher in the loop over the full vocabulary (no cache): the dense-KD reference
 
 Captures use the `cache` section of --params with the encoding / sampling changed, written under
---work (a complete capture there is reused, an interrupted one resumed). Each student is scored by
+--work (a complete capture there is reused, an interrupted one resumed). To save teacher passes on a
+CPU, the fp32 capture is run once and every other encoding is transcoded from it: the capture encodes
+the same float32 log-probs with the same `encode.encode_topk_logprobs`, so the stores are identical
+to `kdcache cache --encoding E` on the same device (--no-transcode runs each capture instead). Each student is scored by
 `pipeline.evaluate.run_evaluate` on the validation split: loss, ECE (15 bins) and top-1 agreement
 with the teacher. Columns: bytes/tok of the store, wall seconds of training (the machine may be
 shared: indicative only), val_loss, ECE, top-1 agreement.
@@ -26,14 +29,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline.capture import run_capture
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig
 from pipeline.distill import run_student
 from pipeline.evaluate import run_evaluate
+from pipeline.targets import encode
+from pipeline.targets import format as fmt
 from pipeline.targets.encode import ENCODINGS
+from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import summarize
+from pipeline.targets.writer import TargetsWriter
 from pipeline.teacher import run_online_student
 
 
@@ -46,6 +54,25 @@ def capture(name: str, config: CacheConfig, args) -> tuple[str, float]:
     return str(out), summarize(store)["bytes_per_token"]
 
 
+def transcode(source: str, encoding: str, args) -> tuple[str, float]:
+    """An fp32 store re-encoded in `encoding`, shard by shard: what a capture in that encoding writes."""
+    store = TargetsStore(source)
+    out = Path(args.work) / f"targets_topk_{encoding}.zarr"
+    identity = {key: store.attrs[key] for key in fmt.IDENTITY_KEYS}
+    identity["encoding"] = encoding
+    T, K = identity["block_size"], identity["top_k"]
+    specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]), **encode.topk_arrays(encoding, T, K),
+             fmt.TAIL_LOGMASS: ((T,), "float32")}
+    writer = TargetsWriter(out, identity, specs)
+    for index in writer.pending():
+        start, stop = writer.ranges[index]
+        stored = store.read_rows(start, stop, [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
+        logprobs = torch.from_numpy(stored.pop(fmt.TOPK_LOGPROBS))
+        writer.write_shard(index, {**stored, **encode.encode_topk_logprobs(logprobs, encoding)})
+    writer.finish()
+    return str(out), summarize(TargetsStore(out))["bytes_per_token"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="data/tokens")
@@ -56,6 +83,7 @@ def main():
     parser.add_argument("--samples", type=int, default=12, help="draws per position of the sampled capture")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS))
     parser.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: all)")
+    parser.add_argument("--no-transcode", action="store_true", help="run the teacher for every encoding")
     args = parser.parse_args()
 
     params = yaml.safe_load(open(args.params))
@@ -67,8 +95,13 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    stores = {f"topk_{e}": capture(f"topk_{e}", replace(cache_base, encoding=e, samples=0), args)
-              for e in args.encodings}
+    if args.no_transcode:
+        stores = {f"topk_{e}": capture(f"topk_{e}", replace(cache_base, encoding=e, samples=0), args)
+                  for e in args.encodings}
+    else:
+        reference = capture("topk_fp32", replace(cache_base, encoding="fp32", samples=0), args)
+        stores = {f"topk_{e}": reference if e == "fp32" else transcode(reference[0], e, args)
+                  for e in args.encodings}
     stores["sampled"] = capture("sampled", replace(cache_base, top_k=0, samples=args.samples), args)
 
     seconds, bytes_per_token = {}, {"ce": 0.0, "online_dense": 0.0}

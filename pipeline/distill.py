@@ -82,13 +82,15 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         layer_pairs = pairs if config.beta else []
         capture_temperature = store.temperature
         kind = resolve_kd_targets(config.kd_targets, store)
+    # To the stored width: the teacher's D, or the rank P of a low-rank store (its coefficients).
     projections = torch.nn.ModuleDict({
-        str(s): torch.nn.Linear(hidden_size(model), int(store.attrs["hidden_size"]), bias=False)
+        str(s): torch.nn.Linear(hidden_size(model), store.hidden_width, bias=False)
         for s, _ in layer_pairs})
+    hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = Objective(vocab_size=tokens.vocab_size, alpha=config.alpha if distill else 1.0,
                           temperature=config.temperature, capture_temperature=capture_temperature,
                           loss=config.loss, kd_targets=kind, beta=config.beta, layer_pairs=layer_pairs,
-                          projections=projections)
+                          projections=projections, hidden_scale=hidden_scale)
     names = None
     if store is not None:
         kd_names = store.sampled_names() if kind == "sampled" else store.topk_names()

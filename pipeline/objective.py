@@ -26,7 +26,10 @@ class Objective:
     kd_targets: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
-    projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t)
+    projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t or P)
+    # P / D_t for a rank-P store: the MSE over the P coefficients, scaled so, equals the full-width MSE
+    # of μ + (projected)·Bᵀ against the teacher's h, up to a constant (the variance the basis leaves out).
+    hidden_scale: float = 1.0
 
     def __call__(self, model, batch: dict, progress: float = 0.0) -> dict[str, torch.Tensor]:
         """progress: fraction of training done, in [0, 1] (for schedules)."""
@@ -67,7 +70,7 @@ class Objective:
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)
                 hidden.append(losses.hidden_mse(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
-            parts["hidden"] = torch.stack(hidden).mean()
+            parts["hidden"] = self.hidden_scale * torch.stack(hidden).mean()
             loss = loss + self.beta * parts["hidden"]
         parts["loss"] = loss
         return parts
