@@ -17,14 +17,20 @@ to `kdcache cache --encoding E` on the same device (--no-transcode runs each cap
 with the teacher. Columns: bytes/tok of the store, wall seconds of training (the machine may be
 shared: indicative only), val_loss, ECE, top-1 agreement.
 
+--train-rows N keeps the captures affordable on a CPU: the students then train on the first N rows of
+the train split only (a token store written under --work: those rows, the whole validation split,
+the same tokenizer), and the teacher is copied beside it, marked as trained on that store (it was
+trained on a superset of it), so that `cache` accepts the pair.
+
   python benchmarks/student_table.py --tokens /work/default-run/data/tokens \
-      --teacher /work/default-run/models/teacher --steps 400 --work /tmp/student-table
+      --teacher /work/default-run/models/teacher --steps 400 --train-rows 4096 --work /tmp/student-table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +48,9 @@ from pipeline.targets.encode import ENCODINGS
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import summarize
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher import run_online_student
+from pipeline.teacher import INFO_FILE, run_online_student
+from pipeline.tokens import TokenStore
+from pipeline.tokens import _write_split as write_split
 
 
 def capture(name: str, config: CacheConfig, args) -> tuple[str, float]:
@@ -52,6 +60,28 @@ def capture(name: str, config: CacheConfig, args) -> tuple[str, float]:
     store = run_capture(config, args.teacher, args.tokens, str(out))
     print(f"[table] capture {name}: {time.perf_counter() - start:.0f} s", flush=True)
     return str(out), summarize(store)["bytes_per_token"]
+
+
+def subset(args) -> tuple[str, str]:
+    """(tokens, teacher) directories for the first --train-rows train rows (see the module docstring)."""
+    work, source = Path(args.work), TokenStore(args.tokens)
+    tokens_out, teacher_out = work / "tokens", work / "teacher"
+    if not (tokens_out / "meta.json").exists():
+        tokens_out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source.path / "tokenizer", tokens_out / "tokenizer", dirs_exist_ok=True)
+        shutil.copy(source.path / "validation.arrow", tokens_out / "validation.arrow")
+        train = source.blocks("train")[: args.train_rows]
+        write_split(tokens_out / "train.arrow", train, source.vocab_size)
+        meta = {**source.meta, "rows": {**source.meta["rows"], "train": len(train)},
+                "fingerprint": f"{source.fingerprint}-first{len(train)}",
+                "settings": {**source.meta["settings"], "train_rows": len(train)}}
+        (tokens_out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if not (teacher_out / INFO_FILE).exists():
+        shutil.copytree(args.teacher, teacher_out, dirs_exist_ok=True)
+        info = json.loads((teacher_out / INFO_FILE).read_text())
+        info["tokens_fingerprint"] = json.loads((tokens_out / "meta.json").read_text())["fingerprint"]
+        (teacher_out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return str(tokens_out), str(teacher_out)
 
 
 def transcode(source: str, encoding: str, args) -> tuple[str, float]:
@@ -83,6 +113,8 @@ def main():
     parser.add_argument("--samples", type=int, default=12, help="draws per position of the sampled capture")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS))
     parser.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: all)")
+    parser.add_argument("--train-rows", type=int, default=0, help="train on the first N rows only (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-transcode", action="store_true", help="run the teacher for every encoding")
     args = parser.parse_args()
 
@@ -94,6 +126,10 @@ def main():
         student = replace(student, max_steps=args.steps, epochs=0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_rows:
+        args.tokens, args.teacher = subset(args)
 
     if args.no_transcode:
         stores = {f"topk_{e}": capture(f"topk_{e}", replace(cache_base, encoding=e, samples=0), args)
@@ -120,8 +156,9 @@ def main():
     config = EvaluateConfig(batch_size=32, max_batches=args.eval_batches, reference="teacher", latency_rounds=1)
     metrics = run_evaluate(config, args.tokens, models, str(work / "metrics.json"))["models"]
 
-    print(f"\n{student.max_steps} steps x batch {student.batch_size}, student {student.n_layer}L x "
-          f"{student.n_embd}, alpha {student.alpha}, T {student.temperature}, loss {student.loss}; "
+    rows = TokenStore(args.tokens).num_rows("train")
+    print(f"\n{student.max_steps} steps x batch {student.batch_size} on {rows} train rows, student "
+          f"{student.n_layer}L x {student.n_embd}, alpha {student.alpha}, T {student.temperature}, loss {student.loss}; "
           f"validation split ({metrics['teacher']['params']:,}-parameter teacher)")
     print(f"{'student':>14} {'bytes/tok':>9} {'train s':>8} {'val_loss':>9} {'ECE':>7} {'top-1 agr':>9}")
     for name, m in metrics.items():
