@@ -168,3 +168,34 @@ def test_student_trains_on_the_coefficients(rank4, tiny_tokens, tmp_path):
     last = run_student(config, str(tiny_tokens.path), str(tmp_path / "student"), str(rank4.path))
     assert np.isfinite(last["hidden"]) and last["hidden"] > 0
     assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+def test_hidden_loss_on_coefficients_is_the_full_width_loss_up_to_a_constant():
+    """β·hidden on a rank-P store = full-width MSE of μ + (projection)·Bᵀ against h, minus what B leaves out."""
+    from pipeline.config import ModelShape
+    from pipeline.objective import Objective
+    from pipeline.student import build_gpt2
+
+    B, T, V, D, P = 2, 6, 30, 12, 4
+    g = torch.Generator().manual_seed(0)
+    model = build_gpt2(ModelShape(n_layer=1, n_embd=8, n_head=2), V, T)
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64) * 3 + 1
+    mean = h.reshape(-1, D).mean(0).float().numpy()
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(D, P)))[0].astype(np.float32)
+    coefficients = hidden_basis.project(h.float(), mean, basis)
+    batch = {"input_ids": torch.randint(0, V, (B, T), generator=g), fmt.hidden_array(1): coefficients}
+    projections = torch.nn.ModuleDict({"1": torch.nn.Linear(8, P, bias=False)})
+    objective = Objective(vocab_size=V, alpha=1.0, beta=1.0, layer_pairs=[(1, 1)], projections=projections,
+                          hidden_scale=P / D)
+    loss = objective(model, batch)["hidden"]
+    loss.backward()
+    grad = projections["1"].weight.grad.clone()
+
+    projections.zero_grad()
+    student = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]
+    restored = hidden_basis.reconstruct(projections["1"](student), mean, basis)  # (B, T, D)
+    full = (restored - h.float()).pow(2).mean()
+    left_out = (h.float() - hidden_basis.reconstruct(coefficients, mean, basis)).pow(2).mean()
+    assert loss.item() == pytest.approx((full - left_out).item(), rel=1e-4)
+    full.backward()
+    torch.testing.assert_close(grad, projections["1"].weight.grad, rtol=1e-4, atol=1e-6)

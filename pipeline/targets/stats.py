@@ -23,7 +23,7 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
     attrs = store.attrs
     tokens = store.rows * int(attrs["block_size"])
     arrays, raw_total, stored_total = {}, 0, 0
-    for name in store.array_names():
+    for name in store.array_names() + list(attrs.get("unsharded", {})):  # + hidden bases
         array = store.group[name]
         raw = int(np.prod(array.shape)) * array.dtype.itemsize
         stored = stored_bytes(store, name)
