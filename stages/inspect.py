@@ -42,6 +42,9 @@ def inspect(store, as_json, plot):
         click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
         for line in text_histogram(histogram):
             click.echo(f"    {line}")
+    if summary["hidden_rank"]:
+        click.echo(f"  hidden states: rank {summary['hidden_rank']} of {summary['hidden_size']}, variance kept "
+                   f"per layer {summary['hidden_variance_kept']}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 

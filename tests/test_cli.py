@@ -208,6 +208,22 @@ def test_cache_layer_the_teacher_does_not_have(kdcache, small_tokens, small_teac
     assert_nothing_complete(out)
 
 
+def test_cache_hidden_rank_refusals_then_a_low_rank_store(kdcache, small_tokens, small_teacher, tmp_path):
+    out = tmp_path / "targets.zarr"
+    common = ("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", out, "--top-k", 4,
+              "--rows-per-shard", 32, "--rows-per-chunk", 8)
+    assert_refused(kdcache(*common, "--layer", 1, "--hidden-rank", 33), "--hidden-rank 33", "hidden size (32)")
+    assert_refused(kdcache(*common, "--hidden-rank", 4), "hidden_rank needs", "--layer")
+    assert_refused(kdcache(*common, "--layer", 1, "--hidden-rank", -1), "hidden_rank must be >= 0")
+    assert_nothing_complete(out)
+    result = kdcache(*common, "--layer", 1, "--hidden-rank", 4, "--hidden-fit-rows", 8)
+    assert result.exit_code == 0, result.output
+    result = kdcache("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "hidden states: rank 4 of 32" in result.output and "hidden_basis_layer_1" in result.output
+    assert kdcache("verify", out).exit_code == 0
+
+
 # --- block_size beyond the teacher's positions ---------------------------------------------------
 
 

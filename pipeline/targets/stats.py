@@ -48,6 +48,8 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "tail_mass_percentiles": {str(p): float(np.percentile(tail_mass, p)) for p in TAIL_PERCENTILES},
         "tail_mass_mean": float(tail_mass.mean()),
         "tail_mass_histogram": tail_mass_histogram(store),
+        "hidden_rank": store.hidden_rank, "hidden_size": attrs["hidden_size"],
+        "hidden_variance_kept": attrs.get("hidden_variance_kept"),
     }
 
 
