@@ -55,6 +55,7 @@ class TargetsWriter:
     def __init__(self, path: str | Path, identity: dict, array_specs: dict[str, tuple[tuple, str]]):
         """identity: the IDENTITY_KEYS attributes; array_specs: name -> (per-row shape, dtype)."""
         self.path = Path(path)
+        identity = {**fmt.IDENTITY_DEFAULTS, **identity}
         if set(identity) != set(fmt.IDENTITY_KEYS):
             raise ValueError(f"identity keys {sorted(identity)} differ from format.IDENTITY_KEYS")
         self.identity = identity
@@ -70,7 +71,7 @@ class TargetsWriter:
             if attrs.get("format") != fmt.FORMAT_NAME:
                 raise KdcacheError(f"{self.path} exists and is not a kdcache targets store; "
                                    f"choose another --out or delete it.")
-            same = {k: attrs.get(k) for k in fmt.IDENTITY_KEYS} == self.identity
+            same = {k: attrs.get(k, fmt.IDENTITY_DEFAULTS.get(k)) for k in fmt.IDENTITY_KEYS} == self.identity
             if same and not bad_unsharded(zarr.open_group(self.path, mode="r"), attrs.get("unsharded", {})):
                 return zarr.open_group(self.path, mode="r+")
             if same:  # every shard was computed with arrays (a basis) that no longer match: start over
