@@ -58,7 +58,8 @@ def main():
 
     print(f"\nhidden states of layers {list(layers)} (D = {D}), validation split, {tokens:,} tokens; "
           f"basis fitted on the first {args.fit_rows} rows")
-    print(f"{'rank':>6} {'bytes/tok':>10} {'x full':>7}  " + "  ".join(f"{'kept L' + str(l):>9} {'fit':>6}" for l in layers))
+    header = "  ".join(f"{'kept L' + str(l):>9} {'fit':>6}" for l in layers)
+    print(f"{'rank':>6} {'bytes/tok':>10} {'x full':>7}  {header}")
     full = rows[0][0]
     for rank, (bpt, kept, fit) in rows.items():
         cells = "  ".join(f"{kept.get(str(l), 1.0):9.4f} {fit.get(str(l), 1.0):6.4f}" for l in layers)

@@ -4,7 +4,7 @@ Rows (all the same student, data order and number of steps; settings from the `s
 --params, steps from --steps):
 
   ce            hard labels only (alpha = 1)
-  topk_{enc}    cached top-k targets in each encoding of `kdcache encodings` (one capture each)
+  topk_{enc}    cached top-k targets in each encoding of `kdcache encodings`
   sampled       cached sampled targets (--top-k 0 --samples N)
   online_dense  the teacher in the loop over the full vocabulary (no cache): the dense-KD reference
 
@@ -12,8 +12,9 @@ Captures use the `cache` section of --params with the encoding / sampling change
 --work (a complete capture there is reused, an interrupted one resumed). To save teacher passes on a
 CPU, the fp32 capture is run once and every other encoding is transcoded from it: the capture encodes
 the same float32 log-probs with the same `encode.encode_topk_logprobs`, so the stores are identical
-to `kdcache cache --encoding E` on the same device (--no-transcode runs each capture instead). Each student is scored by
-`pipeline.evaluate.run_evaluate` on the validation split: loss, ECE (15 bins) and top-1 agreement
+to `kdcache cache --encoding E` on the same device (--no-transcode runs each capture instead).
+
+Each student is scored by `pipeline.evaluate.run_evaluate` on the validation split: loss, ECE (15 bins) and top-1 agreement
 with the teacher. Columns: bytes/tok of the store, wall seconds of training (the machine may be
 shared: indicative only), val_loss, ECE, top-1 agreement.
 
@@ -158,7 +159,8 @@ def main():
 
     rows = TokenStore(args.tokens).num_rows("train")
     print(f"\n{student.max_steps} steps x batch {student.batch_size} on {rows} train rows, student "
-          f"{student.n_layer}L x {student.n_embd}, alpha {student.alpha}, T {student.temperature}, loss {student.loss}; "
+          f"{student.n_layer}L x {student.n_embd}, alpha {student.alpha}, T {student.temperature}, "
+          f"loss {student.loss}; "
           f"validation split ({metrics['teacher']['params']:,}-parameter teacher)")
     print(f"{'student':>14} {'bytes/tok':>9} {'train s':>8} {'val_loss':>9} {'ECE':>7} {'top-1 agr':>9}")
     for name, m in metrics.items():

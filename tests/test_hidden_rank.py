@@ -57,7 +57,8 @@ def numpy_pca(h: np.ndarray, rank: int):
 
 def test_moments_fit_is_the_principal_basis_with_fixed_signs():
     rng = np.random.default_rng(0)
-    data = rng.normal(size=(500, 6)) @ np.diag([5.0, 3.0, 2.0, 1.0, 0.5, 0.1]) @ np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    data = rng.normal(size=(500, 6)) @ np.diag([5.0, 3.0, 2.0, 1.0, 0.5, 0.1]) @ rotation
     data += 7.0  # a large mean, as real hidden states have
     moments = hidden_basis.Moments(6)
     moments.add(torch.from_numpy(data[:123]))

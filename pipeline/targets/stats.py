@@ -74,8 +74,11 @@ def text_histogram(histogram: dict, width: int = 40) -> list[str]:
     """One line per bin: its range, a bar of `#` scaled to the largest count, the count."""
     edges, counts = histogram["bin_edges"], histogram["counts"]
     top = max(max(counts), 1)
-    return [f"[{lo:.2f}, {hi:.2f}{']' if i == len(counts) - 1 else ')'} {'#' * round(width * c / top):<{width}} {c:,}"
-            for i, (lo, hi, c) in enumerate(zip(edges, edges[1:], counts))]
+    lines = []
+    for i, (lo, hi, count) in enumerate(zip(edges, edges[1:], counts)):
+        bracket = "]" if i == len(counts) - 1 else ")"  # the last bin includes 1
+        lines.append(f"[{lo:.2f}, {hi:.2f}{bracket} {'#' * round(width * count / top):<{width}} {count:,}")
+    return lines
 
 
 def histogram_svg(histogram: dict, title: str, xlabel: str = "tail mass") -> str:
