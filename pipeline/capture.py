@@ -12,6 +12,7 @@ from pipeline.progress import progress
 from pipeline.config import CacheConfig
 from pipeline.errors import KdcacheError
 from pipeline.student import check_model_fits, hidden_size, num_layers
+from pipeline.targets import basis as hidden_basis
 from pipeline.targets import encode
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -32,11 +33,13 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
         "hidden_dtype": np.dtype(encode.HIDDEN_DTYPE).name, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
+        "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
     }
 
 
 def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
-    T, K, N, D = identity["block_size"], identity["top_k"], identity["samples"], identity["hidden_size"]
+    T, K, N = identity["block_size"], identity["top_k"], identity["samples"]
+    D = identity["hidden_rank"] or identity["hidden_size"]  # coefficients on the basis, or full width
     specs = {}
     if K:
         specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
@@ -64,6 +67,61 @@ def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.nd
     return out
 
 
+def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast) -> dict:
+    """layer -> (mean (D,), basis (D, P)) with --hidden-rank P; {} without.
+
+    Fitted on the first `hidden_fit_rows` rows and written before shard 0; a resumed capture reads the
+    stored basis back (its shards were projected on it), never refits.
+    """
+    layers, rank = sorted(set(config.layers)), config.hidden_rank
+    if not rank:
+        return {}
+    if writer.unsharded:
+        print("[cache] reusing the hidden-state basis stored in the capture")
+        stored = {}
+        for layer in layers:
+            basis_name, mean_name = fmt.hidden_basis_arrays(layer)
+            stored[layer] = (writer.group[mean_name][...], writer.group[basis_name][...])
+        return stored
+    moments = {layer: hidden_basis.Moments(hidden_size(model)) for layer in layers}
+    rows = min(config.hidden_fit_rows, len(blocks))
+    for lo in range(0, rows, config.batch_size):
+        input_ids = torch.from_numpy(blocks[lo:min(lo + config.batch_size, rows)].astype(np.int64)).to(device)
+        with torch.inference_mode(), autocast:
+            hidden_states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        for layer in layers:
+            moments[layer].add(hidden_states[layer])
+    bases, arrays, kept = {}, {}, {}
+    for layer in layers:
+        mean, basis, kept[str(layer)] = moments[layer].fit(rank)
+        bases[layer] = (mean, basis)
+        basis_name, mean_name = fmt.hidden_basis_arrays(layer)
+        arrays.update({basis_name: basis, mean_name: mean})
+    writer.write_unsharded(arrays, {"hidden_variance_kept_fit": kept})
+    print(f"[cache] hidden-state basis of rank {rank} fitted on {rows} rows; variance kept: {kept}")
+    return bases
+
+
+def _project_hidden(targets: dict, bases: dict, energy: dict) -> None:
+    """Replace each layer's hidden states by their coefficients; add (Σ‖c‖², Σ‖h − μ‖²) to energy."""
+    for layer, (mean, basis) in bases.items():
+        name = fmt.hidden_array(layer)
+        coefficients = hidden_basis.project(targets[name], mean, basis)
+        kept, total = hidden_basis.energy(targets[name], coefficients, mean)
+        energy[str(layer)] = [a + b for a, b in zip(energy.get(str(layer), [0.0, 0.0]), (kept, total))]
+        targets[name] = coefficients
+
+
+def _variance_kept(shard_stats: dict) -> dict[str, float]:
+    """Per layer Σ‖c‖² / Σ‖h − μ‖² over every shard's recorded energy: the whole capture."""
+    totals = {}
+    for stats in shard_stats.values():
+        for layer, (kept, total) in stats.get("hidden_energy", {}).items():
+            old = totals.get(layer, (0.0, 0.0))
+            totals[layer] = (old[0] + kept, old[1] + total)
+    return {layer: kept / total if total > 0 else 1.0 for layer, (kept, total) in totals.items()}
+
+
 def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str) -> TargetsStore:
     """Capture targets for every row of `config.split`; skips shards a previous run finished."""
     encode.check_encoding(config.encoding)
@@ -71,6 +129,9 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     model, info = load_teacher(teacher_dir)
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
     check_layers(model, config.layers)
+    if config.hidden_rank > hidden_size(model):
+        raise KdcacheError(f"--hidden-rank {config.hidden_rank} is larger than the teacher's hidden size "
+                           f"({hidden_size(model)}); choose at most {hidden_size(model)}, or 0 for full width.")
     if config.top_k > tokens.vocab_size:
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
     if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
@@ -82,6 +143,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     blocks = tokens.blocks(config.split)
+    bases = _hidden_bases(config, writer, model, blocks, device, autocast)
     pending = writer.pending()
     todo_rows = sum(writer.ranges[i][1] - writer.ranges[i][0] for i in pending)
     if len(pending) < len(writer.ranges):
@@ -90,7 +152,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     start_time = time.perf_counter()
     for index in pending:
         start, stop = writer.ranges[index]
-        parts = []
+        parts, energy = [], {}
         for lo in range(start, stop, config.batch_size):
             hi = min(lo + config.batch_size, stop)
             input_ids = torch.from_numpy(blocks[lo:hi].astype(np.int64)).to(device)
@@ -99,10 +161,12 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
             with autocast:
                 targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
                                           config.temperature, identity["layers"], config.samples, generator)
+            _project_hidden(targets, bases, energy)
             parts.append(_encode(targets, identity))
             bar.update((hi - lo) * tokens.block_size)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
-        writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+        writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
+                           {"hidden_energy": energy} if bases else None)
     bar.close()
-    writer.finish()
+    writer.finish({"hidden_variance_kept": _variance_kept(writer.shard_stats)} if bases else None)
     return TargetsStore(out)

@@ -112,8 +112,17 @@ class CacheConfig:
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
     device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, cuda:1, ...")
+    hidden_rank: int = setting(0, "Store each captured layer's hidden states as coefficients on its top-R "
+                               "principal directions (fitted at the start of the capture, stored in the "
+                               "store); 0: full width.")
+    hidden_fit_rows: int = setting(256, "Rows (from the first) the hidden-state basis is fitted on, with "
+                                   "--hidden-rank.")
 
     def __post_init__(self):
+        _check(self.hidden_rank >= 0, f"hidden_rank must be >= 0 (0: full width), got {self.hidden_rank}.")
+        _check(self.hidden_fit_rows >= 1, f"hidden_fit_rows must be >= 1, got {self.hidden_fit_rows}.")
+        _check(self.hidden_rank == 0 or bool(self.layers),
+               "hidden_rank needs captured hidden states: add --layer L (or set hidden_rank to 0).")
         _check(self.top_k >= 0 and 0 <= self.samples <= 255,
                f"top_k must be >= 0 and samples in [0, 255], got top_k={self.top_k}, samples={self.samples}.")
         _check(self.top_k > 0 or self.samples > 0, "nothing to capture: set top_k or samples above 0.")
@@ -167,6 +176,9 @@ class StudentConfig(ModelShape, TrainSettings):
                                  "k = V; otherwise mass a teacher left in its tail on ids that another teacher "
                                  "lists stays in the tail, so union ids are under-weighted). sum: "
                                  "sum_i w_i KD(teacher i). With sampled targets the two are the same.")
+    verify: bool = setting(True, "Before training, recompute the checksums of every targets shard the "
+                           "student will read and refuse a store that fails (--no-verify skips this "
+                           "full read, e.g. for huge stores).")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)

@@ -138,19 +138,26 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         kind = resolve_kd_targets(config.kd_targets, store)
         for other in stores[1:]:
             resolve_kd_targets(kind, other)  # every teacher must hold the kind the first one gives
+    # To the stored width: the teacher's D, or the rank P of a low-rank store (its coefficients).
     projections = torch.nn.ModuleDict({
-        str(s): torch.nn.Linear(hidden_size(model), int(store.attrs["hidden_size"]), bias=False)
+        str(s): torch.nn.Linear(hidden_size(model), store.hidden_width, bias=False)
         for s, _ in layer_pairs})
     # Without KD, alpha and temperature stay out of the loss (and the log).
     schedules = {name: s for name, s in config.schedules().items() if distill or name == "beta"}
+    hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = Objective(vocab_size=tokens.vocab_size, alpha=config.alpha if distill else 1.0,
                           temperature=config.temperature, capture_temperature=capture_temperature,
                           loss=config.loss, kd_targets=kind, beta=config.beta, layer_pairs=layer_pairs,
-                          projections=projections, schedules=schedules, loss_chunk=config.loss_chunk,
-                          teacher_weights=weights, multi_teacher=config.multi_teacher)
+                          projections=projections, hidden_scale=hidden_scale, schedules=schedules,
+                          loss_chunk=config.loss_chunk, teacher_weights=weights,
+                          multi_teacher=config.multi_teacher)
     names = [(s.sampled_names() if kind == "sampled" else s.topk_names()) if distill else [] for s in stores]
     if layer_pairs:
         names[0] = names[0] + [fmt.hidden_array(t) for _, t in layer_pairs]
+    if config.verify:
+        for each, its_names in zip(stores, names):
+            if its_names:
+                each.check_shards(its_names)  # a corrupt shard would train silently on garbage
     reading = any(names)  # a store that contributes nothing is not read
     stream = BlockStream(tokens_dir, "train", paths if reading else None, names if reading else None,
                          shuffle_buffer=config.shuffle_buffer, seed=config.seed)

@@ -1,8 +1,8 @@
 """Held-out metrics for the teacher and the students, measured on the same validation blocks.
 
 Per model: validation loss and perplexity, top-1 agreement with a reference model (the teacher),
-parameter count, size on disk, and CPU latency per token timed in interleaved rounds so that machine
-noise hits every model alike.
+expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size on disk,
+and CPU latency per token timed in interleaved rounds so that machine noise hits every model alike.
 """
 
 from __future__ import annotations
@@ -24,21 +24,45 @@ from pipeline.student import check_model_fits, load_causal_lm, param_count
 from pipeline.tokens import TokenStore
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over `bins` equal-width confidence bins.
+
+    confidence (N,) in [0, 1]: the probability of the predicted (top-1) token; correct (N,) bool: the
+    prediction was the next token. Bin b holds confidences in [b/bins, (b+1)/bins), the last bin also 1.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    if confidence.size == 0:
+        return 0.0
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    # Per bin, |Σ (correct − confidence)| = n_b · |accuracy_b − mean confidence_b|.
+    gap = np.bincount(which, correct - confidence, minlength=bins)
+    return float(np.abs(gap).sum() / confidence.size)
+
+
 def dir_size_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @torch.inference_mode()
 def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str):
-    """Per-position validation loss summed over blocks (T-1,), block count, top-1 ids (N, T-1)."""
-    loss_sum, top1 = None, []
+    """Per-position validation loss summed over blocks (T-1,), block count, top-1 ids (N, T-1) and
+    the calibration of those predictions: top-1 probability (N, T-1) float32, top-1 correct (N, T-1) bool."""
+    loss_sum, top1, confidence, correct = None, [], [], []
     for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
         ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64))  # (B, T)
         logits = model(input_ids=ids).logits[:, :-1, :vocab_size].float()  # (B, T-1, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(0)  # (T-1,)
         loss_sum = nll if loss_sum is None else loss_sum + nll
-        top1.append(logits.argmax(-1).numpy().astype(np.int32))
-    return loss_sum.numpy(), len(blocks), np.concatenate(top1)
+        top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, T-1)
+        top1.append(top_id.numpy().astype(np.int32))
+        confidence.append(top_logprob.exp().numpy())
+        correct.append((top_id == ids[:, 1:]).numpy())
+    return (loss_sum.numpy(), len(blocks), np.concatenate(top1), np.concatenate(confidence),
+            np.concatenate(correct))
 
 
 @torch.inference_mode()
@@ -70,10 +94,12 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
         blocks = blocks[: config.max_batches * config.batch_size]
     per_position, top1, metrics = {}, {}, {}
     for name, model in models.items():
-        loss_sum, n, top1[name] = score(model, blocks, tokens.vocab_size, config.batch_size, f"eval {name}")
+        loss_sum, n, top1[name], confidence, correct = score(model, blocks, tokens.vocab_size,
+                                                             config.batch_size, f"eval {name}")
         per_position[name] = loss_sum / n
         val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
+                         "ece": expected_calibration_error(confidence, correct),
                          "params": param_count(model), "disk_bytes": dir_size_bytes(model_dirs[name])}
     if config.reference:
         for name in models:

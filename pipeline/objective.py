@@ -33,7 +33,10 @@ class Objective:
     kd_targets: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
-    projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t)
+    projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t or P)
+    # P / D_t for a rank-P store: the MSE over the P coefficients, scaled so, equals the full-width MSE
+    # of μ + (projected)·Bᵀ against the teacher's h, up to a constant (the variance the basis leaves out).
+    hidden_scale: float = 1.0
     schedules: dict[str, Schedule] = field(default_factory=dict)  # alpha/temperature/beta over progress
     loss_chunk: int = 0  # positions per chunk of LM head + CE + KD; 0: all N at once
     teacher_weights: tuple[float, ...] = (1.0,)  # one per targets store, summing to 1
@@ -82,7 +85,7 @@ class Objective:
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)
                 hidden.append(losses.hidden_mse(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
-            parts["hidden"] = torch.stack(hidden).mean()
+            parts["hidden"] = self.hidden_scale * torch.stack(hidden).mean()
             loss = loss + beta * parts["hidden"]
         parts["loss"] = loss
         parts.update({name: torch.tensor(values[name]) for name in self.schedules})  # logged per step

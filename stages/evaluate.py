@@ -23,8 +23,8 @@ def _parse_models(pairs) -> dict[str, str]:
 @click.option("--plot", type=click.Path(), help="CSV of validation loss by position per model (a DVC plot).")
 @config_options(EvaluateConfig)
 def evaluate(tokens, models, out, plot, **options):
-    """Validation loss, perplexity, top-1 agreement, size and CPU latency of each model."""
+    """Validation loss, perplexity, top-1 agreement, calibration (ECE), size and CPU latency of each model."""
     result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot)
     for name, m in result["models"].items():
-        click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  "
+        click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  ECE {m['ece']:.4f}  "
                    f"params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")

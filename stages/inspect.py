@@ -1,19 +1,28 @@
 import json
+from pathlib import Path
 
 import click
 
-from pipeline.errors import KdcacheError
 from pipeline.targets.encode import ENCODINGS
 from pipeline.targets.reader import TargetsStore
-from pipeline.targets.stats import summarize
+from pipeline.targets.stats import histogram_svg, summarize, text_histogram
 
 
 @click.command()
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(store, as_json):
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write the tail-mass histogram as an SVG bar chart to this file (e.g. tail.svg).")
+def inspect(store, as_json, plot):
     """Describe a targets store: rows, bytes per token per array, settings, fingerprints, tail mass."""
     summary = summarize(TargetsStore(store, require_complete=False))
+    histogram = summary["tail_mass_histogram"]
+    if plot and histogram is None:
+        raise click.UsageError(f"{store} holds no top-k targets, so no tail mass to plot; drop --plot.")
+    if plot:
+        title = (f"tail mass per position: {Path(store).name}, top-{summary['top_k']}, "
+                 f"{sum(histogram['counts']):,} positions")
+        Path(plot).write_text(histogram_svg(histogram, title))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -31,6 +40,11 @@ def inspect(store, as_json):
     if summary["top_k"]:
         pct = ", ".join(f"p{k}={v:.3g}" for k, v in summary["tail_mass_percentiles"].items())
         click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
+        for line in text_histogram(histogram):
+            click.echo(f"    {line}")
+    if summary["hidden_rank"]:
+        click.echo(f"  hidden states: rank {summary['hidden_rank']} of {summary['hidden_size']}, variance kept "
+                   f"per layer {summary['hidden_variance_kept']}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 
@@ -39,10 +53,7 @@ def inspect(store, as_json):
 def verify(store):
     """Recompute every shard's checksum; exit non-zero naming each shard that does not match."""
     targets = TargetsStore(store, require_complete=False)
-    bad = targets.bad_shards()
-    if bad:
-        ranges = targets.shard_ranges
-        raise KdcacheError("bad shards: " + ", ".join(f"{i} (rows {ranges[i][0]}-{ranges[i][1] - 1})" for i in bad))
+    targets.check_shards()
     click.echo(f"{store}: all {len(targets.shard_ranges)} shards match their checksums")
 
 

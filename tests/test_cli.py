@@ -208,6 +208,22 @@ def test_cache_layer_the_teacher_does_not_have(kdcache, small_tokens, small_teac
     assert_nothing_complete(out)
 
 
+def test_cache_hidden_rank_refusals_then_a_low_rank_store(kdcache, small_tokens, small_teacher, tmp_path):
+    out = tmp_path / "targets.zarr"
+    common = ("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", out, "--top-k", 4,
+              "--rows-per-shard", 32, "--rows-per-chunk", 8)
+    assert_refused(kdcache(*common, "--layer", 1, "--hidden-rank", 33), "--hidden-rank 33", "hidden size (32)")
+    assert_refused(kdcache(*common, "--hidden-rank", 4), "hidden_rank needs", "--layer")
+    assert_refused(kdcache(*common, "--layer", 1, "--hidden-rank", -1), "hidden_rank must be >= 0")
+    assert_nothing_complete(out)
+    result = kdcache(*common, "--layer", 1, "--hidden-rank", 4, "--hidden-fit-rows", 8)
+    assert result.exit_code == 0, result.output
+    result = kdcache("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "hidden states: rank 4 of 32" in result.output and "hidden_basis_layer_1" in result.output
+    assert kdcache("verify", out).exit_code == 0
+
+
 # --- block_size beyond the teacher's positions ---------------------------------------------------
 
 
@@ -304,6 +320,74 @@ def test_interrupted_capture_is_refused_then_resumed(kdcache, small_tokens, smal
                      "--max-steps", 1, *SMALL_STUDENT)
     assert result.exit_code == 0, result.output
     assert (out / "config.json").exists()
+
+
+def test_inspect_tail_mass_histogram_as_json_text_and_svg(kdcache, small_targets, tmp_path):
+    import json
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+
+    result = kdcache("inspect", small_targets, "--json", "--plot", tmp_path / "tail.svg")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    for key in ("rows", "tokens", "bytes_per_token", "arrays", "encoding", "complete"):
+        assert key in summary
+    histogram = summary["tail_mass_histogram"]
+    counts, edges = histogram["counts"], histogram["bin_edges"]
+    assert len(edges) == len(counts) + 1 and edges[0] == 0.0 and edges[-1] == 1.0
+    assert sum(counts) == summary["tokens"]
+    # The counts are those of every stored position's tail mass, read straight from the store.
+    tail_mass = np.exp(zarr.open_group(small_targets, mode="r")["tail_logmass"][:].astype(np.float64))
+    assert counts == np.histogram(tail_mass, bins=np.array(edges))[0].tolist()
+
+    root = ET.parse(tmp_path / "tail.svg").getroot()  # valid XML, or this raises
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "bar"]
+    assert len(bars) == len(counts)
+    assert [int(b.get("data-count")) for b in bars] == counts
+    tallest = max(range(len(counts)), key=counts.__getitem__)
+    assert float(bars[tallest].get("height")) == max(float(b.get("height")) for b in bars) > 0
+
+    text = kdcache("inspect", small_targets)
+    assert text.exit_code == 0, text.output
+    lines = [line for line in text.output.splitlines() if line.strip().startswith("[")]
+    assert len(lines) == len(counts)
+    assert [int(line.split()[-1].replace(",", "")) for line in lines] == counts
+
+
+def test_corrupt_shard_is_refused_by_the_student_and_repaired_by_cache(kdcache, small_tokens, small_teacher,
+                                                                      small_targets, tmp_path):
+    store = tmp_path / "targets.zarr"
+    shutil.copytree(small_targets, store)
+    # Flip bytes in the middle of shard 1's file of the log-probs: a disk error after the capture.
+    shard_file = store / "topk_logprobs" / "c" / "1" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    shard_file.write_bytes(bytes(data))
+    assert_refused(kdcache("verify", store), "bad shards 1 (rows 32-63)")
+
+    out = tmp_path / "student"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", out,
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert_refused(result, "fails verification", "bad shards 1 (rows 32-63)", "re-run `kdcache cache`")
+    assert_nothing_complete(out)
+    # --no-verify skips the check (for huge stores): the corruption then goes unnoticed by design.
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", out, "--no-verify",
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert "fails verification" not in result.output
+
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", store,
+                     "--top-k", 8, "--batch-size", 64, "--rows-per-shard", 32, "--rows-per-chunk", 8)
+    assert result.exit_code == 0, result.output
+    assert "shards [1]" in result.output and "re-capturing" in result.output
+    assert kdcache("verify", store).exit_code == 0
+    original = zarr.open_group(small_targets, mode="r")["topk_logprobs"][:]
+    assert (zarr.open_group(store, mode="r")["topk_logprobs"][:] == original).all()
+    result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", tmp_path / "again",
+                     "--max-steps", 1, *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
 
 
 def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_tokens, small_teacher, tmp_path):

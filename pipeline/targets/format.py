@@ -24,6 +24,11 @@ def hidden_array(layer: int) -> str:
     return f"hidden_layer_{layer}"
 
 
+def hidden_basis_arrays(layer: int) -> tuple[str, str]:
+    """With hidden_rank P > 0: the layer's basis (D, P) float32 and mean (D,) float32, written once."""
+    return f"hidden_basis_layer_{layer}", f"hidden_mean_layer_{layer}"
+
+
 def teacher_key(name: str, teacher: int) -> str:
     """Batch key of array `name` from the teacher-th targets store (the first keeps the bare name)."""
     return name if teacher == 0 else f"{name}@{teacher}"
@@ -35,6 +40,10 @@ IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fing
                  "rows", "block_size", "vocab_size", "temperature", "top_k", "encoding", "ids_dtype",
                  "layers", "hidden_size", "hidden_dtype", "rows_per_chunk", "rows_per_shard",
                  "teacher_num_layers", "samples", "seed")
+# Low-rank hidden states (0 = full width); fit rows are 0 when hidden_rank is 0. Stores written before
+# these keys existed hold full-width hidden states: the defaults stand in for the missing attributes.
+IDENTITY_KEYS += ("hidden_rank", "hidden_fit_rows")
+IDENTITY_DEFAULTS = {"hidden_rank": 0, "hidden_fit_rows": 0}
 
 
 def compressor_for(dtype) -> BloscCodec:

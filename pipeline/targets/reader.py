@@ -11,7 +11,7 @@ import zarr
 from pipeline.errors import KdcacheError
 from pipeline.targets import encode
 from pipeline.targets import format as fmt
-from pipeline.targets.writer import checksum
+from pipeline.targets.writer import bad_shards, bad_unsharded
 
 
 class TargetsStore:
@@ -39,6 +39,17 @@ class TargetsStore:
         return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
 
     samples = property(lambda self: int(self.attrs["samples"]))
+    hidden_rank = property(lambda self: int(self.attrs.get("hidden_rank", 0)))  # absent: full width
+
+    @property
+    def hidden_width(self) -> int:
+        """Last dimension of `hidden_layer_*`: the rank P of a low-rank store, else the teacher's D."""
+        return self.hidden_rank or int(self.attrs["hidden_size"])
+
+    def hidden_basis(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (D,), basis (D, P)) float32 of a low-rank store: h ≈ mean + coefficients · basisᵀ."""
+        basis_name, mean_name = fmt.hidden_basis_arrays(layer)
+        return self.group[mean_name][...], self.group[basis_name][...]
 
     def topk_names(self) -> list[str]:
         """Arrays of the top-k targets (none when only sampled targets were captured)."""
@@ -74,19 +85,29 @@ class TargetsStore:
         """Stored (encoded) arrays for rows [start, stop)."""
         return {name: self.group[name][start:stop] for name in (names or self.array_names())}
 
-    def bad_shards(self) -> list[int]:
-        """Shards whose recorded checksums do not match what is on disk now."""
-        bad = []
-        for index, (start, stop) in enumerate(self.shard_ranges):
-            recorded = self.attrs.get("shards", {}).get(str(index))
-            try:
-                arrays = self.read_rows(start, stop, list(recorded or []))
-                ok = recorded is not None and all(checksum(a) == recorded[n] for n, a in arrays.items())
-            except Exception:  # an unreadable shard is a bad shard, whatever the codec raised
-                ok = False
-            if not ok:
-                bad.append(index)
-        return bad
+    def bad_shards(self, names=None) -> list[int]:
+        """Shards unfinished or whose checksums do not match what is on disk now (names: only these arrays)."""
+        return bad_shards(self.group, self.shard_ranges, self.attrs.get("shards", {}), names)
+
+    def bad_unsharded(self) -> list[str]:
+        """Arrays not indexed by row (hidden bases) whose checksums do not match what is on disk now."""
+        return bad_unsharded(self.group, self.attrs.get("unsharded", {}))
+
+    def check_shards(self, names=None) -> None:
+        """Raise a KdcacheError naming every bad shard (see bad_shards); names=None also checks the
+        arrays not indexed by row."""
+        arrays = self.bad_unsharded() if names is None else []
+        if arrays:
+            raise KdcacheError(f"{self.path} fails verification: {', '.join(arrays)} no longer match the "
+                               f"checksums recorded at capture, and every shard was computed with them. "
+                               f"Re-run `kdcache cache` with the same settings to rewrite the store.")
+        bad = self.bad_shards(names)
+        if bad:
+            ranges = self.shard_ranges
+            listed = ", ".join(f"{i} (rows {ranges[i][0]}-{ranges[i][1] - 1})" for i in bad)
+            raise KdcacheError(f"{self.path} fails verification: bad shards {listed} are unfinished or no "
+                               f"longer match the checksums recorded at capture. Re-run `kdcache cache` "
+                               f"with the same settings to re-capture them, then `kdcache verify {self.path}`.")
 
 
 def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

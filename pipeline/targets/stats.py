@@ -1,6 +1,9 @@
-"""What a targets store holds and what it costs: bytes per token per array, tail-mass distribution."""
+"""What a targets store holds and what it costs: bytes per token per array, tail-mass distribution
+(percentiles, a histogram over every finished shard, drawn as text or as a self-contained SVG)."""
 
 from __future__ import annotations
+
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -8,6 +11,7 @@ from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
 
 TAIL_PERCENTILES = (1, 10, 50, 90, 99)
+TAIL_BINS = 20  # equal-width bins of the tail mass over [0, 1]
 
 
 def stored_bytes(store: TargetsStore, name: str) -> int:
@@ -19,7 +23,7 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
     attrs = store.attrs
     tokens = store.rows * int(attrs["block_size"])
     arrays, raw_total, stored_total = {}, 0, 0
-    for name in store.array_names():
+    for name in store.array_names() + list(attrs.get("unsharded", {})):  # + hidden bases
         array = store.group[name]
         raw = int(np.prod(array.shape)) * array.dtype.itemsize
         stored = stored_bytes(store, name)
@@ -43,4 +47,70 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "tokens_fingerprint": attrs["tokens_fingerprint"], "teacher_fingerprint": attrs["teacher_fingerprint"],
         "tail_mass_percentiles": {str(p): float(np.percentile(tail_mass, p)) for p in TAIL_PERCENTILES},
         "tail_mass_mean": float(tail_mass.mean()),
+        "tail_mass_histogram": tail_mass_histogram(store),
+        "hidden_rank": store.hidden_rank, "hidden_size": attrs["hidden_size"],
+        "hidden_variance_kept": attrs.get("hidden_variance_kept"),
     }
+
+
+def tail_mass_histogram(store: TargetsStore, bins: int = TAIL_BINS) -> dict | None:
+    """Counts of positions per tail-mass bin over every finished shard (read one shard at a time).
+
+    {"bin_edges": bins + 1 floats from 0 to 1, "counts": bins ints}; None without top-k targets.
+    """
+    if not store.top_k:
+        return None
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    counts = np.zeros(bins, dtype=np.int64)
+    done = store.attrs.get("shards", {})
+    for index, (start, stop) in enumerate(store.shard_ranges):
+        if str(index) in done:  # unfinished shards hold fill values, not targets
+            tail_mass = np.exp(store.group[fmt.TAIL_LOGMASS][start:stop].astype(np.float64))
+            counts += np.histogram(tail_mass, bins=edges)[0]
+    return {"bin_edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def text_histogram(histogram: dict, width: int = 40) -> list[str]:
+    """One line per bin: its range, a bar of `#` scaled to the largest count, the count."""
+    edges, counts = histogram["bin_edges"], histogram["counts"]
+    top = max(max(counts), 1)
+    lines = []
+    for i, (lo, hi, count) in enumerate(zip(edges, edges[1:], counts)):
+        bracket = "]" if i == len(counts) - 1 else ")"  # the last bin includes 1
+        lines.append(f"[{lo:.2f}, {hi:.2f}{bracket} {'#' * round(width * count / top):<{width}} {count:,}")
+    return lines
+
+
+def histogram_svg(histogram: dict, title: str, xlabel: str = "tail mass") -> str:
+    """A standalone SVG bar chart (one <rect class="bar"> per bin): no plotting library needed."""
+    edges, counts = histogram["bin_edges"], histogram["counts"]
+    width, height, left, right, top, bottom = 640, 360, 70, 20, 40, 50
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = max(max(counts), 1)
+    span = edges[-1] - edges[0]
+
+    def x(value: float) -> float:
+        return left + plot_w * (value - edges[0]) / span
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for lo, hi, count in zip(edges, edges[1:], counts):
+        bar_h = plot_h * count / peak
+        parts.append(f'<rect class="bar" data-count="{count}" x="{x(lo) + 1:.2f}" y="{top + plot_h - bar_h:.2f}" '
+                     f'width="{max(x(hi) - x(lo) - 2, 0.5):.2f}" height="{bar_h:.2f}" fill="#4c72b0">'
+                     f'<title>[{lo:.3g}, {hi:.3g}): {count:,}</title></rect>')
+    base = top + plot_h
+    parts.append(f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="black"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" stroke="black"/>')
+    for tick in np.linspace(edges[0], edges[-1], 5):
+        parts.append(f'<text x="{x(tick):.2f}" y="{base + 16}" text-anchor="middle">{tick:.2f}</text>')
+    for fraction in (0.0, 0.5, 1.0):
+        y = base - plot_h * fraction
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.2f}" text-anchor="end">{round(peak * fraction):,}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 12}" text-anchor="middle">{escape(xlabel)}</text>')
+    parts.append(f'<text x="16" y="{top + plot_h / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 16 {top + plot_h / 2})">positions</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
