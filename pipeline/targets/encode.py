@@ -1,7 +1,9 @@
 """Encodings of cached values ⇄ tensors.
 
-Top-k log-probs are stored in one of ENCODINGS; ids in the narrowest unsigned type that holds the
-vocabulary; hidden states as float16. Decoding always returns float32 / int64 tensors.
+Top-k log-probs are stored in one of ENCODINGS; ids as uint16 up to 65 536 ids, else bit-packed at
+ceil(log2 V) bits per id; hidden states as float16. Decoding always returns float32 / int64 tensors.
+A top-p trimmed capture keeps a per-position count (`topk_count`); entries beyond it are stored as
+zeros and decode to id 0 with log-prob −inf.
 
 An encoding is one entry of ENCODINGS: the dtype of the stored `topk_logprobs` array, a one-line
 description, and its codec: `encode` ((R, T, K) float32 log-probs, sorted descending along K → arrays
@@ -61,9 +63,33 @@ class Encoding(NamedTuple):
         raise NotImplementedError
 
     def decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
-        """Stored arrays (by name) → float32 log-probs (..., K)."""
-        values = self._decode(stored)
-        return cap_mass(values) if self.lossy else np.asarray(values, dtype=np.float32)
+        """Stored arrays (by name) → float32 log-probs (..., K); entries beyond `topk_count` are −inf."""
+        values = np.asarray(self._decode(stored), dtype=np.float32)
+        if fmt.TOPK_COUNT in stored:
+            values = np.where(padding(stored[fmt.TOPK_COUNT], values.shape[-1]), np.float32(-np.inf), values)
+        return cap_mass(values) if self.lossy else values
+
+    def encode_topk(self, ids: np.ndarray, logprobs: np.ndarray, ids_dtype: str,
+                    count: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """(R, T, K) ids and float32 log-probs sorted descending, (R, T) kept entries or None (all K)
+        → every stored top-k array by name. Entries beyond a position's count are stored as zeros."""
+        if count is None:
+            return {fmt.TOPK_IDS: encode_ids(ids, ids_dtype), **self.encode(logprobs)}
+        pad = padding(count, logprobs.shape[-1])
+        # Padding repeats the last kept value while encoding, so grids and differences span kept entries only.
+        last = np.take_along_axis(logprobs, np.maximum(count - 1, 0)[..., None].astype(np.int64), axis=-1)
+        stored = self.encode(np.where(pad, last, logprobs))
+        stored[fmt.TOPK_LOGPROBS][pad] = 0
+        return {fmt.TOPK_IDS: encode_ids(np.where(pad, 0, ids), ids_dtype), **stored,
+                fmt.TOPK_COUNT: count.astype(count_dtype(logprobs.shape[-1]))}
+
+    def decode_topk(self, stored: dict[str, np.ndarray], ids_dtype: str | None) -> dict[str, torch.Tensor]:
+        """Stored top-k arrays → topk_logprobs (R, T, K) float32 and, if stored, topk_ids (R, T, K) int64."""
+        logprobs = self.decode(stored)
+        out = {fmt.TOPK_LOGPROBS: torch.from_numpy(np.ascontiguousarray(logprobs))}
+        if fmt.TOPK_IDS in stored:
+            out[fmt.TOPK_IDS] = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, logprobs.shape[-1])
+        return out
 
 
 class Cast(Encoding):
@@ -167,6 +193,80 @@ ENCODINGS: dict[str, Encoding] = {
 }
 
 
+# --- Ids: uint16 up to 65 536 ids, else bit-packed ------------------------------------------------------
+
+MAX_ID_BITS = 25  # unpacking reads each id from one little-endian uint32 word at a bit offset of ≤ 7
+
+
+def ids_dtype(vocab_size: int) -> str:
+    """How ids are stored (the `ids_dtype` attribute): 'uint16' for V ≤ 65 536, else 'packed{b}' with
+    b = ceil(log2 V) bits per id, e.g. 'packed18' for 152 064 ids."""
+    if vocab_size <= 2**16:
+        return "uint16"
+    bits = (vocab_size - 1).bit_length()
+    if bits > MAX_ID_BITS:
+        raise KdcacheError(f"a vocabulary of {vocab_size} ids needs {bits} bits per id; the targets store "
+                           f"packs at most {MAX_ID_BITS} (2**{MAX_ID_BITS} ids).")
+    return f"packed{bits}"
+
+
+def id_bits(ids_dtype: str) -> int | None:
+    """Bits per id of a 'packed{b}' layout; None for a plain integer dtype (uint16, or uint32 of old stores)."""
+    return int(ids_dtype[len("packed"):]) if ids_dtype.startswith("packed") else None
+
+
+def ids_spec(ids_dtype: str, width: int) -> tuple[tuple, str]:
+    """(per-position shape, dtype) of a stored array of `width` ids per position."""
+    bits = id_bits(ids_dtype)
+    return ((width,), ids_dtype) if bits is None else ((-(-width * bits // 8),), "uint8")
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """(..., W) ids < 2**bits → (..., ceil(W·bits / 8)) uint8. Id w fills bits [w·bits, (w+1)·bits) of
+    the position's little-endian bit string (bit i of the string = bit i % 8 of byte i // 8)."""
+    ids = np.asarray(ids, dtype=np.uint32)
+    planes = ((ids[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)  # (..., W, bits)
+    return np.packbits(planes.reshape(*ids.shape[:-1], -1), axis=-1, bitorder="little")
+
+
+def unpack_ids(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Inverse of pack_ids: (..., bytes) uint8 → (..., width) int64. Each id is cut out of the uint32
+    word starting at its first byte; bytes past the end (clipped reads) only feed bits that are masked."""
+    start = np.arange(width) * bits
+    first, shift = start // 8, (start % 8).astype(np.uint32)
+    word = np.zeros((*packed.shape[:-1], width), dtype=np.uint32)
+    for j in range(4):
+        word |= np.take(packed, first + j, axis=-1, mode="clip").astype(np.uint32) << np.uint32(8 * j)
+    return ((word >> shift) & np.uint32((1 << bits) - 1)).astype(np.int64)
+
+
+def encode_ids(ids, ids_dtype: str) -> np.ndarray:
+    """(..., W) ids (tensor or array) → the stored array in layout `ids_dtype`."""
+    ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    bits = id_bits(ids_dtype)
+    return ids.astype(ids_dtype) if bits is None else pack_ids(ids, bits)
+
+
+def decode_ids(stored: np.ndarray, ids_dtype: str | None, width: int) -> torch.Tensor:
+    """A stored ids array → (..., width) int64. ids_dtype None: the array's own integer dtype (not packed)."""
+    if ids_dtype is None and stored.dtype == np.uint8:
+        raise KdcacheError("these ids are bit-packed: decode them with the store's attributes, "
+                           "decode_rows(stored, store.attrs).")
+    bits = id_bits(ids_dtype or stored.dtype.name)
+    return torch.from_numpy(stored.astype(np.int64) if bits is None else unpack_ids(stored, bits, width))
+
+
+# --- Top-p trimming: a per-position count of kept entries ------------------------------------------------
+
+def count_dtype(top_k: int) -> str:
+    return "uint8" if top_k <= 255 else "uint16"
+
+
+def padding(count: np.ndarray, top_k: int) -> np.ndarray:
+    """(R, T) kept counts → (R, T, K) bool, true at the padded entries (index ≥ count)."""
+    return np.arange(top_k) >= np.asarray(count)[..., None]
+
+
 def check_encoding(name: str) -> None:
     if name not in ENCODINGS:
         raise KdcacheError(f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)} "
@@ -179,15 +279,21 @@ def topk_arrays(encoding: str, block_size: int, top_k: int) -> dict[str, tuple[t
     return ENCODINGS[encoding].arrays(block_size, top_k)
 
 
+def topk_store_arrays(encoding: str, block_size: int, top_k: int, ids_dtype: str,
+                      trimmed: bool) -> dict[str, tuple[tuple, str]]:
+    """Every array of the top-k targets but the tail: ids, values (+ parameters), counts if `trimmed`."""
+    id_shape, id_dtype = ids_spec(ids_dtype, top_k)
+    specs = {fmt.TOPK_IDS: ((block_size, *id_shape), id_dtype), **topk_arrays(encoding, block_size, top_k)}
+    if trimmed:
+        specs[fmt.TOPK_COUNT] = ((block_size,), count_dtype(top_k))
+    return specs
+
+
 def topk_names(encoding: str) -> list[str]:
     """Names of the arrays that hold top-k log-probs in `encoding` (read them together)."""
     check_encoding(encoding)
     params = ENCODINGS[encoding].params
     return [fmt.TOPK_LOGPROBS] + ([params] if params else [])
-
-
-def ids_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def encode_topk_logprobs(logprobs: torch.Tensor, encoding: str) -> dict[str, np.ndarray]:
@@ -216,12 +322,18 @@ def decode_topk_logprobs(stored: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(find_encoding(stored).decode(stored), dtype=np.float32))
 
 
-def encode_ids(ids: torch.Tensor, vocab_size: int) -> np.ndarray:
-    return ids.cpu().numpy().astype(ids_dtype(vocab_size))
+def encode_topk(ids: torch.Tensor, logprobs: torch.Tensor, encoding: str, ids_dtype: str,
+                count: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """(R, T, K) ids and log-probs sorted descending (and (R, T) kept counts, if trimmed) → stored arrays."""
+    check_encoding(encoding)
+    count = None if count is None else count.cpu().numpy()
+    return ENCODINGS[encoding].encode_topk(ids.cpu().numpy(), logprobs.float().cpu().numpy(), ids_dtype, count)
 
 
-def decode_ids(stored: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(stored.astype(np.int64))
+def decode_topk(stored: dict[str, np.ndarray], ids_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """Stored top-k arrays (ids, values and their parameters, counts) → topk_ids int64 (if stored) and
+    topk_logprobs float32, (R, T, K) each, most probable first; padded entries are id 0, log-prob −inf."""
+    return find_encoding(stored).decode_topk(stored, ids_dtype)
 
 
 def encode_hidden(hidden: torch.Tensor) -> np.ndarray:

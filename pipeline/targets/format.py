@@ -12,9 +12,10 @@ from pipeline.errors import KdcacheError
 FORMAT_NAME = "kdcache-targets"
 FORMAT_VERSION = 1
 
-TOPK_IDS = "topk_ids"            # (R, T, K) uint16 | uint32, sorted by teacher probability, descending
+TOPK_IDS = "topk_ids"            # (R, T, K) uint16, or bit-packed uint8 bytes above 65 536 ids (see encode.py)
 TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) float32 | float16, log p at the capture temperature
 TAIL_LOGMASS = "tail_logmass"    # (R, T) float32, log(1 - sum of the top-k probabilities); -inf if none
+TOPK_COUNT = "topk_count"        # (R, T) uint8 | uint16, kept entries per position (top-p); absent: all K
 SAMPLED_IDS = "sampled_ids"      # (R, T, N) ids drawn from the teacher, distinct ids first, then id 0 padding
 SAMPLED_COUNTS = "sampled_counts"  # (R, T, N) uint8 draw counts of those ids (0 for padding); sum N
 
@@ -32,9 +33,19 @@ def teacher_key(name: str, teacher: int) -> str:
 # Attributes that identify what a store holds. A store whose identity differs from the capture being
 # asked for is stale (different teacher, tokens or settings) and is rewritten, never resumed.
 IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fingerprint", "split",
-                 "rows", "block_size", "vocab_size", "temperature", "top_k", "encoding", "ids_dtype",
+                 "rows", "block_size", "vocab_size", "temperature", "top_k", "top_p", "min_k", "encoding", "ids_dtype",
                  "layers", "hidden_size", "hidden_dtype", "rows_per_chunk", "rows_per_shard",
                  "teacher_num_layers", "samples", "seed")
+
+
+# Identity keys added after format version 1 was first written, with the value that means "off": a store
+# (or an identity) without them holds that value, so older stores stay readable and resumable.
+IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1}
+
+
+def identity_of(attrs: dict) -> dict:
+    """The IDENTITY_KEYS of a store's attributes (or of a capture's settings), defaults filled in."""
+    return {key: attrs.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
 
 
 def compressor_for(dtype) -> BloscCodec:

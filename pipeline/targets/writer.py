@@ -26,6 +26,7 @@ class TargetsWriter:
     def __init__(self, path: str | Path, identity: dict, array_specs: dict[str, tuple[tuple, str]]):
         """identity: the IDENTITY_KEYS attributes; array_specs: name -> (per-row shape, dtype)."""
         self.path = Path(path)
+        identity = {**fmt.IDENTITY_DEFAULTS, **identity}
         if set(identity) != set(fmt.IDENTITY_KEYS):
             raise ValueError(f"identity keys {sorted(identity)} differ from format.IDENTITY_KEYS")
         self.identity = identity
@@ -40,7 +41,7 @@ class TargetsWriter:
             if attrs.get("format") != fmt.FORMAT_NAME:
                 raise KdcacheError(f"{self.path} exists and is not a kdcache targets store; "
                                    f"choose another --out or delete it.")
-            if {k: attrs.get(k) for k in fmt.IDENTITY_KEYS} == self.identity:
+            if fmt.identity_of(attrs) == self.identity:
                 return zarr.open_group(self.path, mode="r+")
             print(f"[cache] {self.path} holds a capture with other settings or inputs; rewriting it.")
             shutil.rmtree(self.path)
