@@ -31,6 +31,9 @@ def inspect(store, as_json):
     if summary["top_k"]:
         pct = ", ".join(f"p{k}={v:.3g}" for k, v in summary["tail_mass_percentiles"].items())
         click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
+        kept = ", ".join(f"p{k}={v:.3g}" for k, v in summary["kept_percentiles"].items())
+        click.echo(f"  kept entries (top-p {summary['top_p']}, min-k {summary['min_k']}): "
+                   f"mean {summary['kept_mean']:.3g} of {summary['top_k']}; {kept}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 
