@@ -119,19 +119,34 @@ def test_quantised_values_cannot_be_decoded_without_their_parameters():
         decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]})
 
 
-def test_format_md_recipe_decodes_like_the_reader(tmp_path):
-    """The plain numpy + zarr decoder printed in docs/FORMAT.md agrees with decode_rows."""
+@pytest.mark.parametrize("vocab", [300, 152_064])
+def test_format_md_recipe_decodes_like_the_reader(tmp_path, vocab):
+    """The plain numpy + zarr decoders printed in docs/FORMAT.md agree with decode_rows, for every
+    encoding, uint16 and bit-packed ids, untrimmed and top-p trimmed (padded) positions."""
     text = (ROOT / "docs" / "FORMAT.md").read_text()
-    recipe = re.search(r"```python\n(def read_topk_logprobs.*?)```", text, re.S).group(1)
     scope = {"np": np}
-    exec(recipe, scope)
+    for function in ("read_ids", "read_topk_logprobs"):
+        exec(re.search(rf"```python\n(def {function}.*?)```", text, re.S).group(1), scope)
     x = mixed_logprobs(seed=3)
-    for name in NAMES:
-        group = zarr.open_group(tmp_path / f"{name}.zarr", mode="w", attributes={"encoding": name})
-        for array_name, array in encode.ENCODINGS[name].encode(x).items():
-            group.create_array(array_name, data=array)
-        expected = decode_rows(encode.ENCODINGS[name].encode(x))[fmt.TOPK_LOGPROBS].numpy()
-        np.testing.assert_allclose(scope["read_topk_logprobs"](group, slice(None)), expected, rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(0, vocab, x.shape))
+    ids[0, 0, 0], ids[0, 0, 1] = vocab - 1, 0
+    layout = encode.ids_dtype(vocab)
+    for trimmed in (False, True):
+        count = torch.from_numpy(rng.integers(1, x.shape[-1] + 1, x.shape[:-1])) if trimmed else None
+        for name in NAMES:
+            stored = encode.encode_topk(ids, torch.from_numpy(x), name, layout, count)
+            attrs = {"encoding": name, "ids_dtype": layout, "top_k": x.shape[-1]}
+            group = zarr.open_group(tmp_path / f"{name}-{trimmed}-{vocab}.zarr", mode="w", attributes=attrs)
+            for array_name, array in stored.items():
+                group.create_array(array_name, data=array)
+            expected = decode_rows(stored, attrs)
+            np.testing.assert_allclose(scope["read_topk_logprobs"](group, slice(None)),
+                                       expected[fmt.TOPK_LOGPROBS].numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(scope["read_ids"](group, fmt.TOPK_IDS, slice(None)),
+                                          expected[fmt.TOPK_IDS].numpy())
+            if trimmed:
+                assert np.isneginf(expected[fmt.TOPK_LOGPROBS].numpy()).sum() == (x.shape[-1] - count.numpy()).sum()
 
 
 # --- A real capture in every encoding -----------------------------------------------------------------
