@@ -51,6 +51,7 @@ class Encoding(NamedTuple):
 
     params = None       # name of the per-position parameter array, if the encoding has one
     lossy = True        # lossy encodings cap the decoded mass at 1 (see cap_mass)
+    owns_ids = False    # true: `topk_ids` holds this encoding's own layout of the ids (see SqrtDeltaIds)
 
     def arrays(self, block_size: int, top_k: int) -> dict[str, tuple[tuple, str]]:
         """name -> (per-row shape, dtype) of every array the encoding stores."""
@@ -183,6 +184,60 @@ class LogQuant8Delta(LogQuant8):
     delta = True
 
 
+class SqrtDeltaIds(Encoding):
+    """Ids and values together, in the order that compresses best; rank order is recovered at decoding.
+
+    Per position, slot 0 holds the most probable entry; the other kept entries follow in increasing id
+    order. `topk_ids` stores slot 0's id, then slot 1's id, then the differences of consecutive ids
+    (small positive numbers: zstd's food); `topk_logprobs` stores uint8 codes c = round(√p / STEP) in
+    the same order. The error in √p is ≤ STEP/2 wherever p is, which costs about STEP²/6 nats of KL per
+    entry whatever its probability (KL ≈ Σ Δp² / 2p and Δp ≈ 2√p·Δ√p). Code 0 (p < (STEP/2)²) decodes to
+    (STEP/2)²/3, the mean of p there. Decoding sorts slots 1.. by value and keeps slot 0 first, strictly
+    above them (they are capped one float32 step below it): the top-1 id is exact.
+    """
+
+    owns_ids = True
+    step = 1 / 32  # codes 0..32
+
+    def encode(self, logprobs):
+        raise KdcacheError("the sqd encoding stores ids and values together: encode them with encode_topk.")
+
+    def encode_topk(self, ids, logprobs, ids_dtype, count=None):
+        K = logprobs.shape[-1]
+        pad = padding(np.full(logprobs.shape[:-1], K) if count is None else count, K)
+        key = np.where(pad, np.iinfo(np.int64).max, ids.astype(np.int64))
+        key[..., 0] = -1  # slot 0 stays first; padding sorts last
+        order = np.argsort(key, axis=-1, kind="stable")
+        ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+        deltas = np.diff(ids, axis=-1, prepend=0)
+        deltas[..., :2] = ids[..., :2]
+        codes = np.clip(np.rint(np.sqrt(np.exp(logprobs.astype(np.float64))) / self.step), 0, 1 / self.step)
+        stored = {fmt.TOPK_IDS: encode_ids(np.where(pad, 0, deltas), ids_dtype),
+                  fmt.TOPK_LOGPROBS: np.where(pad, 0, codes).astype(np.uint8)}
+        if count is not None:
+            stored[fmt.TOPK_COUNT] = count.astype(count_dtype(K))
+        return stored
+
+    def _decode(self, stored):
+        """Values in stored order (slot 0, then increasing id)."""
+        codes = stored[fmt.TOPK_LOGPROBS].astype(np.float32)
+        probs = np.where(codes == 0, np.float32((self.step / 2) ** 2 / 3), (codes * np.float32(self.step)) ** 2)
+        return np.log(probs)
+
+    def decode_topk(self, stored, ids_dtype):
+        if fmt.TOPK_IDS not in stored:
+            raise KdcacheError("the sqd encoding stores ids and values together: read topk_ids with topk_logprobs.")
+        values = self.decode(stored)  # (R, T, K): padding −inf, mass capped
+        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, values.shape[-1]).numpy()
+        ids[..., 1:] = np.cumsum(ids[..., 1:], axis=-1)
+        ids[np.isneginf(values)] = 0
+        order = np.argsort(-values[..., 1:], axis=-1, kind="stable") + 1
+        ids[..., 1:] = np.take_along_axis(ids, order, -1)
+        values[..., 1:] = np.minimum(np.take_along_axis(values, order, -1),
+                                     np.nextafter(values[..., :1], np.float32(-np.inf)))
+        return {fmt.TOPK_IDS: torch.from_numpy(ids), fmt.TOPK_LOGPROBS: torch.from_numpy(values)}
+
+
 ENCODINGS: dict[str, Encoding] = {
     "fp32": Float32("float32", "float32 log-probs: the reference, 4 bytes per kept entry."),
     "fp16": Cast("float16", "float16 log-probs: 2 bytes per kept entry, ~3 significant digits."),
@@ -190,6 +245,8 @@ ENCODINGS: dict[str, Encoding] = {
     "q8": LogQuant8("uint8", "8-bit codes on a per-position log-prob grid (offset, step): error <= step/2."),
     "q8d": LogQuant8Delta("uint8", "q8's values with codes stored as consecutive differences: "
                                    "fewer bytes after compression."),
+    "sqd": SqrtDeltaIds("uint8", "ids and values together: ids in increasing order as differences, "
+                                 "values as 5-bit codes of sqrt(p); the top-1 id stays exact."),
 }
 
 
@@ -297,24 +354,30 @@ def topk_names(encoding: str) -> list[str]:
 
 
 def encode_topk_logprobs(logprobs: torch.Tensor, encoding: str) -> dict[str, np.ndarray]:
-    """(R, T, K) log-probs sorted descending along K → the encoding's arrays by name."""
+    """(R, T, K) log-probs sorted descending along K → the encoding's arrays by name (not for encodings
+    that own the ids: use encode_topk)."""
     check_encoding(encoding)
     return ENCODINGS[encoding].encode(logprobs.float().cpu().numpy())
 
 
-def find_encoding(stored: dict[str, np.ndarray]) -> Encoding:
-    """The encoding of stored top-k arrays: by their parameter array, else by the values' dtype."""
+def find_encoding(stored: dict[str, np.ndarray], name: str | None = None) -> Encoding:
+    """The encoding of stored top-k arrays: `name` (the store's `encoding` attribute) if given, else by
+    their parameter array, else by the values' dtype."""
+    if name is not None:
+        check_encoding(name)
+        return ENCODINGS[name]
     for encoding in ENCODINGS.values():
         if encoding.params and encoding.params in stored:
             return encoding
     dtype = np.dtype(stored[fmt.TOPK_LOGPROBS].dtype).name
     for encoding in ENCODINGS.values():
-        if not encoding.params and encoding.dtype == dtype:
+        if not encoding.params and not encoding.owns_ids and encoding.dtype == dtype:
             return encoding
     needs = [e.params for e in ENCODINGS.values() if e.params and e.dtype == dtype]
     raise KdcacheError(f"{fmt.TOPK_LOGPROBS} is stored as {dtype} and cannot be decoded without its "
                        f"parameter array ({' or '.join(needs) or 'none known'}); read every array of "
-                       f"TargetsStore.array_names() that starts with {fmt.TOPK_LOGPROBS}.")
+                       f"TargetsStore.array_names() that starts with {fmt.TOPK_LOGPROBS}, and pass the "
+                       f"store's attributes (decode_rows(stored, store.attrs)) to name its encoding.")
 
 
 def decode_topk_logprobs(stored: dict[str, np.ndarray]) -> torch.Tensor:
@@ -330,10 +393,12 @@ def encode_topk(ids: torch.Tensor, logprobs: torch.Tensor, encoding: str, ids_dt
     return ENCODINGS[encoding].encode_topk(ids.cpu().numpy(), logprobs.float().cpu().numpy(), ids_dtype, count)
 
 
-def decode_topk(stored: dict[str, np.ndarray], ids_dtype: str | None = None) -> dict[str, torch.Tensor]:
+def decode_topk(stored: dict[str, np.ndarray], ids_dtype: str | None = None,
+                encoding: str | None = None) -> dict[str, torch.Tensor]:
     """Stored top-k arrays (ids, values and their parameters, counts) → topk_ids int64 (if stored) and
-    topk_logprobs float32, (R, T, K) each, most probable first; padded entries are id 0, log-prob −inf."""
-    return find_encoding(stored).decode_topk(stored, ids_dtype)
+    topk_logprobs float32, (R, T, K) each, most probable first; padded entries are id 0, log-prob −inf.
+    ids_dtype, encoding: the store's attributes of those names (needed for packed ids and for sqd)."""
+    return find_encoding(stored, encoding).decode_topk(stored, ids_dtype)
 
 
 def encode_hidden(hidden: torch.Tensor) -> np.ndarray:

@@ -94,7 +94,8 @@ class TargetsStore:
 def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dict[str, torch.Tensor]:
     """Encoded arrays → float32 / int64 tensors, same names.
 
-    attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536).
+    attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536) and
+    for encodings that store ids and values together (sqd).
     Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
     `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
     """
@@ -103,7 +104,8 @@ def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dic
     out = {}
     if fmt.TOPK_LOGPROBS in stored:
         out.update(encode.decode_topk({n: a for n, a in stored.items() if n == fmt.TOPK_IDS or
-                                       n == fmt.TOPK_LOGPROBS or n in params}, ids_dtype))
+                                       n == fmt.TOPK_LOGPROBS or n in params}, ids_dtype,
+                                      (attrs or {}).get("encoding")))
     for name, array in stored.items():
         if name in out or name in params:
             continue
