@@ -107,6 +107,22 @@ def sample_targets(logprobs: torch.Tensor, num_samples: int,
     return ids.reshape(shape), counts.reshape(shape)
 
 
+def trim_top_p(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, top_p: float, min_k: int = 1):
+    """Keep per position the shortest prefix of the sorted top-k whose mass reaches top_p (≥ min_k).
+
+    (..., K) ids and log-probs, most probable first → (ids, log-probs, count (...) int64); entries
+    beyond the count become id 0 and log-prob −inf. top_p = 1 keeps all K.
+    """
+    top_k = topk_ids.shape[-1]
+    count = torch.full(topk_ids.shape[:-1], top_k, dtype=torch.long, device=topk_ids.device)
+    if top_p >= 1.0:
+        return topk_ids, topk_logprobs, count
+    below = topk_logprobs.exp().cumsum(dim=-1) < top_p  # prefixes still short of p
+    count = (below.sum(dim=-1) + 1).clamp(min=min_k, max=top_k)
+    absent = torch.arange(top_k, device=count.device) >= count.unsqueeze(-1)
+    return topk_ids.masked_fill(absent, 0), topk_logprobs.masked_fill(absent, float("-inf")), count
+
+
 @torch.inference_mode()
 def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
                     temperature: float = 1.0, layers=(), num_samples: int = 0,
@@ -128,13 +144,7 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     result = {}
     if top_k > 0:  # top_k = 0: sampled targets only
         topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1, sorted=True)
-        count = torch.full(topk_ids.shape[:-1], top_k, dtype=torch.long, device=topk_ids.device)
-        if top_p < 1.0:
-            below = topk_logprobs.exp().cumsum(dim=-1) < top_p  # prefixes still short of p
-            count = (below.sum(dim=-1) + 1).clamp(min=min_k, max=top_k)
-            absent = torch.arange(top_k, device=count.device) >= count.unsqueeze(-1)
-            topk_logprobs = topk_logprobs.masked_fill(absent, float("-inf"))
-            topk_ids = topk_ids.masked_fill(absent, 0)
+        topk_ids, topk_logprobs, count = trim_top_p(topk_ids, topk_logprobs, top_p, min_k)
         kept = torch.logsumexp(topk_logprobs, dim=-1).clamp(max=0.0)
         tail = torch.log(-torch.expm1(kept))  # log(1 - e^kept), accurate near 0
         # Nothing is left where every id is kept: don't keep rounding residue.

@@ -227,15 +227,15 @@ class SqrtDeltaIds(Encoding):
     def decode_topk(self, stored, ids_dtype):
         if fmt.TOPK_IDS not in stored:
             raise KdcacheError("the sqd encoding stores ids and values together: read topk_ids with topk_logprobs.")
-        values = self.decode(stored)  # (R, T, K): padding −inf, mass capped
-        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, values.shape[-1]).numpy()
-        ids[..., 1:] = np.cumsum(ids[..., 1:], axis=-1)
-        ids[np.isneginf(values)] = 0
-        order = np.argsort(-values[..., 1:], axis=-1, kind="stable") + 1
-        ids[..., 1:] = np.take_along_axis(ids, order, -1)
-        values[..., 1:] = np.minimum(np.take_along_axis(values, order, -1),
-                                     np.nextafter(values[..., :1], np.float32(-np.inf)))
-        return {fmt.TOPK_IDS: torch.from_numpy(ids), fmt.TOPK_LOGPROBS: torch.from_numpy(values)}
+        values = torch.from_numpy(self.decode(stored))  # (R, T, K): padding −inf, mass capped
+        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, values.shape[-1])
+        ids[..., 1:] = ids[..., 1:].cumsum(dim=-1)
+        ids.masked_fill_(torch.isneginf(values), 0)
+        # torch's sort and gather: several times faster than numpy's argsort + take_along_axis here.
+        rest, order = values[..., 1:].sort(dim=-1, descending=True, stable=True)
+        ids[..., 1:] = ids[..., 1:].gather(-1, order)
+        values[..., 1:] = torch.minimum(rest, torch.nextafter(values[..., :1], torch.tensor(-np.inf)))
+        return {fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: values}
 
 
 ENCODINGS: dict[str, Encoding] = {
