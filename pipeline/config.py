@@ -109,7 +109,7 @@ class CacheConfig:
     batch_size: int = setting(16, "Blocks per teacher forward pass.")
     temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
     encoding: str = setting("fp16", "Top-k log-prob encoding (`kdcache encodings` lists them): "
-                          "fp32, fp16, bf16, q8, q8d.")
+                          "fp32, fp16, bf16, q8, q8d, or sqd (ids and values together, the fewest bytes).")
     split: str = setting("train", "Token-store split to capture.")
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")

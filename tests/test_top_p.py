@@ -232,3 +232,15 @@ def test_bad_top_p_settings_are_refused(settings, message, kdcache, tmp_path):
                      "--out", tmp_path / "t.zarr", *(["--top-k", 8] if "top_k" not in settings else []), *args)
     assert result.exit_code != 0 and "Traceback" not in result.output and message in result.output
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_student_trains_from_a_trimmed_sqd_store(teacher_dir, tiny_tokens, tmp_path):
+    """The fused tail_kl path (the default loss) on padded targets decoded from the sqd encoding."""
+    from pipeline.config import StudentConfig
+    from pipeline.distill import run_student
+
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", split="train", encoding="sqd")
+    assert float(store.read_rows(0, store.rows, [fmt.TOPK_COUNT])[fmt.TOPK_COUNT].mean()) < 8
+    student = StudentConfig(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=4, alpha=0.5, device="cpu")
+    last = run_student(student, str(tiny_tokens.path), str(tmp_path / "student"), str(store.path))
+    assert np.isfinite(last["kd"]) and last["kd"] > 0 and np.isfinite(last["loss"])

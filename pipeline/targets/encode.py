@@ -219,22 +219,29 @@ class SqrtDeltaIds(Encoding):
         return stored
 
     def _decode(self, stored):
-        """Values in stored order (slot 0, then increasing id)."""
-        codes = stored[fmt.TOPK_LOGPROBS].astype(np.float32)
-        probs = np.where(codes == 0, np.float32((self.step / 2) ** 2 / 3), (codes * np.float32(self.step)) ** 2)
-        return np.log(probs)
+        """Values in stored order (slot 0, then increasing id): one table look-up per code."""
+        codes = np.arange(round(1 / self.step) + 1, dtype=np.float32)
+        table = np.log(np.where(codes == 0, np.float32((self.step / 2) ** 2 / 3), (codes * np.float32(self.step)) ** 2))
+        return table[stored[fmt.TOPK_LOGPROBS]]
 
     def decode_topk(self, stored, ids_dtype):
         if fmt.TOPK_IDS not in stored:
             raise KdcacheError("the sqd encoding stores ids and values together: read topk_ids with topk_logprobs.")
+        codes = stored[fmt.TOPK_LOGPROBS]
         values = torch.from_numpy(self.decode(stored))  # (R, T, K): padding −inf, mass capped
-        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, values.shape[-1])
+        K = values.shape[-1]
+        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, K)
         ids[..., 1:] = ids[..., 1:].cumsum(dim=-1)
         ids.masked_fill_(torch.isneginf(values), 0)
-        # torch's sort and gather: several times faster than numpy's argsort + take_along_axis here.
-        rest, order = values[..., 1:].sort(dim=-1, descending=True, stable=True)
+        # Slots 1.. by value, descending, ties (and padding, which has code 0 and comes last) in slot
+        # order. Values grow with codes, so sorting the distinct integer keys (32 − code)·K + slot gives
+        # that order, about twice as fast as a stable float sort.
+        top_code = round(1 / self.step)
+        keys = (top_code - torch.from_numpy(codes[..., 1:].astype(np.int32))) * K + torch.arange(K - 1, dtype=torch.int32)
+        order = keys.sort(dim=-1).indices
         ids[..., 1:] = ids[..., 1:].gather(-1, order)
-        values[..., 1:] = torch.minimum(rest, torch.nextafter(values[..., :1], torch.tensor(-np.inf)))
+        values[..., 1:] = torch.minimum(values[..., 1:].gather(-1, order),
+                                        torch.nextafter(values[..., :1], torch.tensor(-np.inf)))
         return {fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: values}
 
 
