@@ -19,7 +19,7 @@ Runs the teacher over the VALIDATION split (first --max-rows rows) and, for each
 
 Then the issue's bar: the best encoding's top-k bytes against 1/3 of fp16 values + uint16 ids
 (4·K bytes per token, uncompressed) and its dKL against 5% of fp32's KL; and its ratio to the
-compressed fp16 + uint16 store. Then top-p trimming (`--top-p`): mean kept entries, bytes and KL per p,
+compressed fp16 + uint16 store; the decode speed of uint16 and bit-packed (18-bit) ids. Then top-p trimming (`--top-p`): mean kept entries, bytes and KL per p,
 at --top-k as the maximum, in fp16 and in the best encoding.
 
   python benchmarks/encodings.py --tokens data/tokens --teacher models/teacher --max-rows 256
@@ -213,6 +213,12 @@ def main():
         if "fp16" in results:
             print(f"vs the compressed fp16 + uint16 store ({results['fp16']['total']:.2f} B/token): "
                   f"ratio {r['total'] / results['fp16']['total']:.3f}")
+    # Bit-packed ids (vocabularies above 65 536) decode in the loader workers: the same ids, K per position.
+    speeds = {}
+    for layout in ("uint16", encode.ids_dtype(152_064)):
+        packed = encode.encode_ids(true[fmt.TOPK_IDS], layout)
+        speeds[layout] = n_tok / best_time(lambda: encode.decode_ids(packed, layout, K), args.repeats)
+    print("ids decode, tokens/s: " + ", ".join(f"{layout} {speed:.3g}" for layout, speed in speeds.items()))
     if trimmed:
         print(f"top-p trimming (at most {K} kept, min_k 1):")
         print(f"{'p':>6} {'encoding':>8} {'kept':>6} {'top-k':>7} {'KL':>9} {'top-1':>7}   "

@@ -13,7 +13,7 @@ FORMAT_NAME = "kdcache-targets"
 FORMAT_VERSION = 1
 
 TOPK_IDS = "topk_ids"            # (R, T, K) uint16, or bit-packed uint8 bytes above 65 536 ids (see encode.py)
-TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) float32 | float16, log p at the capture temperature
+TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) log p at the capture temperature, in the store's encoding
 TAIL_LOGMASS = "tail_logmass"    # (R, T) float32, log(1 - sum of the top-k probabilities); -inf if none
 TOPK_COUNT = "topk_count"        # (R, T) uint8 | uint16, kept entries per position (top-p); absent: all K
 SAMPLED_IDS = "sampled_ids"      # (R, T, N) ids drawn from the teacher, distinct ids first, then id 0 padding
