@@ -50,12 +50,10 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor,
 
 
 def present_ids(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor):
-    """(N, K) ids and teacher log-probs → (ids, absent): absent (N, K) bool marks −inf teacher entries
-    (None if there are none), whose ids are redirected to the position's first id. Scattering at the
-    redirected ids then touches kept ids only, and duplicates write equal values: deterministic."""
+    """(N, K) ids and teacher log-probs → (ids, absent): absent (N, K) bool marks −inf teacher entries,
+    whose ids are redirected to the position's first id. Scattering at the redirected ids then touches
+    kept ids only, and duplicates write equal values: deterministic. (No host sync: cheap on GPU.)"""
     absent = torch.isneginf(topk_logprobs)
-    if not bool(absent.any()):
-        return topk_ids, None
     return torch.where(absent, topk_ids[..., :1], topk_ids), absent
 
 
@@ -158,8 +156,8 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
         ratio = torch.where(q_tail > 0, p[:, -1] / q_tail.clamp(min=1e-38), torch.zeros_like(q_tail))
         tail_coef = kd_coef * (1.0 - ratio.unsqueeze(-1))
         topk_grad = ce_coef * q1.gather(-1, topk_ids) + kd_coef * (q.gather(-1, topk_ids) - p[:, :-1])
-        if ctx.absent is not None:  # absent slots point at the first id: give them its gradient
-            topk_grad = torch.where(ctx.absent, topk_grad[:, :1], topk_grad)
+        # Absent slots point at the first id: give them its gradient, so the scatter below is deterministic.
+        topk_grad = torch.where(ctx.absent, topk_grad[:, :1], topk_grad)
         # The saved buffers become the gradient in place (backward runs once; no double backward).
         if tau == 1.0:  # q and q1 are one buffer
             out = q1.mul_(ce_coef + tail_coef)
@@ -178,7 +176,7 @@ def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tai
     topk_* (N, K); tail_logmass (N,). Falls back to the reference functions when K = V.
     """
     ids, absent = present_ids(topk_ids, topk_logprobs)
-    if topk_ids.shape[-1] >= student_logits.shape[-1] and absent is None:
+    if topk_ids.shape[-1] >= student_logits.shape[-1] and not bool(absent.any()):
         return (cross_entropy(student_logits, labels, ce_mask),
                 tail_kl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
                         capture_temperature, kd_mask))
@@ -244,7 +242,7 @@ def _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass,
     p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature)
     ids, absent = present_ids(topk_ids, topk_logprobs)
     q = student_buckets(student_logits, ids, temperature, absent)
-    if topk_ids.shape[-1] >= student_logits.shape[-1] and absent is None:
+    if topk_ids.shape[-1] >= student_logits.shape[-1] and not bool(absent.any()):
         # K = V: the tail is empty on both sides; drop it rather than let the teacher's rounding
         # residue (~1e-7) meet the student's log(0).
         p, q = torch.log_softmax(p[..., :-1], -1), q[..., :-1]

@@ -166,6 +166,8 @@ def test_sqd_stores_the_top_id_then_increasing_ids_as_differences():
     np.testing.assert_array_equal(stored[fmt.TOPK_IDS][0, 0], [40, 7, 5, 87, 201])  # 40 | 7, 12, 99, 300
     with pytest.raises(KdcacheError, match="ids and values together"):
         decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]}, {"encoding": "sqd"})
+    with pytest.raises(KdcacheError, match="ids and values together"):
+        decode_rows({fmt.TOPK_IDS: stored[fmt.TOPK_IDS]}, {"encoding": "sqd", "ids_dtype": "uint16"})
     with pytest.raises(KdcacheError, match="encode_topk"):
         encode.encode_topk_logprobs(torch.from_numpy(x), "sqd")
 

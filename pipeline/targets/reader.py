@@ -100,6 +100,7 @@ def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dic
     `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
     """
     ids_dtype = (attrs or {}).get("ids_dtype")
+    encoding = encode.ENCODINGS.get((attrs or {}).get("encoding"))
     params = {e.params for e in encode.ENCODINGS.values() if e.params} | {fmt.TOPK_COUNT}
     out = {}
     if fmt.TOPK_LOGPROBS in stored:
@@ -109,6 +110,9 @@ def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dic
     for name, array in stored.items():
         if name in out or name in params:
             continue
+        if name == fmt.TOPK_IDS and encoding is not None and encoding.owns_ids:  # ids alone are differences
+            raise KdcacheError(f"encoding {attrs['encoding']} stores ids and values together: read "
+                               f"{fmt.TOPK_IDS} with {fmt.TOPK_LOGPROBS}.")
         if name in (fmt.TOPK_IDS, fmt.SAMPLED_IDS):
             width = (attrs or {}).get("top_k" if name == fmt.TOPK_IDS else "samples", array.shape[-1])
             out[name] = encode.decode_ids(array, ids_dtype, int(width))
