@@ -223,6 +223,8 @@ def test_changing_top_p_rewrites_the_store_and_inspect_reports_kept_entries(teac
     ({"top_p": 0.9, "min_k": 0}, "min_k must be in [1, top_k=8]"),
     ({"top_p": 0.9, "min_k": 9}, "min_k must be in [1, top_k=8]"),
     ({"top_p": 0.9, "top_k": 0, "samples": 4}, "set top_k above 0"),
+    ({"top_k": -1}, "top_k must be >= 0 and samples in [0, 255]"),         # k and N: the older checks
+    ({"samples": 256}, "top_k must be >= 0 and samples in [0, 255]"),
 ])
 def test_bad_top_p_settings_are_refused(settings, message, kdcache, tmp_path):
     with pytest.raises(KdcacheError, match=message.replace("(", r"\(").replace("[", r"\[")):
