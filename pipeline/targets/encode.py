@@ -8,8 +8,10 @@ zeros and decode to id 0 with log-prob −inf.
 An encoding is one entry of ENCODINGS: the dtype of the stored `topk_logprobs` array, a one-line
 description, and its codec: `encode` ((R, T, K) float32 log-probs, sorted descending along K → arrays
 by name) and `decode` (those arrays → (R, T, K) float32). Encodings with per-position parameters
-store them in a second array, `topk_logprobs_{name}` (its `params`). docs/FORMAT.md ("Encodings")
-says how to decode each one with numpy alone; keep the two in step.
+store them in a second array, `topk_logprobs_{name}` (its `params`). `encode_topk` / `decode_topk`
+handle ids, values and top-p counts together; an encoding that `owns_ids` (sqd) overrides them and
+stores the ids in its own order. docs/FORMAT.md ("Encodings") says how to decode each one with numpy
+alone; keep the two in step.
 
 Lossy encodings guarantee, after decoding: values non-increasing along K, and Σ exp ≤ 1 per position
 (if rounding pushed the kept mass above 1, every value of that position is lowered by the excess,
