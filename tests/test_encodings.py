@@ -38,8 +38,12 @@ def mixed_logprobs(seed=0) -> np.ndarray:
 
 
 def distinct_ids(shape, vocab=300, seed=0) -> np.ndarray:
-    """Random ids, distinct within each position: (..., K) int64."""
-    return np.argsort(np.random.default_rng(seed).random((*shape[:-1], vocab)), -1)[..., :shape[-1]]
+    """Random ids, distinct within each position: (..., K) int64, one from each of K equal id ranges,
+    in random order."""
+    rng, K = np.random.default_rng(seed), shape[-1]
+    width = vocab // K
+    ids = rng.integers(0, width, shape) + np.arange(K) * width
+    return np.take_along_axis(ids, np.argsort(rng.random(shape), -1), -1)
 
 
 def round_trip(name, x, ids=None, count=None, ids_dtype="uint16"):
