@@ -159,8 +159,17 @@ def test_sqd_keeps_every_id_with_its_value_within_half_a_step_of_sqrt_p(vocab, t
     np.testing.assert_array_equal(got_ids, want_ids)               # every kept id, once
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
     err = np.abs(np.exp(got / 2) - np.exp(want / 2))                 # in √p: ≤ STEP/2 (+ the mass cap)
-    assert err.max() <= encode.SqrtDeltaIds.step / 2 + 4e-3  # + the mass cap (lowers a position by its excess)
-    assert (stored[fmt.TOPK_LOGPROBS] <= 32).all()
+    L = encode.SqrtDeltaIds.levels(x.shape[-1])
+    assert L == 32 and (stored[fmt.TOPK_LOGPROBS] <= L).all()
+    assert err.max() <= 1 / (2 * L) + 4e-3  # + the mass cap (lowers a position by its excess)
+
+
+def test_sqd_levels_grow_with_k_so_the_kl_cost_per_position_does_not():
+    assert [encode.SqrtDeltaIds.levels(k) for k in (1, 8, 32, 128, 2048, 4096)] == [6, 16, 32, 64, 255, 255]
+    x = realistic_logprobs(V=2048, K=128, seed=2)
+    _, decoded = round_trip("sqd", x, ids=distinct_ids(x.shape, 2048))
+    err = np.abs(np.exp(np.sort(decoded, -1) / 2) - np.exp(np.sort(x, -1) / 2))  # k-th largest vs k-th largest
+    assert err.max() <= 1 / (2 * 64) + 4e-3
 
 
 def test_sqd_stores_the_top_id_then_increasing_ids_as_differences():
@@ -182,15 +191,15 @@ def test_quantised_values_cannot_be_decoded_without_their_parameters():
         decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]})
 
 
-@pytest.mark.parametrize("vocab", [300, 152_064])
-def test_format_md_recipe_decodes_like_the_reader(tmp_path, vocab):
+@pytest.mark.parametrize("vocab, K", [(300, 32), (152_064, 32), (2048, 128)])
+def test_format_md_recipe_decodes_like_the_reader(tmp_path, vocab, K):
     """The plain numpy + zarr decoders printed in docs/FORMAT.md agree with decode_rows, for every
     encoding, uint16 and bit-packed ids, untrimmed and top-p trimmed (padded) positions."""
     text = (ROOT / "docs" / "FORMAT.md").read_text()
     scope = {"np": np}
     for function in ("read_ids", "read_topk_logprobs"):  # read_topk follows read_topk_logprobs
         exec(re.search(rf"```python\n(def {function}.*?)```", text, re.S).group(1), scope)
-    x = mixed_logprobs(seed=3)
+    x = mixed_logprobs(seed=3) if K == 32 else realistic_logprobs(V=vocab, K=K, seed=3)
     rng = np.random.default_rng(0)
     ids = torch.from_numpy(rng.integers(0, vocab, x.shape))
     ids[0, 0, 0], ids[0, 0, 1] = vocab - 1, 0
@@ -232,7 +241,7 @@ def reference(teacher_dir, tiny_tokens, tmp_path_factory):
 
 
 CAPTURE_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 4e-2, "q8": 3e-2, "q8d": 3e-2,
-                     "sqd": encode.SqrtDeltaIds.step / 2 + 4e-3}  # sqd: in √p, entries matched by id
+                     "sqd": 1 / (2 * encode.SqrtDeltaIds.levels(8)) + 4e-3}  # sqd: in √p, matched by id
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -20,6 +20,7 @@ log Σ exp; the stored `tail_logmass` is computed from the true values at captur
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -191,15 +192,20 @@ class SqrtDeltaIds(Encoding):
 
     Per position, slot 0 holds the most probable entry; the other kept entries follow in increasing id
     order. `topk_ids` stores slot 0's id, then slot 1's id, then the differences of consecutive ids
-    (small positive numbers: zstd's food); `topk_logprobs` stores uint8 codes c = round(√p / STEP) in
-    the same order. The error in √p is ≤ STEP/2 wherever p is, which costs about STEP²/6 nats of KL per
-    entry whatever its probability (KL ≈ Σ Δp² / 2p and Δp ≈ 2√p·Δ√p). Code 0 (p < (STEP/2)²) decodes to
-    (STEP/2)²/3, the mean of p there. Decoding sorts slots 1.. by value and keeps slot 0 first, strictly
-    above them (they are capped one float32 step below it): the top-1 id is exact.
+    (small positive numbers: zstd's food); `topk_logprobs` stores uint8 codes c = round(L·√p) in the
+    same order, L = `levels(K)`. The error in √p is ≤ 1/(2L) wherever p is, which costs about 1/(6L²)
+    nats of KL per entry whatever its probability (KL ≈ Σ Δp² / 2p and Δp ≈ 2√p·Δ√p): K/(6L²) ≈ 1/192
+    per position for every K. Code 0 (p < 1/(2L)²) decodes to 1/(2L)²/3, the mean of p there. Decoding
+    sorts slots 1.. by value and keeps slot 0 first, strictly above them (they are capped one float32
+    step below it): the top-1 id is exact.
     """
 
     owns_ids = True
-    step = 1 / 32  # codes 0..32
+
+    @staticmethod
+    def levels(top_k: int) -> int:
+        """L, the largest code: round(√(32·K)), at most 255 (32 levels at K = 32, 64 at K = 128)."""
+        return min(255, round(math.sqrt(32 * top_k)))
 
     def encode(self, logprobs):
         raise KdcacheError("the sqd encoding stores ids and values together: encode them with encode_topk.")
@@ -213,7 +219,8 @@ class SqrtDeltaIds(Encoding):
         ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
         deltas = np.diff(ids, axis=-1, prepend=0)
         deltas[..., :2] = ids[..., :2]
-        codes = np.clip(np.rint(np.sqrt(np.exp(logprobs.astype(np.float64))) / self.step), 0, 1 / self.step)
+        L = self.levels(K)
+        codes = np.clip(np.rint(np.sqrt(np.exp(logprobs.astype(np.float64))) * L), 0, L)
         stored = {fmt.TOPK_IDS: encode_ids(np.where(pad, 0, deltas), ids_dtype),
                   fmt.TOPK_LOGPROBS: np.where(pad, 0, codes).astype(np.uint8)}
         if count is not None:
@@ -222,9 +229,10 @@ class SqrtDeltaIds(Encoding):
 
     def _decode(self, stored):
         """Values in stored order (slot 0, then increasing id): one table look-up per code."""
-        codes = np.arange(round(1 / self.step) + 1, dtype=np.float32)
-        table = np.log(np.where(codes == 0, np.float32((self.step / 2) ** 2 / 3), (codes * np.float32(self.step)) ** 2))
-        return table[stored[fmt.TOPK_LOGPROBS]]
+        L = self.levels(stored[fmt.TOPK_LOGPROBS].shape[-1])
+        codes = np.arange(L + 1, dtype=np.float32)
+        table = np.log(np.where(codes == 0, np.float32(1 / (2 * L) ** 2 / 3), (codes / np.float32(L)) ** 2))
+        return table[np.minimum(stored[fmt.TOPK_LOGPROBS], L)]
 
     def decode_topk(self, stored, ids_dtype):
         if fmt.TOPK_IDS not in stored:
@@ -236,10 +244,9 @@ class SqrtDeltaIds(Encoding):
         ids[..., 1:] = ids[..., 1:].cumsum(dim=-1)
         ids.masked_fill_(torch.isneginf(values), 0)
         # Slots 1.. by value, descending, ties (and padding, which has code 0 and comes last) in slot
-        # order. Values grow with codes, so sorting the distinct integer keys (32 − code)·K + slot gives
+        # order. Values grow with codes, so sorting the distinct integer keys (L − code)·K + slot gives
         # that order, about twice as fast as a stable float sort.
-        top_code = round(1 / self.step)
-        keys = (top_code - torch.from_numpy(codes[..., 1:].astype(np.int32))) * K + torch.arange(K - 1, dtype=torch.int32)
+        keys = (self.levels(K) - torch.from_numpy(codes[..., 1:].astype(np.int32))) * K + torch.arange(K - 1, dtype=torch.int32)
         order = keys.sort(dim=-1).indices
         ids[..., 1:] = ids[..., 1:].gather(-1, order)
         values[..., 1:] = torch.minimum(values[..., 1:].gather(-1, order),
@@ -255,7 +262,7 @@ ENCODINGS: dict[str, Encoding] = {
     "q8d": LogQuant8Delta("uint8", "q8's values with codes stored as consecutive differences: "
                                    "fewer bytes after compression."),
     "sqd": SqrtDeltaIds("uint8", "ids and values together: ids in increasing order as differences, "
-                                 "values as 5-bit codes of sqrt(p); the top-1 id stays exact."),
+                                 "values as codes of sqrt(p) (0..32 at k = 32); the top-1 id stays exact."),
 }
 
 
