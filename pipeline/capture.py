@@ -28,7 +28,8 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
         "tokens_fingerprint": tokens.fingerprint, "teacher_fingerprint": teacher_info["fingerprint"],
         "split": config.split, "rows": tokens.num_rows(config.split), "block_size": tokens.block_size,
         "vocab_size": tokens.vocab_size, "temperature": config.temperature, "top_k": config.top_k,
-        "encoding": config.encoding, "ids_dtype": encode.ids_dtype(tokens.vocab_size).name,
+        "top_p": config.top_p, "min_k": config.min_k,
+        "encoding": config.encoding, "ids_dtype": encode.ids_dtype(tokens.vocab_size),
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
         "hidden_dtype": np.dtype(encode.HIDDEN_DTYPE).name, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
@@ -42,11 +43,13 @@ def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
     D = identity["hidden_rank"] or identity["hidden_size"]  # coefficients on the basis, or full width
     specs = {}
     if K:
-        specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]),
-                 **encode.topk_arrays(identity["encoding"], T, K),  # topk_logprobs (+ its parameters)
+        # topk_ids, topk_logprobs (+ its parameters), topk_count when top-p trims
+        specs = {**encode.topk_store_arrays(identity["encoding"], T, K, identity["ids_dtype"],
+                                            identity["top_p"] < 1.0),
                  fmt.TAIL_LOGMASS: ((T,), "float32")}
     if N:
-        specs[fmt.SAMPLED_IDS] = ((T, N), identity["ids_dtype"])
+        id_shape, id_dtype = encode.ids_spec(identity["ids_dtype"], N)
+        specs[fmt.SAMPLED_IDS] = ((T, *id_shape), id_dtype)
         specs[fmt.SAMPLED_COUNTS] = ((T, N), "uint8")
     for layer in identity["layers"]:
         specs[fmt.hidden_array(layer)] = ((T, D), identity["hidden_dtype"])
@@ -56,11 +59,11 @@ def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
 def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.ndarray]:
     out = {}
     if identity["top_k"]:
-        out = {fmt.TOPK_IDS: encode.encode_ids(targets[fmt.TOPK_IDS], identity["vocab_size"]),
-               **encode.encode_topk_logprobs(targets[fmt.TOPK_LOGPROBS], identity["encoding"]),
+        out = {**encode.encode_topk(targets[fmt.TOPK_IDS], targets[fmt.TOPK_LOGPROBS], identity["encoding"],
+                                    identity["ids_dtype"], targets.get(fmt.TOPK_COUNT)),
                fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
     if identity["samples"]:
-        out[fmt.SAMPLED_IDS] = encode.encode_ids(targets[fmt.SAMPLED_IDS], identity["vocab_size"])
+        out[fmt.SAMPLED_IDS] = encode.encode_ids(targets[fmt.SAMPLED_IDS], identity["ids_dtype"])
         out[fmt.SAMPLED_COUNTS] = targets[fmt.SAMPLED_COUNTS].cpu().numpy().astype(np.uint8)
     for layer in identity["layers"]:
         out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)])
@@ -134,6 +137,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
                            f"({hidden_size(model)}); choose at most {hidden_size(model)}, or 0 for full width.")
     if config.top_k > tokens.vocab_size:
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
+    encode.ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
     if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
         raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
                            f"re-run `kdcache teacher` on {tokens_dir}.")
@@ -160,7 +164,8 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
             generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
                 targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
-                                          config.temperature, identity["layers"], config.samples, generator)
+                                          config.temperature, identity["layers"], config.samples, generator,
+                                          top_p=config.top_p, min_k=config.min_k)
             _project_hidden(targets, bases, energy)
             parts.append(_encode(targets, identity))
             bar.update((hi - lo) * tokens.block_size)

@@ -99,6 +99,9 @@ class TeacherConfig(ModelShape, TrainSettings):
 class CacheConfig:
     top_k: int = setting(32, "Teacher log-probs kept per position (sorted by probability); 0 with "
                          "--samples stores sampled targets only.")
+    top_p: float = setting(1.0, "Top-p trimming: keep per position the fewest most probable entries "
+                           "(of at most --top-k) whose mass reaches P, at least --min-k. 1.0: keep all K.")
+    min_k: int = setting(1, "With --top-p: keep at least this many entries per position (1..top_k).")
     samples: int = setting(0, "Also draw this many ids per position from the teacher (random-sampling "
                            "KD), stored as distinct ids + counts; 0: none.")
     seed: int = setting(0, "Seed of the sampled draws (a resumed capture draws the same ids).")
@@ -107,7 +110,7 @@ class CacheConfig:
     batch_size: int = setting(16, "Blocks per teacher forward pass.")
     temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
     encoding: str = setting("fp16", "Top-k log-prob encoding (`kdcache encodings` lists them): "
-                          "fp32, fp16, bf16, q8, q8d.")
+                          "fp32, fp16, bf16, q8, q8d, or sqd (ids and values together, the fewest bytes).")
     split: str = setting("train", "Token-store split to capture.")
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
@@ -127,6 +130,11 @@ class CacheConfig:
                f"top_k must be >= 0 and samples in [0, 255], got top_k={self.top_k}, samples={self.samples}.")
         _check(self.top_k > 0 or self.samples > 0, "nothing to capture: set top_k or samples above 0.")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1.0: no trimming), got {self.top_p}.")
+        _check(self.top_p == 1.0 or self.top_k > 0,
+               "top_p trims the top-k targets: set top_k above 0 (the maximum kept per position).")
+        _check(self.top_k == 0 or 1 <= self.min_k <= self.top_k,
+               f"min_k must be in [1, top_k={self.top_k}], got {self.min_k}.")
         _check(self.batch_size >= 1, "batch_size must be >= 1.")
         _check(self.rows_per_chunk >= 1 and self.rows_per_shard % self.rows_per_chunk == 0,
                f"rows_per_shard ({self.rows_per_shard}) must be a positive multiple of "

@@ -67,7 +67,7 @@ class BlockStream(IterableDataset):
             ids = torch.from_numpy(blocks[start:stop].astype(np.int64))
             targets = {fmt.teacher_key(name, i): t
                        for i, (store, names) in enumerate(zip(stores, self.target_names))
-                       for name, t in decode_rows(store.read_rows(start, stop, names)).items()}
+                       for name, t in decode_rows(store.read_rows(start, stop, names), store.attrs).items()}
             for i in range(stop - start):
                 item = {"input_ids": ids[i], "row": torch.tensor(start + i)}
                 item.update({name: t[i] for name, t in targets.items()})

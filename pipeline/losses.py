@@ -3,6 +3,9 @@
 Shapes: N positions (batch × time flattened), V vocabulary, K cached top-k entries, D hidden width.
 Every loss averages over the positions where `mask` is true; with no such position it returns 0.
 Teacher log-probs ℓ were cached at the capture temperature τc; losses take the train temperature τ.
+Teacher top-k entries with log-prob −inf are absent (trimmed by top-p; their id is padding): every
+top-k loss gives them exactly zero weight, on both sides, and their ids stay in the student's tail.
+A position's first entry is always present.
 """
 
 from __future__ import annotations
@@ -46,15 +49,27 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor,
     return torch.log_softmax(buckets * (capture_temperature / temperature), dim=-1)
 
 
-def student_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float = 1.0):
+def present_ids(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor):
+    """(N, K) ids and teacher log-probs → (ids, absent): absent (N, K) bool marks −inf teacher entries,
+    whose ids are redirected to the position's first id. Scattering at the redirected ids then touches
+    kept ids only, and duplicates write equal values: deterministic. (No host sync: cheap on GPU.)"""
+    absent = torch.isneginf(topk_logprobs)
+    return torch.where(absent, topk_ids[..., :1], topk_ids), absent
+
+
+def student_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float = 1.0,
+                    absent: torch.Tensor | None = None):
     """Student log-probs over V gathered into the K+1 buckets: (N, V), (N, K) → (N, K+1).
 
     log q_tail = logsumexp(z/τ over ids not in the top-k) − logsumexp(z/τ): computed on the complement,
     never as log(1 − Σ q), which cancels catastrophically when the top-k hold almost all the mass.
+    absent (N, K) bool, from `present_ids` (whose ids to pass): those buckets get log q = LOG_ZERO.
     """
     scaled = student_logits.float() / temperature
     log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
     topk = scaled.gather(-1, topk_ids) - log_norm
+    if absent is not None:
+        topk = topk.masked_fill(absent, LOG_ZERO)
     complement = scaled.scatter(-1, topk_ids, LOG_ZERO)
     tail = torch.logsumexp(complement, dim=-1, keepdim=True) - log_norm
     return torch.cat([topk, tail.clamp(min=LOG_ZERO)], dim=-1)
@@ -106,7 +121,7 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, ce_weight, topk_ids, teacher_logprobs, kd_weight, temperature):
+    def forward(ctx, logits, labels, ce_weight, topk_ids, teacher_logprobs, kd_weight, temperature, absent):
         z = logits.float()  # (N, V)
         # Each (N, V) buffer is allocated once and then reused in place: on CPU, fresh buffers of this
         # size cost as much as the arithmetic (page faults on first touch).
@@ -128,7 +143,7 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
         log_q = torch.cat([log_q_topk, q_tail.log().clamp(min=LOG_ZERO).unsqueeze(-1)], dim=-1)
         kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)
         ctx.save_for_backward(q1, q, topk_ids, p, q_tail, labels, ce_weight, kd_weight)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.absent = temperature, absent
         return torch.stack([(ce * ce_weight).sum(), (kl * kd_weight).sum()])
 
     @staticmethod
@@ -141,6 +156,8 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
         ratio = torch.where(q_tail > 0, p[:, -1] / q_tail.clamp(min=1e-38), torch.zeros_like(q_tail))
         tail_coef = kd_coef * (1.0 - ratio.unsqueeze(-1))
         topk_grad = ce_coef * q1.gather(-1, topk_ids) + kd_coef * (q.gather(-1, topk_ids) - p[:, :-1])
+        # Absent slots point at the first id: give them its gradient, so the scatter below is deterministic.
+        topk_grad = torch.where(ctx.absent, topk_grad[:, :1], topk_grad)
         # The saved buffers become the gradient in place (backward runs once; no double backward).
         if tau == 1.0:  # q and q1 are one buffer
             out = q1.mul_(ce_coef + tail_coef)
@@ -148,7 +165,7 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
             out = q.mul_(tail_coef).addcmul_(q1, ce_coef.expand_as(q1))
         out.scatter_(-1, topk_ids, topk_grad)
         out.scatter_add_(-1, labels.unsqueeze(-1), -ce_coef)
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
 
 
 def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tail_logmass,
@@ -158,7 +175,8 @@ def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tai
     student_logits (N, V); labels (N,) int64 (any id where ce_mask is false); ce_mask (N,) bool;
     topk_* (N, K); tail_logmass (N,). Falls back to the reference functions when K = V.
     """
-    if topk_ids.shape[-1] >= student_logits.shape[-1]:
+    ids, absent = present_ids(topk_ids, topk_logprobs)
+    if topk_ids.shape[-1] >= student_logits.shape[-1] and not bool(absent.any()):
         return (cross_entropy(student_logits, labels, ce_mask),
                 tail_kl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
                         capture_temperature, kd_mask))
@@ -168,7 +186,7 @@ def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tai
     kd_mask = ones if kd_mask is None else kd_mask.float()
     p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature)
     both = _CrossEntropyAndTailKL.apply(student_logits, labels, ce_mask / ce_mask.sum().clamp(min=1.0),
-                                        topk_ids, p, kd_mask / kd_mask.sum().clamp(min=1.0), temperature)
+                                        ids, p, kd_mask / kd_mask.sum().clamp(min=1.0), temperature, absent)
     return both[0], both[1]
 
 
@@ -222,8 +240,9 @@ def _tail_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass,
     """Teacher and student log-probs over the K+1 buckets, as in `tail_kl`: each (N, K+1), or (N, K)
     when K = V (the tail is empty on both sides and is dropped, teacher renormalised over the rest)."""
     p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature)
-    q = student_buckets(student_logits, topk_ids, temperature)
-    if topk_ids.shape[-1] >= student_logits.shape[-1]:
+    ids, absent = present_ids(topk_ids, topk_logprobs)
+    q = student_buckets(student_logits, ids, temperature, absent)
+    if topk_ids.shape[-1] >= student_logits.shape[-1] and not bool(absent.any()):
         # K = V: the tail is empty on both sides; drop it rather than let the teacher's rounding
         # residue (~1e-7) meet the student's log(0).
         p, q = torch.log_softmax(p[..., :-1], -1), q[..., :-1]
@@ -234,7 +253,8 @@ def _topk_logprobs(student_logits, topk_ids, topk_logprobs, temperature: float, 
     """Teacher and student log-probs, each renormalised over the top-k ids, as in `topk_kl`: (N, K) each."""
     scaled = topk_logprobs.float().clamp(min=LOG_ZERO) * (capture_temperature / temperature)
     p = torch.log_softmax(scaled, dim=-1)
-    q = torch.log_softmax(student_logits.float().gather(-1, topk_ids) / temperature, dim=-1)
+    gathered = student_logits.float().gather(-1, topk_ids) / temperature
+    q = torch.log_softmax(gathered.masked_fill(torch.isneginf(topk_logprobs), LOG_ZERO), dim=-1)
     return p, q
 
 

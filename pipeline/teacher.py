@@ -107,10 +107,27 @@ def sample_targets(logprobs: torch.Tensor, num_samples: int,
     return ids.reshape(shape), counts.reshape(shape)
 
 
+def trim_top_p(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, top_p: float, min_k: int = 1):
+    """Keep per position the shortest prefix of the sorted top-k whose mass reaches top_p (≥ min_k).
+
+    (..., K) ids and log-probs, most probable first → (ids, log-probs, count (...) int64); entries
+    beyond the count become id 0 and log-prob −inf. top_p = 1 keeps all K.
+    """
+    top_k = topk_ids.shape[-1]
+    count = torch.full(topk_ids.shape[:-1], top_k, dtype=torch.long, device=topk_ids.device)
+    if top_p >= 1.0:
+        return topk_ids, topk_logprobs, count
+    below = topk_logprobs.exp().cumsum(dim=-1) < top_p  # prefixes still short of p
+    count = (below.sum(dim=-1) + 1).clamp(min=min_k, max=top_k)
+    absent = torch.arange(top_k, device=count.device) >= count.unsqueeze(-1)
+    return topk_ids.masked_fill(absent, 0), topk_logprobs.masked_fill(absent, float("-inf")), count
+
+
 @torch.inference_mode()
 def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
                     temperature: float = 1.0, layers=(), num_samples: int = 0,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, top_p: float = 1.0,
+                    min_k: int = 1) -> dict[str, torch.Tensor]:
     """What the teacher contributes for a batch (B, T) of token ids.
 
     Returns topk_ids (B, T, K) int64 sorted by probability, topk_logprobs (B, T, K) float32,
@@ -118,17 +135,23 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     hidden_layer_{l} (B, T, D) for each requested layer. Padded vocabulary rows are cut off first.
     With num_samples > 0 it also returns sampled_ids and sampled_counts (B, T, num_samples) int64:
     `sample_targets` drawn from the teacher at `temperature` (random-sampling KD).
+    With top_p < 1 it keeps per position the shortest prefix of the top-k whose mass reaches top_p
+    (at least min_k entries) and also returns topk_count (B, T) int64: entries beyond it are id 0 and
+    log-prob −inf, and tail_logmass is the mass of everything not kept.
     """
     out = model(input_ids=input_ids, output_hidden_states=bool(layers))
     logprobs = torch.log_softmax(out.logits[..., :vocab_size].float() / temperature, dim=-1)  # (B, T, V)
     result = {}
     if top_k > 0:  # top_k = 0: sampled targets only
         topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1, sorted=True)
+        topk_ids, topk_logprobs, count = trim_top_p(topk_ids, topk_logprobs, top_p, min_k)
         kept = torch.logsumexp(topk_logprobs, dim=-1).clamp(max=0.0)
         tail = torch.log(-torch.expm1(kept))  # log(1 - e^kept), accurate near 0
-        if top_k >= vocab_size:
-            tail = torch.full_like(tail, float("-inf"))  # nothing is left; don't keep rounding residue
+        # Nothing is left where every id is kept: don't keep rounding residue.
+        tail = tail.masked_fill(count >= vocab_size, float("-inf"))
         result = {fmt.TOPK_IDS: topk_ids, fmt.TOPK_LOGPROBS: topk_logprobs, fmt.TAIL_LOGMASS: tail}
+        if top_p < 1.0:
+            result[fmt.TOPK_COUNT] = count
     for layer in layers:
         result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
     if num_samples > 0:

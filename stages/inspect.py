@@ -45,6 +45,9 @@ def inspect(store, as_json, plot):
     if summary["hidden_rank"]:
         click.echo(f"  hidden states: rank {summary['hidden_rank']} of {summary['hidden_size']}, variance kept "
                    f"per layer {summary['hidden_variance_kept']}")
+        kept = ", ".join(f"p{k}={v:.3g}" for k, v in summary["kept_percentiles"].items())
+        click.echo(f"  kept entries (top-p {summary['top_p']}, min-k {summary['min_k']}): "
+                   f"mean {summary['kept_mean']:.3g} of {summary['top_k']}; {kept}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 

@@ -20,6 +20,7 @@ from pipeline.targets.reader import TargetsStore, decode_rows
 from stages.cli import cli
 
 NAMES = list(encode.ENCODINGS)
+VALUE_NAMES = [name for name, entry in encode.ENCODINGS.items() if not entry.owns_ids]  # values only
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,9 +37,22 @@ def mixed_logprobs(seed=0) -> np.ndarray:
     return np.concatenate([realistic_logprobs(temperature=t, seed=seed + i) for i, t in enumerate((0.3, 1.0, 2.5))])
 
 
-def round_trip(name, x):
-    stored = encode.ENCODINGS[name].encode(x)
-    return stored, decode_rows(stored)[fmt.TOPK_LOGPROBS].numpy()
+def distinct_ids(shape, vocab=300, seed=0) -> np.ndarray:
+    """Random ids, distinct within each position: (..., K) int64, one from each of K equal id ranges,
+    in random order."""
+    rng, K = np.random.default_rng(seed), shape[-1]
+    width = vocab // K
+    ids = rng.integers(0, width, shape) + np.arange(K) * width
+    return np.take_along_axis(ids, np.argsort(rng.random(shape), -1), -1)
+
+
+def round_trip(name, x, ids=None, count=None, ids_dtype="uint16"):
+    """Encode (random distinct ids when none are given) and decode through the reader → (stored, values)."""
+    ids = distinct_ids(x.shape) if ids is None else ids
+    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), name, ids_dtype,
+                                None if count is None else torch.from_numpy(count))
+    attrs = {"encoding": name, "ids_dtype": ids_dtype, "top_k": x.shape[-1]}
+    return stored, decode_rows(stored, attrs)[fmt.TOPK_LOGPROBS].numpy()
 
 
 def test_registry_is_consistent():
@@ -47,7 +61,8 @@ def test_registry_is_consistent():
     T, K = x.shape[1:]
     params = [e.params for e in encode.ENCODINGS.values() if e.params]
     assert len(set(params)) == len(params) and all(p.startswith(fmt.TOPK_LOGPROBS + "_") for p in params)
-    for name, entry in encode.ENCODINGS.items():
+    for name in VALUE_NAMES:
+        entry = encode.ENCODINGS[name]
         _, text = entry  # (dtype, description), as `kdcache encodings` lists them
         assert text and "\n" not in text
         stored = entry.encode(x)
@@ -60,7 +75,7 @@ def test_registry_is_consistent():
     assert listed.exit_code == 0 and all(name in listed.output for name in NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VALUE_NAMES)
 def test_round_trip_error_bounds(name):
     x = mixed_logprobs()
     entry = encode.ENCODINGS[name]
@@ -102,7 +117,7 @@ def test_decoded_are_sorted_and_hold_at_most_all_the_mass(name, case):
     assert (np.exp(decoded.astype(np.float64)).sum(-1) <= 1 + 1e-6).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VALUE_NAMES)
 def test_degenerate_positions_decode_without_nan(name):
     """Equal values (zero grid step), -inf entries (fully masked ids) and an all -inf position."""
     x = np.array([[[-2.0, -2.0, -2.0, -2.0], [-0.1, -3.0, -np.inf, -np.inf], [-np.inf] * 4]], np.float32)
@@ -113,25 +128,96 @@ def test_degenerate_positions_decode_without_nan(name):
     assert (decoded[0, 1, 2:] < -29).all() and (decoded[0, 2] == -np.inf).all()
 
 
+def by_id(ids, values):
+    """Entries of each position in increasing id order: compares encodings that reorder ties."""
+    ids, values = np.asarray(ids), np.asarray(values)
+    order = np.argsort(ids, -1, kind="stable")
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(values, order, -1)
+
+
+@pytest.mark.parametrize("vocab", [300, 152_064])
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_sqd_keeps_every_id_with_its_value_within_half_a_step_of_sqrt_p(vocab, trimmed):
+    x = mixed_logprobs(seed=4)
+    ids = distinct_ids(x.shape, vocab, seed=vocab)
+    ids[0, 0, :2] = vocab - 1, 0
+    count = np.random.default_rng(1).integers(1, x.shape[-1] + 1, x.shape[:-1]) if trimmed else None
+    layout = encode.ids_dtype(vocab)
+    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", layout,
+                                None if count is None else torch.from_numpy(count))
+    decoded = decode_rows(stored, {"encoding": "sqd", "ids_dtype": layout, "top_k": x.shape[-1]})
+    got_ids, got = decoded[fmt.TOPK_IDS].numpy(), decoded[fmt.TOPK_LOGPROBS].numpy()
+    pad = encode.padding(x.shape[-1] if count is None else count, x.shape[-1])
+    want_ids, want = np.where(pad, 0, ids), np.where(pad, -np.inf, x)
+    np.testing.assert_array_equal(got_ids[..., 0], ids[..., 0])   # the top-1 id is exact,
+    assert (got[..., 0] > np.where(pad, -np.inf, got)[..., 1:].max(-1)).all()  # and strictly first
+    with np.errstate(invalid="ignore"):  # −inf − −inf is NaN between padded entries
+        assert not (np.diff(got, axis=-1) > 0).any()
+    assert (np.exp(got.astype(np.float64)).sum(-1) <= 1 + 1e-6).all()
+    got_ids, got = by_id(got_ids, got)
+    want_ids, want = by_id(want_ids, want)
+    np.testing.assert_array_equal(got_ids, want_ids)               # every kept id, once
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    err = np.abs(np.exp(got / 2) - np.exp(want / 2))                 # in √p: ≤ STEP/2 (+ the mass cap)
+    L = encode.SqrtDeltaIds.levels(x.shape[-1])
+    assert L == 32 and (stored[fmt.TOPK_LOGPROBS] <= L).all()
+    assert err.max() <= 1 / (2 * L) + 4e-3  # + the mass cap (lowers a position by its excess)
+
+
+def test_sqd_levels_grow_with_k_so_the_kl_cost_per_position_does_not():
+    assert [encode.SqrtDeltaIds.levels(k) for k in (1, 8, 32, 128, 2048, 4096)] == [6, 16, 32, 64, 255, 255]
+    x = realistic_logprobs(V=2048, K=128, seed=2)
+    _, decoded = round_trip("sqd", x, ids=distinct_ids(x.shape, 2048))
+    err = np.abs(np.exp(np.sort(decoded, -1) / 2) - np.exp(np.sort(x, -1) / 2))  # k-th largest vs k-th largest
+    assert err.max() <= 1 / (2 * 64) + 4e-3
+
+
+def test_sqd_stores_the_top_id_then_increasing_ids_as_differences():
+    x = realistic_logprobs(shape=(1, 1), K=5)
+    ids = np.array([[[40, 7, 300, 12, 99]]])
+    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", "uint16")
+    np.testing.assert_array_equal(stored[fmt.TOPK_IDS][0, 0], [40, 7, 5, 87, 201])  # 40 | 7, 12, 99, 300
+    with pytest.raises(KdcacheError, match="ids and values together"):
+        decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]}, {"encoding": "sqd"})
+    with pytest.raises(KdcacheError, match="ids and values together"):
+        decode_rows({fmt.TOPK_IDS: stored[fmt.TOPK_IDS]}, {"encoding": "sqd", "ids_dtype": "uint16"})
+    with pytest.raises(KdcacheError, match="encode_topk"):
+        encode.encode_topk_logprobs(torch.from_numpy(x), "sqd")
+
+
 def test_quantised_values_cannot_be_decoded_without_their_parameters():
     stored = encode.ENCODINGS["q8"].encode(realistic_logprobs())
     with pytest.raises(KdcacheError, match="topk_logprobs_q8"):
         decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]})
 
 
-def test_format_md_recipe_decodes_like_the_reader(tmp_path):
-    """The plain numpy + zarr decoder printed in docs/FORMAT.md agrees with decode_rows."""
+@pytest.mark.parametrize("vocab, K", [(300, 32), (152_064, 32), (2048, 128)])
+def test_format_md_recipe_decodes_like_the_reader(tmp_path, vocab, K):
+    """The plain numpy + zarr decoders printed in docs/FORMAT.md agree with decode_rows, for every
+    encoding, uint16 and bit-packed ids, untrimmed and top-p trimmed (padded) positions."""
     text = (ROOT / "docs" / "FORMAT.md").read_text()
-    recipe = re.search(r"```python\n(def read_topk_logprobs.*?)```", text, re.S).group(1)
     scope = {"np": np}
-    exec(recipe, scope)
-    x = mixed_logprobs(seed=3)
-    for name in NAMES:
-        group = zarr.open_group(tmp_path / f"{name}.zarr", mode="w", attributes={"encoding": name})
-        for array_name, array in encode.ENCODINGS[name].encode(x).items():
-            group.create_array(array_name, data=array)
-        expected = decode_rows(encode.ENCODINGS[name].encode(x))[fmt.TOPK_LOGPROBS].numpy()
-        np.testing.assert_allclose(scope["read_topk_logprobs"](group, slice(None)), expected, rtol=1e-6, atol=1e-6)
+    for function in ("read_ids", "read_topk_logprobs"):  # read_topk follows read_topk_logprobs
+        exec(re.search(rf"```python\n(def {function}.*?)```", text, re.S).group(1), scope)
+    x = mixed_logprobs(seed=3) if K == 32 else realistic_logprobs(V=vocab, K=K, seed=3)
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(0, vocab, x.shape))
+    ids[0, 0, 0], ids[0, 0, 1] = vocab - 1, 0
+    layout = encode.ids_dtype(vocab)
+    for trimmed in (False, True):
+        count = torch.from_numpy(rng.integers(1, x.shape[-1] + 1, x.shape[:-1])) if trimmed else None
+        for name in NAMES:
+            stored = encode.encode_topk(ids, torch.from_numpy(x), name, layout, count)
+            attrs = {"encoding": name, "ids_dtype": layout, "top_k": x.shape[-1]}
+            group = zarr.open_group(tmp_path / f"{name}-{trimmed}-{vocab}.zarr", mode="w", attributes=attrs)
+            for array_name, array in stored.items():
+                group.create_array(array_name, data=array)
+            expected = decode_rows(stored, attrs)
+            got_ids, got = scope["read_topk"](group, slice(None))
+            np.testing.assert_allclose(got, expected[fmt.TOPK_LOGPROBS].numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(got_ids, expected[fmt.TOPK_IDS].numpy())
+            if trimmed:
+                assert np.isneginf(expected[fmt.TOPK_LOGPROBS].numpy()).sum() == (x.shape[-1] - count.numpy()).sum()
 
 
 # --- A real capture in every encoding -----------------------------------------------------------------
@@ -154,7 +240,8 @@ def reference(teacher_dir, tiny_tokens, tmp_path_factory):
     return store, decode_rows(store.read_rows(0, store.rows))
 
 
-CAPTURE_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 4e-2, "q8": 3e-2, "q8d": 3e-2}
+CAPTURE_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 4e-2, "q8": 3e-2, "q8d": 3e-2,
+                     "sqd": 1 / (2 * encode.SqrtDeltaIds.levels(8)) + 4e-3}  # sqd: in √p, matched by id
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -164,13 +251,20 @@ def test_capture_in_each_encoding_reads_back_close_to_fp32(name, teacher_dir, ti
     assert store.attrs["encoding"] == name and store.rows == ref_store.rows
     assert store.array_names()[:len(encode.topk_names(name)) + 1] == [fmt.TOPK_IDS, *encode.topk_names(name)]
     assert store.bad_shards() == []  # the parameter array is checksummed like every other
-    decoded = decode_rows(store.read_rows(0, store.rows))
+    decoded = decode_rows(store.read_rows(0, store.rows), store.attrs)
     assert set(decoded) == set(ref)  # parameter arrays are consumed by decoding
-    assert torch.equal(decoded[fmt.TOPK_IDS], ref[fmt.TOPK_IDS])
     assert torch.equal(decoded[fmt.TAIL_LOGMASS], ref[fmt.TAIL_LOGMASS])  # float32, from the true values
     got, want = decoded[fmt.TOPK_LOGPROBS], ref[fmt.TOPK_LOGPROBS]
     assert got.dtype == torch.float32 and got.shape == want.shape
-    assert float((got - want).abs().max()) <= CAPTURE_TOLERANCE[name]
+    if encode.ENCODINGS[name].owns_ids:  # ties may swap places: compare entries by id, values in √p
+        assert torch.equal(decoded[fmt.TOPK_IDS][..., 0], ref[fmt.TOPK_IDS][..., 0])
+        got_ids, got_v = by_id(decoded[fmt.TOPK_IDS], got)
+        want_ids, want_v = by_id(ref[fmt.TOPK_IDS], want)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        assert float(np.abs(np.exp(got_v / 2) - np.exp(want_v / 2)).max()) <= CAPTURE_TOLERANCE[name]
+    else:
+        assert torch.equal(decoded[fmt.TOPK_IDS], ref[fmt.TOPK_IDS])
+        assert float((got - want).abs().max()) <= CAPTURE_TOLERANCE[name]
     assert bool((got.diff(dim=-1) <= 0).all()) and float(got.double().exp().sum(-1).max()) <= 1 + 1e-6
     # The student's loader reads the store with every array it names and yields decoded rows.
     item = next(iter(BlockStream(str(tiny_tokens.path), "validation", str(store.path), shuffle_buffer=1)))

@@ -1,13 +1,17 @@
 """Encodings of cached values ⇄ tensors.
 
-Top-k log-probs are stored in one of ENCODINGS; ids in the narrowest unsigned type that holds the
-vocabulary; hidden states as float16. Decoding always returns float32 / int64 tensors.
+Top-k log-probs are stored in one of ENCODINGS; ids as uint16 up to 65 536 ids, else bit-packed at
+ceil(log2 V) bits per id; hidden states as float16. Decoding always returns float32 / int64 tensors.
+A top-p trimmed capture keeps a per-position count (`topk_count`); entries beyond it are stored as
+zeros and decode to id 0 with log-prob −inf.
 
 An encoding is one entry of ENCODINGS: the dtype of the stored `topk_logprobs` array, a one-line
 description, and its codec: `encode` ((R, T, K) float32 log-probs, sorted descending along K → arrays
 by name) and `decode` (those arrays → (R, T, K) float32). Encodings with per-position parameters
-store them in a second array, `topk_logprobs_{name}` (its `params`). docs/FORMAT.md ("Encodings")
-says how to decode each one with numpy alone; keep the two in step.
+store them in a second array, `topk_logprobs_{name}` (its `params`). `encode_topk` / `decode_topk`
+handle ids, values and top-p counts together; an encoding that `owns_ids` (sqd) overrides them and
+stores the ids in its own order. docs/FORMAT.md ("Encodings") says how to decode each one with numpy
+alone; keep the two in step.
 
 Lossy encodings guarantee, after decoding: values non-increasing along K, and Σ exp ≤ 1 per position
 (if rounding pushed the kept mass above 1, every value of that position is lowered by the excess,
@@ -16,6 +20,7 @@ log Σ exp; the stored `tail_logmass` is computed from the true values at captur
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +54,7 @@ class Encoding(NamedTuple):
 
     params = None       # name of the per-position parameter array, if the encoding has one
     lossy = True        # lossy encodings cap the decoded mass at 1 (see cap_mass)
+    owns_ids = False    # true: `topk_ids` holds this encoding's own layout of the ids (see SqrtDeltaIds)
 
     def arrays(self, block_size: int, top_k: int) -> dict[str, tuple[tuple, str]]:
         """name -> (per-row shape, dtype) of every array the encoding stores."""
@@ -61,9 +67,33 @@ class Encoding(NamedTuple):
         raise NotImplementedError
 
     def decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
-        """Stored arrays (by name) → float32 log-probs (..., K)."""
-        values = self._decode(stored)
-        return cap_mass(values) if self.lossy else np.asarray(values, dtype=np.float32)
+        """Stored arrays (by name) → float32 log-probs (..., K); entries beyond `topk_count` are −inf."""
+        values = np.asarray(self._decode(stored), dtype=np.float32)
+        if fmt.TOPK_COUNT in stored:
+            values = np.where(padding(stored[fmt.TOPK_COUNT], values.shape[-1]), np.float32(-np.inf), values)
+        return cap_mass(values) if self.lossy else values
+
+    def encode_topk(self, ids: np.ndarray, logprobs: np.ndarray, ids_dtype: str,
+                    count: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """(R, T, K) ids and float32 log-probs sorted descending, (R, T) kept entries or None (all K)
+        → every stored top-k array by name. Entries beyond a position's count are stored as zeros."""
+        if count is None:
+            return {fmt.TOPK_IDS: encode_ids(ids, ids_dtype), **self.encode(logprobs)}
+        pad = padding(count, logprobs.shape[-1])
+        # Padding repeats the last kept value while encoding, so grids and differences span kept entries only.
+        last = np.take_along_axis(logprobs, np.maximum(count - 1, 0)[..., None].astype(np.int64), axis=-1)
+        stored = self.encode(np.where(pad, last, logprobs))
+        stored[fmt.TOPK_LOGPROBS][pad] = 0
+        return {fmt.TOPK_IDS: encode_ids(np.where(pad, 0, ids), ids_dtype), **stored,
+                fmt.TOPK_COUNT: count.astype(count_dtype(logprobs.shape[-1]))}
+
+    def decode_topk(self, stored: dict[str, np.ndarray], ids_dtype: str | None) -> dict[str, torch.Tensor]:
+        """Stored top-k arrays → topk_logprobs (R, T, K) float32 and, if stored, topk_ids (R, T, K) int64."""
+        logprobs = self.decode(stored)
+        out = {fmt.TOPK_LOGPROBS: torch.from_numpy(np.ascontiguousarray(logprobs))}
+        if fmt.TOPK_IDS in stored:
+            out[fmt.TOPK_IDS] = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, logprobs.shape[-1])
+        return out
 
 
 class Cast(Encoding):
@@ -157,6 +187,73 @@ class LogQuant8Delta(LogQuant8):
     delta = True
 
 
+class SqrtDeltaIds(Encoding):
+    """Ids and values together, in the order that compresses best; rank order is recovered at decoding.
+
+    Per position, slot 0 holds the most probable entry; the other kept entries follow in increasing id
+    order. `topk_ids` stores slot 0's id, then slot 1's id, then the differences of consecutive ids
+    (small positive numbers: zstd's food); `topk_logprobs` stores uint8 codes c = round(L·√p) in the
+    same order, L = `levels(K)`. The error in √p is ≤ 1/(2L) wherever p is, which costs about 1/(6L²)
+    nats of KL per entry whatever its probability (KL ≈ Σ Δp² / 2p and Δp ≈ 2√p·Δ√p): K/(6L²) ≈ 1/192
+    per position for every K. Code 0 (p < 1/(2L)²) decodes to 1/(2L)²/3, the mean of p there. Decoding
+    sorts slots 1.. by value and keeps slot 0 first, strictly above them (they are capped one float32
+    step below it): the top-1 id is exact.
+    """
+
+    owns_ids = True
+
+    @staticmethod
+    def levels(top_k: int) -> int:
+        """L, the largest code: round(√(32·K)), at most 255 (32 levels at K = 32, 64 at K = 128)."""
+        return min(255, round(math.sqrt(32 * top_k)))
+
+    def encode(self, logprobs):
+        raise KdcacheError("the sqd encoding stores ids and values together: encode them with encode_topk.")
+
+    def encode_topk(self, ids, logprobs, ids_dtype, count=None):
+        K = logprobs.shape[-1]
+        pad = padding(np.full(logprobs.shape[:-1], K) if count is None else count, K)
+        key = np.where(pad, np.iinfo(np.int64).max, ids.astype(np.int64))
+        key[..., 0] = -1  # slot 0 stays first; padding sorts last
+        order = np.argsort(key, axis=-1, kind="stable")
+        ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+        deltas = np.diff(ids, axis=-1, prepend=0)
+        deltas[..., :2] = ids[..., :2]
+        L = self.levels(K)
+        codes = np.clip(np.rint(np.sqrt(np.exp(logprobs.astype(np.float64))) * L), 0, L)
+        stored = {fmt.TOPK_IDS: encode_ids(np.where(pad, 0, deltas), ids_dtype),
+                  fmt.TOPK_LOGPROBS: np.where(pad, 0, codes).astype(np.uint8)}
+        if count is not None:
+            stored[fmt.TOPK_COUNT] = count.astype(count_dtype(K))
+        return stored
+
+    def _decode(self, stored):
+        """Values in stored order (slot 0, then increasing id): one table look-up per code."""
+        L = self.levels(stored[fmt.TOPK_LOGPROBS].shape[-1])
+        codes = np.arange(L + 1, dtype=np.float32)
+        table = np.log(np.where(codes == 0, np.float32(1 / (2 * L) ** 2 / 3), (codes / np.float32(L)) ** 2))
+        return table[np.minimum(stored[fmt.TOPK_LOGPROBS], L)]
+
+    def decode_topk(self, stored, ids_dtype):
+        if fmt.TOPK_IDS not in stored:
+            raise KdcacheError("the sqd encoding stores ids and values together: read topk_ids with topk_logprobs.")
+        codes = stored[fmt.TOPK_LOGPROBS]
+        values = torch.from_numpy(self.decode(stored))  # (R, T, K): padding −inf, mass capped
+        K = values.shape[-1]
+        ids = decode_ids(stored[fmt.TOPK_IDS], ids_dtype, K)
+        ids[..., 1:] = ids[..., 1:].cumsum(dim=-1)
+        ids.masked_fill_(torch.isneginf(values), 0)
+        # Slots 1.. by value, descending, ties (and padding, which has code 0 and comes last) in slot
+        # order. Values grow with codes, so sorting the distinct integer keys (L − code)·K + slot gives
+        # that order, about twice as fast as a stable float sort.
+        keys = (self.levels(K) - torch.from_numpy(codes[..., 1:].astype(np.int32))) * K + torch.arange(K - 1, dtype=torch.int32)
+        order = keys.sort(dim=-1).indices
+        ids[..., 1:] = ids[..., 1:].gather(-1, order)
+        values[..., 1:] = torch.minimum(values[..., 1:].gather(-1, order),
+                                        torch.nextafter(values[..., :1], torch.tensor(-np.inf)))
+        return {fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: values}
+
+
 ENCODINGS: dict[str, Encoding] = {
     "fp32": Float32("float32", "float32 log-probs: the reference, 4 bytes per kept entry."),
     "fp16": Cast("float16", "float16 log-probs: 2 bytes per kept entry, ~3 significant digits."),
@@ -164,7 +261,83 @@ ENCODINGS: dict[str, Encoding] = {
     "q8": LogQuant8("uint8", "8-bit codes on a per-position log-prob grid (offset, step): error <= step/2."),
     "q8d": LogQuant8Delta("uint8", "q8's values with codes stored as consecutive differences: "
                                    "fewer bytes after compression."),
+    "sqd": SqrtDeltaIds("uint8", "ids and values together: ids in increasing order as differences, "
+                                 "values as codes of sqrt(p) (0..32 at k = 32); the top-1 id stays exact."),
 }
+
+
+# --- Ids: uint16 up to 65 536 ids, else bit-packed ------------------------------------------------------
+
+MAX_ID_BITS = 25  # unpacking reads each id from one little-endian uint32 word at a bit offset of ≤ 7
+
+
+def ids_dtype(vocab_size: int) -> str:
+    """How ids are stored (the `ids_dtype` attribute): 'uint16' for V ≤ 65 536, else 'packed{b}' with
+    b = ceil(log2 V) bits per id, e.g. 'packed18' for 152 064 ids."""
+    if vocab_size <= 2**16:
+        return "uint16"
+    bits = (vocab_size - 1).bit_length()
+    if bits > MAX_ID_BITS:
+        raise KdcacheError(f"a vocabulary of {vocab_size} ids needs {bits} bits per id; the targets store "
+                           f"packs at most {MAX_ID_BITS} (2**{MAX_ID_BITS} ids).")
+    return f"packed{bits}"
+
+
+def id_bits(ids_dtype: str) -> int | None:
+    """Bits per id of a 'packed{b}' layout; None for a plain integer dtype (uint16, or uint32 of old stores)."""
+    return int(ids_dtype[len("packed"):]) if ids_dtype.startswith("packed") else None
+
+
+def ids_spec(ids_dtype: str, width: int) -> tuple[tuple, str]:
+    """(per-position shape, dtype) of a stored array of `width` ids per position."""
+    bits = id_bits(ids_dtype)
+    return ((width,), ids_dtype) if bits is None else ((-(-width * bits // 8),), "uint8")
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """(..., W) ids < 2**bits → (..., ceil(W·bits / 8)) uint8. Id w fills bits [w·bits, (w+1)·bits) of
+    the position's little-endian bit string (bit i of the string = bit i % 8 of byte i // 8)."""
+    ids = np.asarray(ids, dtype=np.uint32)
+    planes = ((ids[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)  # (..., W, bits)
+    return np.packbits(planes.reshape(*ids.shape[:-1], -1), axis=-1, bitorder="little")
+
+
+def unpack_ids(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Inverse of pack_ids: (..., bytes) uint8 → (..., width) int64. Each id is cut out of the uint32
+    word starting at its first byte; bytes past the end (clipped reads) only feed bits that are masked."""
+    start = np.arange(width) * bits
+    first, shift = start // 8, (start % 8).astype(np.uint32)
+    word = np.zeros((*packed.shape[:-1], width), dtype=np.uint32)
+    for j in range(4):
+        word |= np.take(packed, first + j, axis=-1, mode="clip").astype(np.uint32) << np.uint32(8 * j)
+    return ((word >> shift) & np.uint32((1 << bits) - 1)).astype(np.int64)
+
+
+def encode_ids(ids, ids_dtype: str) -> np.ndarray:
+    """(..., W) ids (tensor or array) → the stored array in layout `ids_dtype`."""
+    ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    bits = id_bits(ids_dtype)
+    return ids.astype(ids_dtype) if bits is None else pack_ids(ids, bits)
+
+
+def decode_ids(stored: np.ndarray, ids_dtype: str | None, width: int) -> torch.Tensor:
+    """A stored ids array → (..., width) int64. ids_dtype None: the array's own integer dtype (not packed)."""
+    if ids_dtype is None and stored.dtype == np.uint8:
+        raise KdcacheError("these ids are bit-packed: decode them with the store's attributes, "
+                           "decode_rows(stored, store.attrs).")
+    bits = id_bits(ids_dtype or stored.dtype.name)
+    return torch.from_numpy(stored.astype(np.int64) if bits is None else unpack_ids(stored, bits, width))
+
+
+# --- Top-p trimming: a per-position count of kept entries ------------------------------------------------
+
+def count_dtype(top_k: int) -> str:
+    return "uint8" if top_k <= 255 else "uint16"
+
+
+def padding(count: np.ndarray, top_k: int) -> np.ndarray:
+    """(R, T) kept counts → (R, T, K) bool, true at the padded entries (index ≥ count)."""
+    return np.arange(top_k) >= np.asarray(count)[..., None]
 
 
 def check_encoding(name: str) -> None:
@@ -179,6 +352,16 @@ def topk_arrays(encoding: str, block_size: int, top_k: int) -> dict[str, tuple[t
     return ENCODINGS[encoding].arrays(block_size, top_k)
 
 
+def topk_store_arrays(encoding: str, block_size: int, top_k: int, ids_dtype: str,
+                      trimmed: bool) -> dict[str, tuple[tuple, str]]:
+    """Every array of the top-k targets but the tail: ids, values (+ parameters), counts if `trimmed`."""
+    id_shape, id_dtype = ids_spec(ids_dtype, top_k)
+    specs = {fmt.TOPK_IDS: ((block_size, *id_shape), id_dtype), **topk_arrays(encoding, block_size, top_k)}
+    if trimmed:
+        specs[fmt.TOPK_COUNT] = ((block_size,), count_dtype(top_k))
+    return specs
+
+
 def topk_names(encoding: str) -> list[str]:
     """Names of the arrays that hold top-k log-probs in `encoding` (read them together)."""
     check_encoding(encoding)
@@ -186,29 +369,31 @@ def topk_names(encoding: str) -> list[str]:
     return [fmt.TOPK_LOGPROBS] + ([params] if params else [])
 
 
-def ids_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
 def encode_topk_logprobs(logprobs: torch.Tensor, encoding: str) -> dict[str, np.ndarray]:
-    """(R, T, K) log-probs sorted descending along K → the encoding's arrays by name."""
+    """(R, T, K) log-probs sorted descending along K → the encoding's arrays by name (not for encodings
+    that own the ids: use encode_topk)."""
     check_encoding(encoding)
     return ENCODINGS[encoding].encode(logprobs.float().cpu().numpy())
 
 
-def find_encoding(stored: dict[str, np.ndarray]) -> Encoding:
-    """The encoding of stored top-k arrays: by their parameter array, else by the values' dtype."""
+def find_encoding(stored: dict[str, np.ndarray], name: str | None = None) -> Encoding:
+    """The encoding of stored top-k arrays: `name` (the store's `encoding` attribute) if given, else by
+    their parameter array, else by the values' dtype."""
+    if name is not None:
+        check_encoding(name)
+        return ENCODINGS[name]
     for encoding in ENCODINGS.values():
         if encoding.params and encoding.params in stored:
             return encoding
     dtype = np.dtype(stored[fmt.TOPK_LOGPROBS].dtype).name
     for encoding in ENCODINGS.values():
-        if not encoding.params and encoding.dtype == dtype:
+        if not encoding.params and not encoding.owns_ids and encoding.dtype == dtype:
             return encoding
     needs = [e.params for e in ENCODINGS.values() if e.params and e.dtype == dtype]
     raise KdcacheError(f"{fmt.TOPK_LOGPROBS} is stored as {dtype} and cannot be decoded without its "
                        f"parameter array ({' or '.join(needs) or 'none known'}); read every array of "
-                       f"TargetsStore.array_names() that starts with {fmt.TOPK_LOGPROBS}.")
+                       f"TargetsStore.array_names() that starts with {fmt.TOPK_LOGPROBS}, and pass the "
+                       f"store's attributes (decode_rows(stored, store.attrs)) to name its encoding.")
 
 
 def decode_topk_logprobs(stored: dict[str, np.ndarray]) -> torch.Tensor:
@@ -216,12 +401,20 @@ def decode_topk_logprobs(stored: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(find_encoding(stored).decode(stored), dtype=np.float32))
 
 
-def encode_ids(ids: torch.Tensor, vocab_size: int) -> np.ndarray:
-    return ids.cpu().numpy().astype(ids_dtype(vocab_size))
+def encode_topk(ids: torch.Tensor, logprobs: torch.Tensor, encoding: str, ids_dtype: str,
+                count: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """(R, T, K) ids and log-probs sorted descending (and (R, T) kept counts, if trimmed) → stored arrays."""
+    check_encoding(encoding)
+    count = None if count is None else count.cpu().numpy()
+    return ENCODINGS[encoding].encode_topk(ids.cpu().numpy(), logprobs.float().cpu().numpy(), ids_dtype, count)
 
 
-def decode_ids(stored: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(stored.astype(np.int64))
+def decode_topk(stored: dict[str, np.ndarray], ids_dtype: str | None = None,
+                encoding: str | None = None) -> dict[str, torch.Tensor]:
+    """Stored top-k arrays (ids, values and their parameters, counts) → topk_ids int64 (if stored) and
+    topk_logprobs float32, (R, T, K) each, most probable first; padded entries are id 0, log-prob −inf.
+    ids_dtype, encoding: the store's attributes of those names (needed for packed ids and for sqd)."""
+    return find_encoding(stored, encoding).decode_topk(stored, ids_dtype)
 
 
 def encode_hidden(hidden: torch.Tensor) -> np.ndarray:

@@ -10,11 +10,13 @@ from zarr.codecs import BloscCodec
 from pipeline.errors import KdcacheError
 
 FORMAT_NAME = "kdcache-targets"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added bit-packed ids, the sqd encoding, top-p trimming, low-rank hidden states
+READABLE_VERSIONS = (1, 2)  # a version-1 store is a version-2 store with those features off
 
-TOPK_IDS = "topk_ids"            # (R, T, K) uint16 | uint32, sorted by teacher probability, descending
-TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) float32 | float16, log p at the capture temperature
+TOPK_IDS = "topk_ids"            # (R, T, K) uint16, or bit-packed uint8 bytes above 65 536 ids (see encode.py)
+TOPK_LOGPROBS = "topk_logprobs"  # (R, T, K) log p at the capture temperature, in the store's encoding
 TAIL_LOGMASS = "tail_logmass"    # (R, T) float32, log(1 - sum of the top-k probabilities); -inf if none
+TOPK_COUNT = "topk_count"        # (R, T) uint8 | uint16, kept entries per position (top-p); absent: all K
 SAMPLED_IDS = "sampled_ids"      # (R, T, N) ids drawn from the teacher, distinct ids first, then id 0 padding
 SAMPLED_COUNTS = "sampled_counts"  # (R, T, N) uint8 draw counts of those ids (0 for padding); sum N
 
@@ -37,13 +39,18 @@ def teacher_key(name: str, teacher: int) -> str:
 # Attributes that identify what a store holds. A store whose identity differs from the capture being
 # asked for is stale (different teacher, tokens or settings) and is rewritten, never resumed.
 IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fingerprint", "split",
-                 "rows", "block_size", "vocab_size", "temperature", "top_k", "encoding", "ids_dtype",
-                 "layers", "hidden_size", "hidden_dtype", "rows_per_chunk", "rows_per_shard",
-                 "teacher_num_layers", "samples", "seed")
-# Low-rank hidden states (0 = full width); fit rows are 0 when hidden_rank is 0. Stores written before
-# these keys existed hold full-width hidden states: the defaults stand in for the missing attributes.
-IDENTITY_KEYS += ("hidden_rank", "hidden_fit_rows")
-IDENTITY_DEFAULTS = {"hidden_rank": 0, "hidden_fit_rows": 0}
+                 "rows", "block_size", "vocab_size", "temperature", "top_k", "top_p", "min_k", "encoding",
+                 "ids_dtype", "layers", "hidden_size", "hidden_dtype", "hidden_rank", "hidden_fit_rows",
+                 "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed")
+
+# Identity keys added in format version 2, with the value that means "off": a version-1 store (or an
+# identity) without them holds that value, so version-1 stores stay readable.
+IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0}
+
+
+def identity_of(attrs: dict) -> dict:
+    """The IDENTITY_KEYS of a store's attributes (or of a capture's settings), defaults filled in."""
+    return {key: attrs.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
 
 
 def compressor_for(dtype) -> BloscCodec:
@@ -61,7 +68,7 @@ def check_version(attrs: dict, path) -> None:
     if attrs.get("format") != FORMAT_NAME:
         raise KdcacheError(f"{path} is not a kdcache targets store (format={attrs.get('format')!r}).")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise KdcacheError(f"{path} was written with targets format version {version}; this kdcache reads "
-                           f"version {FORMAT_VERSION}. Re-run `kdcache cache` to rewrite it, or use the "
-                           f"kdcache release that wrote it.")
+                           f"versions {', '.join(map(str, READABLE_VERSIONS))}. Re-run `kdcache cache` to "
+                           f"rewrite it, or use the kdcache release that wrote it.")

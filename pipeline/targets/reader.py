@@ -39,6 +39,8 @@ class TargetsStore:
         return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
 
     samples = property(lambda self: int(self.attrs["samples"]))
+    top_p = property(lambda self: float(self.attrs.get("top_p", 1.0)))
+
     hidden_rank = property(lambda self: int(self.attrs.get("hidden_rank", 0)))  # absent: full width
 
     @property
@@ -55,7 +57,8 @@ class TargetsStore:
         """Arrays of the top-k targets (none when only sampled targets were captured)."""
         if not self.top_k:
             return []
-        return [fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), fmt.TAIL_LOGMASS]
+        trimmed = [fmt.TOPK_COUNT] if self.top_p < 1.0 else []
+        return [fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), *trimmed, fmt.TAIL_LOGMASS]
 
     def sampled_names(self) -> list[str]:
         return [fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.samples else []
@@ -110,21 +113,33 @@ class TargetsStore:
                                f"with the same settings to re-capture them, then `kdcache verify {self.path}`.")
 
 
-def decode_rows(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dict[str, torch.Tensor]:
     """Encoded arrays → float32 / int64 tensors, same names.
 
-    Decodes every encoding of `topk_logprobs`; an encoding's parameter array (`topk_logprobs_{name}`)
-    must be passed along with it and is consumed, not returned.
+    attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536) and
+    for encodings that store ids and values together (sqd).
+    Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
+    `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
     """
-    params = {e.params for e in encode.ENCODINGS.values() if e.params}
+    ids_dtype = (attrs or {}).get("ids_dtype")
+    encoding = encode.ENCODINGS.get((attrs or {}).get("encoding"))
+    params = {e.params for e in encode.ENCODINGS.values() if e.params} | {fmt.TOPK_COUNT}
     out = {}
+    if fmt.TOPK_LOGPROBS in stored:
+        out.update(encode.decode_topk({n: a for n, a in stored.items() if n == fmt.TOPK_IDS or
+                                       n == fmt.TOPK_LOGPROBS or n in params}, ids_dtype,
+                                      (attrs or {}).get("encoding")))
     for name, array in stored.items():
-        if name in (fmt.TOPK_IDS, fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS):
-            out[name] = encode.decode_ids(array)
-        elif name == fmt.TOPK_LOGPROBS:
-            out[name] = encode.decode_topk_logprobs({n: a for n, a in stored.items() if n == name or n in params})
-        elif name in params:
+        if name in out or name in params:
             continue
+        if name == fmt.TOPK_IDS and encoding is not None and encoding.owns_ids:  # ids alone are differences
+            raise KdcacheError(f"encoding {attrs['encoding']} stores ids and values together: read "
+                               f"{fmt.TOPK_IDS} with {fmt.TOPK_LOGPROBS}.")
+        if name in (fmt.TOPK_IDS, fmt.SAMPLED_IDS):
+            width = (attrs or {}).get("top_k" if name == fmt.TOPK_IDS else "samples", array.shape[-1])
+            out[name] = encode.decode_ids(array, ids_dtype, int(width))
+        elif name == fmt.SAMPLED_COUNTS:
+            out[name] = torch.from_numpy(array.astype(np.int64))
         elif name.startswith("hidden_layer_"):
             out[name] = encode.decode_hidden(array)
         else:

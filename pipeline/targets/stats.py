@@ -33,8 +33,11 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
     if store.top_k:
         tail = store.group[fmt.TAIL_LOGMASS][: min(store.rows, tail_sample_rows)]
         tail_mass = np.exp(tail.astype(np.float64)).ravel()
+        # Kept entries per position: all K, unless top-p trimmed them (then `topk_count` holds them).
+        kept = (store.group[fmt.TOPK_COUNT][: min(store.rows, tail_sample_rows)].astype(np.float64).ravel()
+                if store.top_p < 1.0 else np.full(1, float(store.top_k)))
     else:  # sampled targets only: no tail
-        tail_mass = np.zeros(1)
+        tail_mass, kept = np.zeros(1), np.zeros(1)
     return {
         "path": str(store.path), "complete": bool(attrs.get("complete")),
         "format_version": attrs["format_version"], "rows": store.rows, "tokens": tokens,
@@ -50,6 +53,8 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "tail_mass_histogram": tail_mass_histogram(store),
         "hidden_rank": store.hidden_rank, "hidden_size": attrs["hidden_size"],
         "hidden_variance_kept": attrs.get("hidden_variance_kept"),
+        "top_p": store.top_p, "min_k": int(attrs.get("min_k", 1)), "kept_mean": float(kept.mean()),
+        "kept_percentiles": {str(p): float(np.percentile(kept, p)) for p in TAIL_PERCENTILES},
     }
 
 
