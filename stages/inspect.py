@@ -42,12 +42,12 @@ def inspect(store, as_json, plot):
         click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
         for line in text_histogram(histogram):
             click.echo(f"    {line}")
-    if summary["hidden_rank"]:
-        click.echo(f"  hidden states: rank {summary['hidden_rank']} of {summary['hidden_size']}, variance kept "
-                   f"per layer {summary['hidden_variance_kept']}")
         kept = ", ".join(f"p{k}={v:.3g}" for k, v in summary["kept_percentiles"].items())
         click.echo(f"  kept entries (top-p {summary['top_p']}, min-k {summary['min_k']}): "
                    f"mean {summary['kept_mean']:.3g} of {summary['top_k']}; {kept}")
+    if summary["hidden_rank"]:
+        click.echo(f"  hidden states: rank {summary['hidden_rank']} of {summary['hidden_size']}, variance kept "
+                   f"per layer {summary['hidden_variance_kept']}")
     click.echo(f"  fingerprints: tokens {summary['tokens_fingerprint']}, teacher {summary['teacher_fingerprint']}")
 
 

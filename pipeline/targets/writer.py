@@ -71,8 +71,8 @@ class TargetsWriter:
             if attrs.get("format") != fmt.FORMAT_NAME:
                 raise KdcacheError(f"{self.path} exists and is not a kdcache targets store; "
                                    f"choose another --out or delete it.")
-            if fmt.identity_of(attrs) == self.identity and \
-                    not bad_unsharded(zarr.open_group(self.path, mode="r"), attrs.get("unsharded", {})):
+            same = fmt.identity_of(attrs) == self.identity
+            if same and not bad_unsharded(zarr.open_group(self.path, mode="r"), attrs.get("unsharded", {})):
                 return zarr.open_group(self.path, mode="r+")
             if same:  # every shard was computed with arrays (a basis) that no longer match: start over
                 print(f"[cache] unsharded arrays of {self.path} no longer match their checksums; rewriting it.")
