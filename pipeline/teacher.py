@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.config import TeacherConfig
 from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream
@@ -51,6 +52,8 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str, log_pa
         stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
         history = train_loop(model, stream, config, Objective(vocab_size=tokens.vocab_size),
                              resolve_device("auto"), "train teacher", log_path)
+        if not distributed.is_main():  # torchrun: rank 0 alone saves and fingerprints the teacher
+            return {"source": "default", "rank": distributed.rank()}
         source, final_loss = "default", history[-1]["loss"]
     save_model(model, tokens, out, {})
     info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
