@@ -32,6 +32,7 @@ class BlockStream(IterableDataset):
     rows_per_shard), or None for tokens only. Arrays of store i are keyed fmt.teacher_key(name, i).
     target_names: which stored arrays to read (default: all), or one such list per store.
     rank, world_size: this process's share of the rows (default: from torch.distributed, else 0 of 1).
+    rows_per_shard: rows read at once when there are no targets (a targets store sets its own).
     """
 
     def __init__(self, tokens: str, split: str = "train", targets: str | list[str] | None = None,
@@ -55,6 +56,9 @@ class BlockStream(IterableDataset):
         if len(per_shard) > 1:
             raise KdcacheError(f"targets stores {self.targets_paths} have different rows_per_shard "
                                f"{sorted(per_shard)}; capture them with the same --rows-per-shard.")
+        if not per_shard and self.world_size > 1:
+            # Tokens only: shards are just a unit of reading, so make enough for every rank (about 8 each).
+            rows_per_shard = max(1, min(rows_per_shard, -(-rows // (8 * self.world_size))))
         self.rows_per_shard = per_shard.pop() if per_shard else rows_per_shard
         self.shards = fmt.shard_ranges(rows, self.rows_per_shard)
         self.num_rows = rows

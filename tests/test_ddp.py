@@ -107,3 +107,15 @@ def test_global_batch_must_split_evenly_over_ranks(small_tokens, small_targets, 
     assert result.returncode != 0
     assert "batch_size 15 is the global batch and must divide evenly over 2 ranks" in result.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_default_teacher_trains_on_two_ranks(small_tokens, tmp_path):
+    from pipeline.teacher import load_teacher
+
+    result = torchrun("teacher", "--tokens", small_tokens, "--out", tmp_path / "teacher", "--n-layer", 1,
+                      "--n-embd", 32, "--n-head", 2, "--max-steps", 3, "--batch-size", 8,
+                      "--log", tmp_path / "loss.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("teacher default -> ") == 1
+    _, info = load_teacher(tmp_path / "teacher")
+    assert info["source"] == "default" and len(losses(tmp_path / "loss.csv")) == 3

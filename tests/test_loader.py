@@ -112,3 +112,11 @@ def test_unequal_ranks_take_the_same_number_of_batches(tiny_tokens, store_path):
     assert len(set(counts)) > 1  # the ranks do hold different numbers of rows
     assert [sum(s.worker_batches(2, 0)) for s in streams] == [-(-n // 2) for n in counts]
     assert {s.batches_per_epoch(2, 0) for s in streams} == {-(-min(counts) // 2)}
+
+
+def test_tokens_only_stream_gives_every_rank_rows(tiny_tokens):
+    n = tiny_tokens.num_rows("train")
+    streams = [BlockStream(str(tiny_tokens.path), "train", None, rank=r, world_size=2) for r in range(2)]
+    assert n < 256 and len(streams[0].shards) >= 2 * 8  # the default 256-row shard would starve rank 1
+    rows = [epoch_rows(s, 0, 0) for s in streams]
+    assert all(rows) and not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(n))
