@@ -117,6 +117,6 @@ def test_unequal_ranks_take_the_same_number_of_batches(tiny_tokens, store_path):
 def test_tokens_only_stream_gives_every_rank_rows(tiny_tokens):
     n = tiny_tokens.num_rows("train")
     streams = [BlockStream(str(tiny_tokens.path), "train", None, rank=r, world_size=2) for r in range(2)]
-    assert n < 256 and len(streams[0].shards) >= 2 * 8  # the default 256-row shard would starve rank 1
+    assert len(streams[0].shards) >= 2 * 8  # about 8 shards per rank, whatever the row count
     rows = [epoch_rows(s, 0, 0) for s in streams]
     assert all(rows) and not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(n))
