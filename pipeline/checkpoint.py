@@ -1,8 +1,16 @@
 """Training checkpoints: all a run needs to continue to the same batches and, on CPU, the same losses.
 
-A checkpoint is a directory: `state.pt` (model, extra modules, optimizer, RNG states, loss histories;
-torch.save) and `run.json` (where the run stands and what defines it, readable by people). It is
-written to a temporary sibling and renamed into place, so a kill mid-write leaves the previous one.
+With checkpoint_every N, the training loop writes one every N steps and at the end, replacing the
+previous one, in --checkpoint-dir (default OUT/checkpoint). A checkpoint is a directory: `state.pt`
+(model, extra modules, optimizer, RNG states, loss histories; torch.save) and `run.json` (step,
+epoch, batches consumed in that epoch, and what defines the run: settings, world size, data
+fingerprints; readable by people). It is written to a temporary sibling and renamed into place, so a
+kill mid-write leaves the previous one.
+
+`--resume` loads it before any training and refuses one written by another run, naming what differs.
+It may raise max_steps/epochs: the run goes on, the learning-rate schedule stretched over the new
+total from the resume step on (so an extended run is not the run that had the larger total from the
+start). Logs (--log, --val-log) are rewritten whole, so they stay continuous across resumes.
 """
 
 from __future__ import annotations
