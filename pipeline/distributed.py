@@ -1,15 +1,15 @@
 """Data-parallel training under torchrun: the process group, this process's rank, rank-0-only work.
 
-`torchrun --nproc-per-node N -m stages.cli student ...` sets WORLD_SIZE, RANK and LOCAL_RANK; the
-student and teacher stages then run inside `process_group()`. Outside torchrun every function here
+`torchrun --nproc-per-node N -- $(which kdcache) student ...` sets WORLD_SIZE, RANK and LOCAL_RANK;
+the student and teacher stages call `start()` first. Outside torchrun every function here
 answers as for a single process (rank 0 of 1), so library code calls them unconditionally.
 See docs/DDP.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,20 +32,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-@contextmanager
-def process_group(device: str = "auto"):
-    """Initialise torch.distributed when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+def start(device: str = "auto") -> None:
+    """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); the group
+    is destroyed when the process exits. Without torchrun, or called again, it does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
-        yield
         return
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per local rank
     dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    atexit.register(dist.destroy_process_group)
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,8 @@ class BlockStream(IterableDataset):
         if planned_workers != num_workers:
             raise KdcacheError(f"resume planned for {planned_workers} loader workers, the loader has {num_workers}.")
         left = self.worker_batches(batch_size, num_workers)
+        if done > sum(left):
+            raise KdcacheError(f"cannot resume after batch {done} of epoch {self.epoch}: it has {sum(left)}.")
         given, turn = [0] * workers, 0
         for _ in range(done):
             while left[turn] == 0:

@@ -32,12 +32,12 @@ def student(tokens, targets, out, log, val_log, checkpoint_dir, resume, online, 
     """
     config = build_config(StudentConfig, options)
     files = TrainFiles(log, val_log, checkpoint_dir or str(Path(out) / "checkpoint"), resume)
-    with distributed.process_group(config.device):
-        if online:
-            if not teacher_dir or targets:
-                raise KdcacheError("--online needs --teacher DIR and no --targets.")
-            last = run_online_student(config, tokens, out, teacher_dir, online_top_k, files)
-        else:
-            last = run_student(config, tokens, out, targets, files)
-        if distributed.is_main():
-            click.echo(f"student -> {out} (final loss {last['loss']:.4f})")
+    distributed.start(config.device)
+    if online:
+        if not teacher_dir or targets:
+            raise KdcacheError("--online needs --teacher DIR and no --targets.")
+        last = run_online_student(config, tokens, out, teacher_dir, online_top_k, files)
+    else:
+        last = run_student(config, tokens, out, targets, files)
+    if distributed.is_main():
+        click.echo(f"student -> {out} (final loss {last['loss']:.4f})")

@@ -26,9 +26,9 @@ def teacher(tokens, out, log, val_log, checkpoint_dir, resume, **options):
     """
     files = TrainFiles(log, val_log, checkpoint_dir or str(Path(out) / "checkpoint"), resume)
     config = build_config(TeacherConfig, options)
-    with distributed.process_group():
-        if config.model and distributed.world_size() > 1:
-            raise KdcacheError("--model only loads a teacher: run it as one process, not under torchrun.")
-        info = materialise_teacher(config, tokens, out, files)
-        if distributed.is_main():
-            click.echo(f"teacher {info['source']} -> {out} (fingerprint {info['fingerprint']})")
+    distributed.start()
+    if config.model and distributed.world_size() > 1:
+        raise KdcacheError("--model only loads a teacher: run it as one process, not under torchrun.")
+    info = materialise_teacher(config, tokens, out, files)
+    if distributed.is_main():
+        click.echo(f"teacher {info['source']} -> {out} (fingerprint {info['fingerprint']})")
