@@ -1,13 +1,15 @@
 """DDP (torchrun, 2 CPU ranks over gloo) vs one process at the same global batch: the loss curves.
 
-Trains the `student` of --params three times through the real CLI: one process; two ranks under
-torchrun; and, as the yardstick, one process whose shuffle buffer differs (same init, same rows per
-epoch, other blocks sharing a step: the only thing DDP changes too). Prints the mean training loss
-per window of steps side by side, and the mean relative gap of DDP and of the yardstick to the
-one-process curve. Wall times are printed too (2 ranks share the machine's cores with each other).
+Trains the `student` of --params four times through the real CLI: one process; two ranks under
+torchrun; and two yardsticks of one process that change only the data order, as DDP does:
+"buffer-1", a shuffle buffer one row smaller (same shards at the same steps, other rows share a
+step), and "2 workers", two loader workers (the shards dealt to two streams exactly as to two ranks,
+a batch from each in turn). Same init and global batch everywhere. Prints the mean training loss per
+window of steps side by side and each run's mean relative gap to the one-process curve. Wall times
+are printed too (the ranks share the machine's cores).
 
   PYTHONPATH=$PWD python benchmarks/ddp.py --tokens data/tokens --targets data/targets.zarr \
-      --steps 200 --window 20
+      --steps 300 --window 50
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ KDCACHE = str(Path(sys.executable).parent / "kdcache")
 def student_args(params: str, steps: int) -> list[str]:
     section = yaml.safe_load(Path(params).read_text())["student"]
     section.update(max_steps=steps, device="cpu", eval_every=0)
+    section.setdefault("shuffle_buffer", 256)
     return [item for key, value in section.items() if not isinstance(value, list)
             for item in (f"--{key.replace('_', '-')}", str(value))]
 
@@ -51,27 +54,35 @@ def main():
     parser.add_argument("--tokens", required=True)
     parser.add_argument("--targets", required=True)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--window", type=int, default=50)
     args = parser.parse_args()
     common = ["student", "--tokens", args.tokens, "--targets", args.targets, *student_args(args.params, args.steps)]
     with tempfile.TemporaryDirectory(prefix="kdcache-ddp-") as tmp:
         work = Path(tmp)
-        one, t_one = train("one", common, work)
-        two, t_two = train("two", common, work, nproc=2)
-        other, t_other = train("other_order", [*common, "--shuffle-buffer", "64"], work)
-    print(f"global batch {common[common.index('--batch-size') + 1]}, {args.steps} steps; wall: 1 process "
-          f"{t_one:.0f} s, 2 ranks {t_two:.0f} s, 1 process other order {t_other:.0f} s")
-    print(f"{'steps':>11} {'1 process':>10} {'2 ranks':>10} {'2r/1p':>7} {'other order':>12} {'oo/1p':>7}")
-    gaps_two, gaps_other = [], []
+        buffer = int(common[common.index("--shuffle-buffer") + 1])
+        runs = {"1 process": train("one", common, work),
+                "2 ranks": train("two", common, work, nproc=2),
+                "buffer-1": train("buffer", [*common, "--shuffle-buffer", str(buffer - 1)], work),
+                "2 workers": train("workers", [*common, "--num-workers", "2"], work)}
+    print(f"global batch {common[common.index('--batch-size') + 1]}, {args.steps} steps; wall: "
+          + ", ".join(f"{name} {seconds:.0f} s" for name, (_, seconds) in runs.items()))
+    curves = {name: curve for name, (curve, _) in runs.items()}
+    base = curves["1 process"]
+    print(f"{'steps':>11} " + " ".join(f"{name:>10}" for name in curves) + "   (ratios to 1 process)")
+    gaps = {name: [] for name in curves}
     for lo in range(0, args.steps, args.window):
         hi = min(lo + args.window, args.steps)
-        a, b, c = (sum(x[lo:hi]) / (hi - lo) for x in (one, two, other))
-        gaps_two.append(abs(b / a - 1))
-        gaps_other.append(abs(c / a - 1))
-        print(f"{lo + 1:>5}-{hi:<5} {a:>10.4f} {b:>10.4f} {b / a:>7.3f} {c:>12.4f} {c / a:>7.3f}")
-    print(f"mean |relative gap| per window: 2 ranks {100 * sum(gaps_two) / len(gaps_two):.2f}%, "
-          f"other order {100 * sum(gaps_other) / len(gaps_other):.2f}%")
+        means = {name: sum(c[lo:hi]) / (hi - lo) for name, c in curves.items()}
+        for name, m in means.items():
+            gaps[name].append(abs(m / means["1 process"] - 1))
+        print(f"{lo + 1:>5}-{hi:<5} " + " ".join(f"{m:>10.4f}" for m in means.values()) + "   "
+              + " ".join(f"{means[n] / means['1 process']:.3f}" for n in list(curves)[1:]))
+    print("mean |relative gap| per window to 1 process: "
+          + ", ".join(f"{name} {100 * sum(g) / len(g):.2f}%" for name, g in gaps.items() if name != "1 process"))
+    last = slice(-max(1, args.steps // 3), None)
+    print("mean loss, last third of the steps: "
+          + ", ".join(f"{name} {sum(c[last]) / len(c[last]):.4f}" for name, c in curves.items()))
 
 
 if __name__ == "__main__":
