@@ -1,10 +1,12 @@
 """DDP (torchrun, 2 CPU ranks over gloo) vs one process at the same global batch: the loss curves.
 
-Trains the `student` of --params four times through the real CLI: one process; two ranks under
-torchrun; and two yardsticks of one process that change only the data order, as DDP does:
+Trains the `student` of --params five times through the real CLI: one process; two ranks under
+torchrun; and one-process yardsticks that change only the data order, as DDP does:
 "buffer-1", a shuffle buffer one row smaller (same shards at the same steps, other rows share a
 step), and "2 workers", two loader workers (the shards dealt to two streams exactly as to two ranks,
-a batch from each in turn). Same init and global batch everywhere. Prints the mean training loss per
+a batch from each in turn). "buffer x4", a 4x larger shuffle buffer, shows what better-mixed batches
+alone do: a 2-rank step takes its rows from two streams, so its batches are mixed more than one
+stream's. Same init and global batch everywhere. Prints the mean training loss per
 window of steps side by side and each run's mean relative gap to the one-process curve. Wall times
 are printed too (the ranks share the machine's cores).
 
@@ -64,7 +66,8 @@ def main():
         runs = {"1 process": train("one", common, work),
                 "2 ranks": train("two", common, work, nproc=2),
                 "buffer-1": train("buffer", [*common, "--shuffle-buffer", str(buffer - 1)], work),
-                "2 workers": train("workers", [*common, "--num-workers", "2"], work)}
+                "2 workers": train("workers", [*common, "--num-workers", "2"], work),
+                "buffer x4": train("buffer4", [*common, "--shuffle-buffer", str(4 * buffer)], work)}
     print(f"global batch {common[common.index('--batch-size') + 1]}, {args.steps} steps; wall: "
           + ", ".join(f"{name} {seconds:.0f} s" for name, (_, seconds) in runs.items()))
     curves = {name: curve for name, (curve, _) in runs.items()}
