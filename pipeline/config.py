@@ -57,6 +57,12 @@ class TrainSettings:
     seed: int = setting(0, "Seed for initialisation and data order.")
     num_workers: int = setting(0, "DataLoader worker processes decoding shards.")
     shuffle_buffer: int = setting(256, "Rows held in the shuffle buffer.")
+    checkpoint_every: int = setting(0, "Write a checkpoint (model, optimizer, data position, RNG states) "
+                                    "every this many steps and at the end, for --resume (0: never).")
+    eval_every: int = setting(0, "Compute the validation loss every this many steps and at the end "
+                              "(0: never); written to --val-log.")
+    eval_batches: int = setting(8, "Validation batches (of batch_size blocks, the same ones every time) "
+                                "per evaluation.")
 
     def __post_init__(self):
         _check(self.max_steps > 0 or self.epochs > 0,
@@ -65,6 +71,8 @@ class TrainSettings:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}.")
         _check(self.num_workers >= 0, "num_workers must be >= 0.")
+        _check(min(self.checkpoint_every, self.eval_every) >= 0 and self.eval_batches >= 1,
+               "checkpoint_every and eval_every must be >= 0 (0: off) and eval_batches >= 1.")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pipeline.student import build_gpt2, check_model_fits, hidden_size, load_cau
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
 from pipeline.tokens import TokenStore
-from pipeline.train import resolve_device, save_model, train_loop
+from pipeline.train import TrainFiles, resolve_device, save_model, train_loop
 
 
 def uniform_layer_map(captured: list[int], teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ def check_same_layout(stores: list[TargetsStore]) -> None:
 
 
 def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str | list[str] | None = None,
-                log_path: str | None = None, add_targets=None) -> dict:
+                files: TrainFiles | str | None = None, add_targets=None) -> dict:
     """Train one student from a token store (+ targets stores) and save it with save_pretrained.
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`).
@@ -164,7 +164,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     device = resolve_device(config.device)
     projections.to(device)
     history = train_loop(model, stream, config, objective, device, f"student {Path(out).name}",
-                         log_path, [projections], add_targets)
+                         files, [projections], add_targets)
     save_model(model, tokens, out, {"config": asdict(config), "targets": paths, "target_weights": list(weights),
                                     "tokens_fingerprint": tokens.fingerprint,
                                     "final_loss": history[-1]["loss"], "steps": len(history)})

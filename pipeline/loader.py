@@ -1,18 +1,24 @@
 """Stream token blocks, joined with their cached targets, shard by shard.
 
 Each epoch visits shards in a seeded permutation; shards are dealt round-robin to (rank, worker)
-pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memory is one shard per
-worker plus the buffer, whatever the corpus size. Decoding runs in the DataLoader workers.
+pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memory is a few shards per
+worker, whatever the corpus size. Decoding runs in the DataLoader workers.
+
+The row order depends only on the seeds, never on the data, so it is computed without I/O. That is
+what makes an exact resume cheap: `start_epoch(epoch, batches_done, ...)` skips the batches already
+trained on and reads only the shards that still have rows to give.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import distributed
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore, decode_rows
@@ -25,11 +31,14 @@ class BlockStream(IterableDataset):
     targets: a targets store over the same split, or a list of them (one per teacher; they must share
     rows_per_shard), or None for tokens only. Arrays of store i are keyed fmt.teacher_key(name, i).
     target_names: which stored arrays to read (default: all), or one such list per store.
+    rank, world_size: this process's share of the rows (default: from torch.distributed, else 0 of 1).
+    rows_per_shard: rows read at once when there are no targets (a targets store sets its own).
     """
 
     def __init__(self, tokens: str, split: str = "train", targets: str | list[str] | None = None,
                  target_names: list | None = None, rows_per_shard: int = 256,
-                 shuffle_buffer: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle_buffer: int = 256, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None):
         super().__init__()
         self.tokens_path, self.split = str(tokens), split
         paths = [] if targets is None else targets if isinstance(targets, (list, tuple)) else [targets]
@@ -37,48 +46,129 @@ class BlockStream(IterableDataset):
         if target_names is None or (target_names and isinstance(target_names[0], str)):
             target_names = [target_names] * len(self.targets_paths)
         self.target_names = list(target_names)
-        self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
         self.epoch = 0
+        self.skip = None  # (batches already trained on in this epoch, batch_size, num_workers)
         rows = TokenStore(tokens).num_rows(split)
         per_shard = {int(TargetsStore(t).attrs["rows_per_shard"]) for t in self.targets_paths}
         if len(per_shard) > 1:
             raise KdcacheError(f"targets stores {self.targets_paths} have different rows_per_shard "
                                f"{sorted(per_shard)}; capture them with the same --rows-per-shard.")
-        rows_per_shard = per_shard.pop() if per_shard else rows_per_shard
-        self.shards = fmt.shard_ranges(rows, rows_per_shard)
+        if not per_shard and self.world_size > 1:
+            # Tokens only: shards are just a unit of reading, so make enough for every rank (about 8 each).
+            rows_per_shard = max(1, min(rows_per_shard, -(-rows // (8 * self.world_size))))
+        self.rows_per_shard = per_shard.pop() if per_shard else rows_per_shard
+        self.shards = fmt.shard_ranges(rows, self.rows_per_shard)
         self.num_rows = rows
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.skip = epoch, None
 
-    def my_shards(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, int]]:
+    def start_epoch(self, epoch: int, batches_done: int, batch_size: int, num_workers: int) -> None:
+        """Resume `epoch` after its first `batches_done` batches (of this rank's loader, as built by
+        make_loader(self, batch_size, num_workers)): the loader then yields exactly the rest."""
+        self.epoch, self.skip = epoch, (batches_done, batch_size, num_workers)
+
+    def my_shards(self, worker: int = 0, num_workers: int = 1, rank: int | None = None) -> list[tuple[int, int]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        rank = self.rank if rank is None else rank
+        slot, slots = rank * num_workers + worker, self.world_size * num_workers
         return [self.shards[i] for i in order[slot::slots]]
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        blocks = TokenStore(self.tokens_path).blocks(self.split)
-        stores = [TargetsStore(t) for t in self.targets_paths]
+    def row_order(self, worker: int = 0, num_workers: int = 1) -> Iterator[int]:
+        """The rows one (rank, worker) yields this epoch, in order: the shuffle buffer run on row numbers."""
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        buffer: list[dict] = []
+        buffer = []
         for start, stop in self.my_shards(worker, num_workers):
-            ids = torch.from_numpy(blocks[start:stop].astype(np.int64))
-            targets = {fmt.teacher_key(name, i): t
-                       for i, (store, names) in enumerate(zip(stores, self.target_names))
-                       for name, t in decode_rows(store.read_rows(start, stop, names), store.attrs).items()}
-            for i in range(stop - start):
-                item = {"input_ids": ids[i], "row": torch.tensor(start + i)}
-                item.update({name: t[i] for name, t in targets.items()})
-                buffer.append(item)
+            for row in range(start, stop):
+                buffer.append(row)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
+    def worker_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> list[int]:
+        """Batches each DataLoader worker of `rank` yields this epoch (each ends with a partial one)."""
+        rows = [sum(stop - start for start, stop in self.my_shards(w, max(1, num_workers), rank))
+                for w in range(max(1, num_workers))]
+        return [-(-n // batch_size) for n in rows]
 
-def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+    def batches_per_epoch(self, batch_size: int, num_workers: int) -> int:
+        """Batches every rank can give this epoch: the fewest of any rank (all ranks take equal steps)."""
+        return min(sum(self.worker_batches(batch_size, num_workers, r)) for r in range(self.world_size))
+
+    def _resume_plan(self, num_workers: int) -> tuple[list[int], list[int]]:
+        """(original worker played by each loader worker, rows it skips) for the current `skip`.
+
+        A DataLoader takes batches from its workers round-robin, passing over exhausted ones. Count
+        what each worker gave in the first `done` batches, then rotate the roles so that loader worker
+        0 plays the worker whose turn came next: the round-robin then continues where it stopped.
+        """
+        workers = max(1, num_workers)
+        if self.skip is None:
+            return list(range(workers)), [0] * workers
+        done, batch_size, planned_workers = self.skip
+        if planned_workers != num_workers:
+            raise KdcacheError(f"resume planned for {planned_workers} loader workers, the loader has {num_workers}.")
+        left = self.worker_batches(batch_size, num_workers)
+        if done > sum(left):
+            raise KdcacheError(f"cannot resume after batch {done} of epoch {self.epoch}: it has {sum(left)}.")
+        given, turn = [0] * workers, 0
+        for _ in range(done):
+            while left[turn] == 0:
+                turn = (turn + 1) % workers
+            given[turn] += 1
+            left[turn] -= 1
+            turn = (turn + 1) % workers
+        active = [w for w in range(workers) if left[w] > 0]
+        if not active:
+            return [-1] * workers, [0] * workers
+        while left[turn] == 0:
+            turn = (turn + 1) % workers
+        first = active.index(turn)
+        roles = [active[(j + first) % len(active)] if j < len(active) else -1 for j in range(workers)]
+        return roles, [given[w] * batch_size if w >= 0 else 0 for w in roles]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 0)
+        roles, skips = self._resume_plan(num_workers)
+        worker, skip = roles[worker], skips[worker]
+        if worker < 0:  # nothing left for this loader worker after a resume
+            return
+        blocks = TokenStore(self.tokens_path).blocks(self.split)
+        stores = [TargetsStore(t) for t in self.targets_paths]
+        given: dict[int, int] = {}  # shard index -> rows of it skipped or yielded so far
+        decoded: dict[int, dict] = {}  # shard index -> its decoded rows, while some are still due
+        for n, row in enumerate(self.row_order(worker, max(1, num_workers))):
+            shard = row // self.rows_per_shard
+            start, stop = self.shards[shard]
+            given[shard] = given.get(shard, 0) + 1
+            done = given[shard] == stop - start
+            if done:
+                del given[shard]
+            if n < skip:  # trained on before the resume: no I/O for it
+                continue
+            if shard not in decoded:  # read a shard when its first remaining row is due
+                decoded[shard] = {"input_ids": torch.from_numpy(blocks[start:stop].astype(np.int64)),
+                                  **{fmt.teacher_key(name, i): t
+                                     for i, (store, names) in enumerate(zip(stores, self.target_names))
+                                     for name, t in decode_rows(store.read_rows(start, stop, names), store.attrs).items()}}
+            yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
+            if done:
+                del decoded[shard]  # all its rows are out: let the shard go
+
+
+def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of `batch_size` rows; with workers, each batch comes from one worker, round-robin.
+
+    Its own generator: creating the iterator draws a seed, which must not come from (and shift) the
+    global torch RNG that a resumed run restores. Workers are not persistent because a resume changes
+    each worker's plan.
+    """
+    generator = torch.Generator().manual_seed(stream.seed)
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=generator)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.config import TeacherConfig
 from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream
@@ -20,7 +21,7 @@ from pipeline.student import build_gpt2, check_model_fits, load_causal_lm, num_l
 from pipeline.targets import format as fmt
 from pipeline.tokens import TokenStore
 from pipeline.objective import Objective
-from pipeline.train import resolve_device, save_model, train_loop
+from pipeline.train import TrainFiles, resolve_device, save_model, train_loop
 
 INFO_FILE = "kdcache.json"
 
@@ -38,7 +39,8 @@ def fingerprint_model_dir(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str, log_path: str | None = None) -> dict:
+def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
+                        files: TrainFiles | str | None = None) -> dict:
     """Load `config.model` or train the default teacher; save it to `out` with its fingerprint."""
     tokens = TokenStore(tokens_dir)
     if config.model:
@@ -50,7 +52,9 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str, log_pa
                            config.seed)
         stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
         history = train_loop(model, stream, config, Objective(vocab_size=tokens.vocab_size),
-                             resolve_device("auto"), "train teacher", log_path)
+                             resolve_device("auto"), "train teacher", files)
+        if not distributed.is_main():  # torchrun: rank 0 alone saves and fingerprints the teacher
+            return {"source": "default", "rank": distributed.rank()}
         source, final_loss = "default", history[-1]["loss"]
     save_model(model, tokens, out, {})
     info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
@@ -174,13 +178,13 @@ class OnlineTargets:
 
 
 def run_online_student(config, tokens_dir: str, out: str, teacher_dir: str, top_k: int = 32,
-                       log_path: str | None = None) -> dict:
+                       files: TrainFiles | str | None = None) -> dict:
     """The online-KD baseline: train a student with the teacher in the loop (top_k 0: full vocabulary)."""
     from pipeline.distill import run_student
 
     vocab = TokenStore(tokens_dir).vocab_size
     online = OnlineTargets(teacher_dir, vocab, top_k or vocab, 1.0, [], resolve_device(config.device))
-    return run_student(config, tokens_dir, out, None, log_path, add_targets=online)
+    return run_student(config, tokens_dir, out, None, files, add_targets=online)
 
 
 # --- Deep mutual learning (Zhang et al., CVPR 2018): two students teach each other ------------------
@@ -224,7 +228,7 @@ class MutualObjective:
         return parts
 
 
-def run_mutual_students(config, tokens_dir: str, out: str, log_path: str | None = None) -> dict:
+def run_mutual_students(config, tokens_dir: str, out: str, files: TrainFiles | str | None = None) -> dict:
     """Train two students (seeds s and s + 1) by deep mutual learning; save them to OUT and OUT-peer.
 
     The baseline without any teacher: each student learns from the hard labels (α) and from the other
@@ -251,7 +255,7 @@ def run_mutual_students(config, tokens_dir: str, out: str, log_path: str | None 
                           loss=config.loss, schedules=config.schedules(), loss_chunk=config.loss_chunk)
     stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     history = train_loop(pair, stream, config, MutualObjective(objective), resolve_device(config.device),
-                         f"mutual {Path(out).name}", log_path)
+                         f"mutual {Path(out).name}", files)
     places = [Path(out), mutual_peer_dir(out)]
     for student, student_config, place, peer_place, key in zip(pair, configs, places, places[::-1],
                                                                 ("student_loss", "peer_loss")):

@@ -1,4 +1,10 @@
-"""The training loop shared by the default teacher (CE only) and the students (see objective.py)."""
+"""The training loop shared by the default teacher (CE only) and the students (see objective.py).
+
+One loop for one process and for torchrun/DDP (pipeline/distributed.py): settings.batch_size is the
+global batch, each rank takes batch_size / world_size rows of it. It can write checkpoints and resume
+from them to exactly the batch sequence of an uninterrupted run (pipeline/checkpoint.py), and
+evaluate a fixed set of validation batches every eval_every steps.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,27 @@ import csv
 import json
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pipeline import checkpoint, distributed
 from pipeline.config import TrainSettings
+from pipeline.errors import KdcacheError
 from pipeline.loader import BlockStream, make_loader
+from pipeline.objective import Objective
 from pipeline.progress import progress
+from pipeline.targets.reader import TargetsStore
 from pipeline.tokens import TokenStore
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.active():
+        return torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (process_group)
     return torch.device(name)
 
 
@@ -31,27 +44,141 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
+@dataclass(frozen=True)
+class TrainFiles:
+    """What a run writes besides the model (all optional): CSV logs and its checkpoint."""
+
+    log: str | None = None  # step, epoch, lr, loss parts: one row per optimizer step
+    val_log: str | None = None  # step, val_loss: one row per evaluation
+    checkpoint_dir: str | None = None  # needed by checkpoint_every > 0 and by resume
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
+
+
+class TrainStep(torch.nn.Module):
+    """The model, the extra modules and the objective as one module: DDP must run the whole loss in
+    its forward to synchronise the gradients of every parameter, the projections' included."""
+
+    def __init__(self, model, extra_modules, objective):
+        super().__init__()
+        self.model, self.extra = model, torch.nn.ModuleList(extra_modules)
+        self.objective = objective
+
+    def forward(self, batch: dict, progress: float) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch, progress=progress)
+
+
+def plan_steps(stream: BlockStream, settings: TrainSettings, local_batch: int) -> int:
+    """Total optimizer steps: max_steps, or fewer when `epochs` passes over the data end first."""
+    stream.set_epoch(0)
+    if stream.batches_per_epoch(local_batch, settings.num_workers) == 0:
+        raise KdcacheError(f"{len(stream.shards)} shards of {stream.rows_per_shard} rows leave a rank with no "
+                           f"rows for {stream.world_size} ranks; use fewer ranks or smaller shards "
+                           f"(cache --rows-per-shard).")
+    limits = [settings.max_steps] if settings.max_steps else []
+    if settings.epochs:
+        per_epoch = []
+        for epoch in range(settings.epochs):
+            stream.set_epoch(epoch)
+            per_epoch.append(stream.batches_per_epoch(local_batch, settings.num_workers))
+        limits.append(sum(per_epoch))
+    return min(limits)
+
+
+def run_identity(stream: BlockStream, settings: TrainSettings) -> dict:
+    """What must not change across a resume: the settings, the ranks and the data."""
+    teachers = [TargetsStore(t).attrs.get("teacher_fingerprint") for t in stream.targets_paths]
+    data = {"tokens": TokenStore(stream.tokens_path).fingerprint, "split": stream.split,
+            "teachers": teachers, "target_names": stream.target_names, "rows_per_shard": stream.rows_per_shard}
+    identity = {"settings": asdict(settings), "world_size": stream.world_size, "data": data}
+    return json.loads(json.dumps(identity))  # as run.json holds it (lists, not tuples)
+
+
+def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[torch.Tensor]:
+    """The first eval_batches × batch_size validation blocks: the same every evaluation and every run."""
+    blocks = TokenStore(stream.tokens_path).blocks("validation")[: settings.eval_batches * settings.batch_size]
+    ids = torch.from_numpy(blocks.astype("int64"))
+    return list(ids.split(settings.batch_size))
+
+
+@torch.no_grad()
+def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device: torch.device) -> float:
+    """Mean cross-entropy on hard labels: comparable between teacher, students and the CE baseline."""
+    model.eval()
+    ce = Objective(vocab_size=vocab_size)
+    losses = [float(ce(model, {"input_ids": ids.to(device)})["loss"]) for ids in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
 def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: Objective,
-               device: torch.device, desc: str, log_path: str | Path | None = None,
+               device: torch.device, desc: str, files: TrainFiles | str | Path | None = None,
                extra_modules: list[torch.nn.Module] = (),
                add_targets: Callable[[dict], dict] | None = None) -> list[dict]:
-    """Train until max_steps or epochs is reached. Returns the per-step history (also CSV at log_path).
+    """Train until max_steps or epochs is reached. Returns the per-step history (also CSV at files.log).
 
+    files: a TrainFiles, or just the path of the loss CSV.
     add_targets: fills a batch's targets on the fly (the online-KD baseline); None reads them from the stream.
+    Under torchrun every rank calls this with its own stream; rank 0 alone writes files.
     """
+    files = files if isinstance(files, TrainFiles) else TrainFiles(log=files)
+    world, main = distributed.world_size(), distributed.is_main()
+    if (stream.rank, stream.world_size) != (distributed.rank(), world):
+        raise KdcacheError(f"the stream is rank {stream.rank} of {stream.world_size}, the process rank "
+                           f"{distributed.rank()} of {world}; build it inside the process group.")
+    if settings.batch_size % world:
+        raise KdcacheError(f"batch_size {settings.batch_size} is the global batch and must divide evenly "
+                           f"over {world} ranks; use a multiple of {world}.")
+    if (settings.checkpoint_every or files.resume) and not files.checkpoint_dir:
+        raise KdcacheError("checkpoint_every and resume need a checkpoint directory (--checkpoint-dir).")
+    local_batch, workers = settings.batch_size // world, settings.num_workers
+    total = plan_steps(stream, settings, local_batch)
+    identity = run_identity(stream, settings)
+
     torch.manual_seed(settings.seed)
     model.to(device).train()
-    params = [p for m in (model, *extra_modules) for p in m.parameters()]
+    trainer = TrainStep(model, extra_modules, objective).to(device)
+    params = list(trainer.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    loader = make_loader(stream, settings.batch_size, settings.num_workers)
-    steps_per_epoch = math.ceil(stream.num_rows / stream.world_size / settings.batch_size)
-    total = min(s for s in (settings.max_steps, settings.epochs * steps_per_epoch) if s > 0)
+    history, val_history, step, epoch, done_in_epoch = [], [], 0, 0, 0
+    if files.resume:  # before any training: a mismatch costs nothing
+        state, saved = checkpoint.load_checkpoint(files.checkpoint_dir)
+        checkpoint.check_same_run(saved, identity, total, files.checkpoint_dir)
+        model.load_state_dict(state["model"])
+        for module, module_state in zip(extra_modules, state["extra"]):
+            module.load_state_dict(module_state)
+        optimizer.load_state_dict(state["optimizer"])
+        history, val_history = state["history"], state["val_history"]
+        step, epoch, done_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+        checkpoint.set_rng_state(state["rng"])
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
+    val_batches = validation_batches(stream, settings) if settings.eval_every else []
+
+    def save(position: tuple[int, int]) -> None:
+        state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra_modules],
+                 "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                 "history": history, "val_history": val_history}
+        run = {**identity, "step": step, "epoch": position[0], "batches_in_epoch": position[1]}
+        checkpoint.save_checkpoint(files.checkpoint_dir, state, run)
+        write_logs()
+
+    def write_logs() -> None:
+        if files.log:
+            write_history(history, files.log)
+        if files.val_log:
+            write_history(val_history, files.val_log)
+
+    loader = make_loader(stream, local_batch, workers, pin_memory=device.type == "cuda")
     tokens_per_step = settings.batch_size * TokenStore(stream.tokens_path).block_size
-    history, step, epoch = [], 0, 0
-    bar = progress(total=total, desc=desc, unit="step")
-    start = time.perf_counter()
+    bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not main)
+    start, first_step = time.perf_counter(), step
     while step < total:
-        stream.set_epoch(epoch)
+        if done_in_epoch:
+            stream.start_epoch(epoch, done_in_epoch, local_batch, workers)
+        else:
+            stream.set_epoch(epoch)
+        epoch_steps = stream.batches_per_epoch(local_batch, workers)  # equal on every rank
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if add_targets is not None:
@@ -59,23 +186,31 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             lr = lr_at(step, total, settings.warmup_steps, settings.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = objective(model, batch, progress=step / total)
+            parts = trainer(batch, progress=step / total)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            step += 1
-            row = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v.detach()) for k, v in parts.items()}}
+            step, done_in_epoch = step + 1, done_in_epoch + 1
+            names = list(parts)
+            values = distributed.mean_over_ranks(torch.stack([parts[k].detach().float() for k in names]))
+            row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist()))}
             history.append(row)
-            rate = step * tokens_per_step / (time.perf_counter() - start)
+            if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
+                val_history.append({"step": step, "val_loss": validation_loss(
+                    model, val_batches, objective.vocab_size, device)})
+            if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
+                save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
+            rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
-            if step >= total:
+            if step >= total or done_in_epoch >= epoch_steps:
                 break
-        epoch += 1
+        if done_in_epoch >= epoch_steps:
+            epoch, done_in_epoch = epoch + 1, 0
     bar.close()
-    if log_path:
-        write_history(history, log_path)
+    if main:
+        write_logs()
     return history
 
 
@@ -90,7 +225,12 @@ def write_history(history: list[dict], path: str | Path) -> None:
 
 
 def save_model(model, tokens: TokenStore, out: str | Path, info: dict) -> None:
-    """save_pretrained (safetensors) + the tokenizer + kdcache.json, so from_pretrained(out) works."""
+    """save_pretrained (safetensors) + the tokenizer + kdcache.json, so from_pretrained(out) works.
+
+    Under torchrun only rank 0 writes (every rank holds the same weights).
+    """
+    if not distributed.is_main():
+        return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out, safe_serialization=True)

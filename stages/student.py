@@ -1,9 +1,13 @@
+from pathlib import Path
+
 import click
 
+from pipeline import distributed
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.teacher import mutual_peer_dir, run_mutual_students, run_online_student
 from pipeline.distill import run_student
+from pipeline.train import TrainFiles
 from stages.options import build_config, config_options
 
 
@@ -15,6 +19,10 @@ from stages.options import build_config, config_options
               "store only). Without it: CE-only training.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the trained student.")
 @click.option("--log", type=click.Path(), help="CSV of the training loss per step (a DVC plot).")
+@click.option("--val-log", type=click.Path(), help="CSV of the validation loss every eval_every steps (a DVC plot).")
+@click.option("--checkpoint-dir", type=click.Path(), help="Checkpoint directory (default: OUT/checkpoint).")
+@click.option("--resume/--no-resume", default=False, help="Continue from the checkpoint to the batches and "
+              "losses of an uninterrupted run (settings must match; max_steps/epochs may grow).")
 @click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
 @click.option("--teacher", "teacher_dir", type=click.Path(), help="Teacher directory, for --online.")
 @click.option("--online-top-k", default=32, show_default=True, help="Top-k of the online teacher (0: full vocabulary).")
@@ -22,20 +30,27 @@ from stages.options import build_config, config_options
               "(Zhang et al., 2018). Two students (seeds s, s+1) train on the same batches, each with CE + KD "
               "towards the other's current full distribution; saved to --out and its sibling OUT-peer.")
 @config_options(StudentConfig)
-def student(tokens, targets, out, log, online, teacher_dir, online_top_k, mutual, **options):
-    """Train a student from the token store and the cached targets; save it with save_pretrained."""
+def student(tokens, targets, out, log, val_log, checkpoint_dir, resume, online, teacher_dir, online_top_k,
+            mutual, **options):
+    """Train a student from the token store and the cached targets; save it with save_pretrained.
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel: see docs/DDP.md.
+    """
     config = build_config(StudentConfig, options)
+    files = TrainFiles(log, val_log, checkpoint_dir or str(Path(out) / "checkpoint"), resume)
+    distributed.start(config.device)
     if mutual:
         if online or targets:
             raise KdcacheError("--mutual trains two students from each other: leave out --online and --targets.")
-        last = run_mutual_students(config, tokens, out, log)
+        last = run_mutual_students(config, tokens, out, files)
         click.echo(f"students -> {out}, {mutual_peer_dir(out)} (final losses {last['student_loss']:.4f}, "
                    f"{last['peer_loss']:.4f})")
         return
     if online:
         if not teacher_dir or targets:
             raise KdcacheError("--online needs --teacher DIR and no --targets.")
-        last = run_online_student(config, tokens, out, teacher_dir, online_top_k, log)
+        last = run_online_student(config, tokens, out, teacher_dir, online_top_k, files)
     else:
-        last = run_student(config, tokens, out, list(targets) or None, log)
-    click.echo(f"student -> {out} (final loss {last['loss']:.4f})")
+        last = run_student(config, tokens, out, list(targets) or None, files)
+    if distributed.is_main():
+        click.echo(f"student -> {out} (final loss {last['loss']:.4f})")

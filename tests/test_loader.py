@@ -72,3 +72,51 @@ def test_tokens_only_stream_covers_every_row(tiny_tokens):
     stream = BlockStream(str(tiny_tokens.path), "train", None, rows_per_shard=3, shuffle_buffer=4)
     rows = epoch_rows(stream, 0, 0)
     assert sorted(rows) == list(range(tiny_tokens.num_rows("train")))
+
+
+def batch_rows(loader):
+    return [batch["row"].tolist() for batch in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_resume_mid_epoch_gives_exactly_the_remaining_batches(tiny_tokens, store_path, num_workers):
+    """Workers interleave round-robin and run out unevenly; a resume after any batch continues the sequence."""
+    stream = BlockStream(str(tiny_tokens.path), "train", str(store_path), shuffle_buffer=6, seed=2)
+    loader = make_loader(stream, batch_size=3, num_workers=num_workers)
+    stream.set_epoch(1)
+    full = batch_rows(loader)
+    assert len(full) == stream.batches_per_epoch(3, num_workers)
+    if num_workers == 3:  # the case that needs the rotation: workers give different numbers of batches
+        assert len(set(stream.worker_batches(3, 3))) > 1
+    for done in sorted({1, len(full) // 2 + 1, len(full) - 1}):
+        stream.start_epoch(1, done, 3, num_workers)
+        rest = []
+        for batch in loader:
+            rest.append(batch["row"].tolist())
+            assert torch.equal(batch[fmt.TAIL_LOGMASS][:, 0].long(), batch["row"])  # still joined
+        assert rest == full[done:], done
+    stream.set_epoch(1)
+    assert batch_rows(loader) == full  # a plain epoch again afterwards
+
+
+def test_row_order_needs_no_io_and_matches_the_stream(tiny_tokens, store_path):
+    stream = BlockStream(str(tiny_tokens.path), "train", str(store_path), shuffle_buffer=5, seed=4)
+    stream.set_epoch(3)
+    assert [int(item["row"]) for item in stream] == list(stream.row_order())
+
+
+def test_unequal_ranks_take_the_same_number_of_batches(tiny_tokens, store_path):
+    streams = [BlockStream(str(tiny_tokens.path), "train", str(store_path), seed=1, rank=rank, world_size=3)
+               for rank in range(3)]
+    counts = [len(epoch_rows(stream, 0, 0)) for stream in streams]  # rows each rank really yields
+    assert len(set(counts)) > 1  # the ranks do hold different numbers of rows
+    assert [sum(s.worker_batches(2, 0)) for s in streams] == [-(-n // 2) for n in counts]
+    assert {s.batches_per_epoch(2, 0) for s in streams} == {-(-min(counts) // 2)}
+
+
+def test_tokens_only_stream_gives_every_rank_rows(tiny_tokens):
+    n = tiny_tokens.num_rows("train")
+    streams = [BlockStream(str(tiny_tokens.path), "train", None, rank=r, world_size=2) for r in range(2)]
+    assert len(streams[0].shards) >= 2 * 8  # about 8 shards per rank, whatever the row count
+    rows = [epoch_rows(s, 0, 0) for s in streams]
+    assert all(rows) and not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(n))

@@ -61,3 +61,36 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_uniform_layer_map():
     assert uniform_layer_map([0, 2, 4], teacher_layers=4, student_layers=2) == [(0, 0), (1, 2), (2, 4)]
+
+
+def test_validation_loss_is_the_mean_next_token_cross_entropy(tiny_tokens):
+    from pipeline.config import TrainSettings
+    from pipeline.loader import BlockStream
+    from pipeline.train import validation_batches, validation_loss
+
+    stream = BlockStream(str(tiny_tokens.path), "train", None)
+    batches = validation_batches(stream, TrainSettings(batch_size=3, eval_batches=2))
+    blocks = torch.from_numpy(tiny_tokens.blocks("validation")[:6].astype("int64"))
+    assert torch.equal(torch.cat(batches), blocks)  # the first eval_batches x batch_size blocks
+    model = build_gpt2(ModelShape(n_layer=1, n_embd=16, n_head=2), tiny_tokens.vocab_size, tiny_tokens.block_size)
+    with torch.no_grad():
+        expected = [torch.nn.functional.cross_entropy(model(input_ids=b).logits[:, :-1].flatten(0, 1),
+                                                      b[:, 1:].flatten()) for b in batches]
+    loss = validation_loss(model, batches, tiny_tokens.vocab_size, torch.device("cpu"))
+    assert loss == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+    assert model.training  # left in training mode
+
+
+def test_progress_in_a_log_is_one_line_per_redraw(capsys):
+    from pipeline.progress import progress
+
+    bar = progress(total=3, desc="train", unit="step", mininterval=0)
+    for _ in range(3):
+        bar.set_postfix(loss="1.000", tok_s="10", refresh=False)
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) >= 3 and lines[-1].startswith("train: 100%")
+    assert "3/3 [" in lines[-1] and "<00:00" in lines[-1] and "loss=1.000, tok_s=10" in lines[-1]  # ETA, postfix
