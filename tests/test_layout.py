@@ -29,7 +29,7 @@ def test_stages_hold_no_training_or_tensor_code():
 def test_ce_baseline_gets_every_student_setting_except_the_kd_ones():
     import yaml
 
-    kd_only = {"alpha", "temperature", "loss", "beta", "layer_map"}
+    kd_only = {"alpha", "temperature", "loss", "kd_targets", "beta", "layer_map"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for params_file in ("params.yaml", "params.smoke.yaml"):
         student = yaml.safe_load((ROOT / params_file).read_text())["student"]
