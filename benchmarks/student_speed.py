@@ -74,6 +74,7 @@ def main():
     parser.add_argument("--teacher", default="models/teacher", help="for the online-KD mode ('' to skip)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=STORE",
                         help="another store to train from (mode cache_NAME), e.g. sqd=/tmp/sqd.zarr")
+    parser.add_argument("--modes", default="", help="comma-separated subset of the modes (default: all)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=100, help="steps per measured run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -87,6 +88,8 @@ def main():
     base = replace(base, max_steps=0, epochs=1) if args.epoch else replace(base, max_steps=args.steps, epochs=0)
     tokens, store = TokenStore(args.tokens), TargetsStore(args.targets)
     runs = modes(args, store, tokens.vocab_size)
+    if args.modes:
+        runs = {name: run for name, run in runs.items() if name in args.modes.split(",")}
     start = time.perf_counter()
     store.check_shards(store.topk_names())
     print(f"verifying the top-k arrays of {args.targets} before training: {time.perf_counter() - start:.2f} s")

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import click
 
 from pipeline import distributed
@@ -7,8 +5,7 @@ from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.teacher import mutual_peer_dir, run_mutual_students, run_online_student
 from pipeline.distill import run_student
-from pipeline.train import TrainFiles
-from stages.options import build_config, config_options
+from stages.options import build_config, config_options, train_file_options
 
 
 @click.command()
@@ -18,11 +15,7 @@ from stages.options import build_config, config_options
               "(weights equal by default, normalised to sum 1; see --multi-teacher; hidden states from one "
               "store only). Without it: CE-only training.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the trained student.")
-@click.option("--log", type=click.Path(), help="CSV of the training loss per step (a DVC plot).")
-@click.option("--val-log", type=click.Path(), help="CSV of the validation loss every eval_every steps (a DVC plot).")
-@click.option("--checkpoint-dir", type=click.Path(), help="Checkpoint directory (default: OUT/checkpoint).")
-@click.option("--resume/--no-resume", default=False, help="Continue from the checkpoint to the batches and "
-              "losses of an uninterrupted run (settings must match; max_steps/epochs may grow).")
+@train_file_options("student")
 @click.option("--online/--no-online", default=False, help="Baseline: run --teacher in the loop instead of reading a cache.")
 @click.option("--teacher", "teacher_dir", type=click.Path(), help="Teacher directory, for --online.")
 @click.option("--online-top-k", default=32, show_default=True, help="Top-k of the online teacher (0: full vocabulary).")
@@ -30,14 +23,12 @@ from stages.options import build_config, config_options
               "(Zhang et al., 2018). Two students (seeds s, s+1) train on the same batches, each with CE + KD "
               "towards the other's current full distribution; saved to --out and its sibling OUT-peer.")
 @config_options(StudentConfig)
-def student(tokens, targets, out, log, val_log, checkpoint_dir, resume, online, teacher_dir, online_top_k,
-            mutual, **options):
+def student(tokens, targets, out, files, online, teacher_dir, online_top_k, mutual, **options):
     """Train a student from the token store and the cached targets; save it with save_pretrained.
 
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel: see docs/DDP.md.
     """
     config = build_config(StudentConfig, options)
-    files = TrainFiles(log, val_log, checkpoint_dir or str(Path(out) / "checkpoint"), resume)
     distributed.start(config.device)
     if mutual:
         if online or targets:
