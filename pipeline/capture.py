@@ -31,7 +31,7 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
         "top_p": config.top_p, "min_k": config.min_k,
         "encoding": config.encoding, "ids_dtype": encode.ids_dtype(tokens.vocab_size),
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
-        "hidden_dtype": np.dtype(encode.HIDDEN_DTYPE).name, "rows_per_chunk": config.rows_per_chunk,
+        "hidden_dtype": config.hidden_dtype, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
@@ -52,7 +52,7 @@ def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
         specs[fmt.SAMPLED_IDS] = ((T, *id_shape), id_dtype)
         specs[fmt.SAMPLED_COUNTS] = ((T, N), "uint8")
     for layer in identity["layers"]:
-        specs[fmt.hidden_array(layer)] = ((T, D), identity["hidden_dtype"])
+        specs[fmt.hidden_array(layer)] = ((T, D), encode.hidden_storage_dtype(identity["hidden_dtype"]))
     return specs
 
 
@@ -66,7 +66,7 @@ def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.nd
         out[fmt.SAMPLED_IDS] = encode.encode_ids(targets[fmt.SAMPLED_IDS], identity["ids_dtype"])
         out[fmt.SAMPLED_COUNTS] = targets[fmt.SAMPLED_COUNTS].cpu().numpy().astype(np.uint8)
     for layer in identity["layers"]:
-        out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)])
+        out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)], identity["hidden_dtype"])
     return out
 
 

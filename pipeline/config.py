@@ -123,6 +123,9 @@ class CacheConfig:
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
     device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, cuda:1, ...")
+    hidden_dtype: str = setting("float16", "Dtype of the stored hidden states (or their --hidden-rank "
+                                "coefficients): float16, or bfloat16 (float32's range, for activations "
+                                "beyond float16's 65 504).")
     hidden_rank: int = setting(0, "Store each captured layer's hidden states as coefficients on its top-R "
                                "principal directions (fitted at the start of the capture, stored in the "
                                "store); 0: full width.")
@@ -131,6 +134,8 @@ class CacheConfig:
 
     def __post_init__(self):
         _check(self.hidden_rank >= 0, f"hidden_rank must be >= 0 (0: full width), got {self.hidden_rank}.")
+        _check(self.hidden_dtype in ("float16", "bfloat16"),
+               f"hidden_dtype must be float16 or bfloat16, got {self.hidden_dtype!r}.")
         _check(self.hidden_fit_rows >= 1, f"hidden_fit_rows must be >= 1, got {self.hidden_fit_rows}.")
         _check(self.hidden_rank == 0 or bool(self.layers),
                "hidden_rank needs captured hidden states: add --layer L (or set hidden_rank to 0).")

@@ -10,8 +10,10 @@ import zarr
 
 from pipeline.capture import run_capture
 from pipeline.config import CacheConfig
+from pipeline.errors import KdcacheError
+from pipeline.targets import encode
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore
+from pipeline.targets.reader import TargetsStore, decode_rows
 from pipeline.teacher import load_teacher, teacher_targets
 
 
@@ -54,6 +56,24 @@ def test_store_holds_what_the_teacher_says(teacher_dir, tiny_tokens, tmp_path):
     np.testing.assert_allclose(stored[fmt.TOPK_LOGPROBS], direct[fmt.TOPK_LOGPROBS].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stored[fmt.hidden_array(2)], direct[fmt.hidden_array(2)].numpy(), rtol=1e-2, atol=1e-2)
     assert store.attrs["teacher_fingerprint"] == json.loads((teacher_dir / "kdcache.json").read_text())["fingerprint"]
+
+
+def test_bfloat16_hidden_states_keep_the_teacher_within_bfloat16_rounding(teacher_dir, tiny_tokens, tmp_path):
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", hidden_dtype="bfloat16")
+    assert store.attrs["hidden_dtype"] == "bfloat16" and store.group[fmt.hidden_array(2)].dtype == np.uint16
+    model, _ = load_teacher(teacher_dir)
+    ids = torch.from_numpy(tiny_tokens.blocks("train")[17:20].astype(np.int64))
+    direct = teacher_targets(model, ids, tiny_tokens.vocab_size, 8, layers=(2,))[fmt.hidden_array(2)]
+    decoded = decode_rows(store.read_rows(17, 20, [fmt.hidden_array(2)]), store.attrs)[fmt.hidden_array(2)]
+    # Round to nearest: at most half a unit in the 8th significant bit, relative.
+    assert torch.all((decoded - direct).abs() <= direct.abs() * 2.0**-8 + 1e-30)
+    assert not torch.equal(decoded, direct)  # it did round
+
+
+def test_an_unknown_hidden_dtype_is_refused():
+    with pytest.raises(KdcacheError, match="hidden_dtype must be float16 or bfloat16"):
+        CacheConfig(hidden_dtype="int8")
+    assert set(encode.HIDDEN_DTYPES) == {"float16", "bfloat16"}  # the dtypes the config accepts
 
 
 def test_interrupted_capture_resumes_to_identical_arrays(teacher_dir, tiny_tokens, tmp_path):

@@ -29,7 +29,7 @@ import torch
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
 
-HIDDEN_DTYPE = np.float16
+HIDDEN_DTYPES = ("float16", "bfloat16")  # bfloat16: float32's range, 3 significant digits fewer
 QUANT_RANGE = 30.0  # nats: quantised encodings clip log-probs more than this below a position's first
 
 
@@ -110,17 +110,27 @@ class Float32(Cast):
     lossy = False
 
 
+def bfloat16_bits(values) -> np.ndarray:
+    """bfloat16 (the top 16 bits of a float32), rounded to nearest even, as uint16 bit patterns."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    rounded = np.where(np.isnan(values), np.uint32(0x7FC0), rounded)  # keep NaN a NaN
+    return rounded.astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
 class BFloat16(Encoding):
-    """bfloat16 (the top 16 bits of a float32), rounded to nearest even, stored as uint16 bit patterns."""
+    """bfloat16 log-probs stored as uint16 bit patterns (numpy has no bfloat16)."""
 
     def encode(self, logprobs):
-        bits = np.ascontiguousarray(logprobs, dtype=np.float32).view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-        rounded = np.where(np.isnan(logprobs), np.uint32(0x7FC0), rounded)  # keep NaN a NaN
-        return {fmt.TOPK_LOGPROBS: rounded.astype(np.uint16)}
+        return {fmt.TOPK_LOGPROBS: bfloat16_bits(logprobs)}
 
     def _decode(self, stored):
-        return (stored[fmt.TOPK_LOGPROBS].astype(np.uint32) << 16).view(np.float32)
+        return from_bfloat16_bits(stored[fmt.TOPK_LOGPROBS])
 
 
 def _grid(logprobs: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -417,9 +427,16 @@ def decode_topk(stored: dict[str, np.ndarray], ids_dtype: str | None = None,
     return find_encoding(stored, encoding).decode_topk(stored, ids_dtype)
 
 
-def encode_hidden(hidden: torch.Tensor) -> np.ndarray:
-    return hidden.float().cpu().numpy().astype(HIDDEN_DTYPE)
+def hidden_storage_dtype(hidden_dtype: str) -> str:
+    """The array dtype of `hidden_layer_*`: bfloat16 is kept as its uint16 bit patterns."""
+    return "uint16" if hidden_dtype == "bfloat16" else hidden_dtype
 
 
-def decode_hidden(stored: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(stored, dtype=np.float32))
+def encode_hidden(hidden: torch.Tensor, hidden_dtype: str = "float16") -> np.ndarray:
+    values = hidden.float().cpu().numpy()
+    return bfloat16_bits(values) if hidden_dtype == "bfloat16" else values.astype(hidden_dtype)
+
+
+def decode_hidden(stored: np.ndarray, hidden_dtype: str = "float16") -> torch.Tensor:
+    values = from_bfloat16_bits(stored) if hidden_dtype == "bfloat16" else np.asarray(stored, dtype=np.float32)
+    return torch.from_numpy(values)

@@ -141,7 +141,7 @@ def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dic
         elif name == fmt.SAMPLED_COUNTS:
             out[name] = torch.from_numpy(array.astype(np.int64))
         elif name.startswith("hidden_layer_"):
-            out[name] = encode.decode_hidden(array)
+            out[name] = encode.decode_hidden(array, (attrs or {}).get("hidden_dtype", "float16"))
         else:
             out[name] = torch.from_numpy(np.asarray(array, dtype=np.float32))
     return out
