@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.capture import run_capture
+from pipeline.capture import array_specs as capture_array_specs, run_capture
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig
 from pipeline.distill import run_student
 from pipeline.evaluate import run_evaluate
@@ -91,15 +91,14 @@ def transcode(source: str, encoding: str, args) -> tuple[str, float]:
     out = Path(args.work) / f"targets_topk_{encoding}.zarr"
     identity = {key: store.attrs[key] for key in fmt.IDENTITY_KEYS}
     identity["encoding"] = encoding
-    T, K = identity["block_size"], identity["top_k"]
-    specs = {fmt.TOPK_IDS: ((T, K), identity["ids_dtype"]), **encode.topk_arrays(encoding, T, K),
-             fmt.TAIL_LOGMASS: ((T,), "float32")}
-    writer = TargetsWriter(out, identity, specs)
+    writer = TargetsWriter(out, identity, capture_array_specs(identity))
     for index in writer.pending():
         start, stop = writer.ranges[index]
         stored = store.read_rows(start, stop, [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
-        logprobs = torch.from_numpy(stored.pop(fmt.TOPK_LOGPROBS))
-        writer.write_shard(index, {**stored, **encode.encode_topk_logprobs(logprobs, encoding)})
+        ids, logprobs = (torch.from_numpy(stored.pop(name)) for name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS))
+        # encode_topk, not the values alone: some encodings (sqd) store the ids their own way.
+        writer.write_shard(index, {**stored, **encode.encode_topk(ids.long(), logprobs, encoding,
+                                                                  identity["ids_dtype"])})
     writer.finish()
     return str(out), summarize(TargetsStore(out))["bytes_per_token"]
 

@@ -38,7 +38,7 @@ def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model
     }
 
 
-def _array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
+def array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
     T, K, N = identity["block_size"], identity["top_k"], identity["samples"]
     D = identity["hidden_rank"] or identity["hidden_size"]  # coefficients on the basis, or full width
     specs = {}
@@ -142,7 +142,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
         raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
                            f"re-run `kdcache teacher` on {tokens_dir}.")
     identity = _identity(config, tokens, info, model)
-    writer = TargetsWriter(out, identity, _array_specs(identity))
+    writer = TargetsWriter(out, identity, array_specs(identity))
     device = resolve_device(config.device)
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
