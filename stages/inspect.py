@@ -42,6 +42,7 @@ def inspect(store, as_json, plot):
         click.echo(f"  tail mass: mean {summary['tail_mass_mean']:.3g}; {pct}")
         for line in text_histogram(histogram):
             click.echo(f"    {line}")
+    if summary["top_k"] and summary["top_p"] < 1.0:  # without trimming every position keeps all K
         kept = ", ".join(f"p{k}={v:.3g}" for k, v in summary["kept_percentiles"].items())
         click.echo(f"  kept entries (top-p {summary['top_p']}, min-k {summary['min_k']}): "
                    f"mean {summary['kept_mean']:.3g} of {summary['top_k']}; {kept}")
