@@ -42,7 +42,7 @@ def train(name: str, args: list[str], work: Path, nproc: int = 1) -> tuple[list[
     log = work / f"{name}.csv"
     cmd = [KDCACHE, *args, "--out", str(work / name), "--log", str(log)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--", *cmd]
+        cmd = [sys.executable, "-m", "torch.runtime.run", "--standalone", f"--nproc-per-node={nproc}", "--", *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, whatever the count
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)

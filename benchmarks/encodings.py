@@ -1,7 +1,7 @@
 """Encodings of cached top-k targets, side by side: bytes, fidelity and speed on real teacher outputs.
 
 Runs the teacher over the VALIDATION split (first --max-rows rows) and, for each encoding of
-`pipeline.targets.encode.ENCODINGS`, prints one row:
+`pipeline.targets.codecs.ENCODINGS`, prints one row:
 
   values       stored bytes per token of the top-k values (`topk_logprobs` plus the encoding's
                parameter array); sizes come from a temporary targets store written by
@@ -36,14 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.targets import encode
+from pipeline.targets import codecs
+from pipeline.targets import ids as id_codec
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore, decode_rows
+from pipeline.targets.format import decode_rows
+from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import stored_bytes
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher import load_teacher, teacher_targets, trim_top_p
-from pipeline.tokens import TokenStore
-from pipeline.train import resolve_device
+from pipeline.teacher.load import load_teacher
+from pipeline.teacher.signals import teacher_targets, trim_top_p
+from pipeline.data.tokens import TokenStore
+from pipeline.runtime import resolve_device
 
 
 def batches(rows: int, batch_size: int):
@@ -58,12 +61,12 @@ def stored_topk_bytes(name: str, stored: dict[str, np.ndarray], tail: np.ndarray
     trimmed = fmt.TOPK_COUNT in stored
     identity = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "tokens_fingerprint": "bench",
                 "teacher_fingerprint": "bench", "split": "validation", "rows": R, "block_size": T,
-                "vocab_size": 0, "temperature": 1.0, "top_k": K, "top_p": 0.5 if trimmed else 1.0, "min_k": 1,
+                "vocab_size": 0, "capture_temperature": 1.0, "top_k": K, "top_p": 0.5 if trimmed else 1.0, "min_k": 1,
                 "encoding": name, "ids_dtype": ids_dtype, "layers": [], "hidden_size": 0,
                 "hidden_dtype": "float16", "rows_per_chunk": rows_per_chunk, "rows_per_shard": rows_per_shard,
                 "teacher_num_layers": 0, "samples": 0, "seed": 0}
     arrays = {**stored, fmt.TAIL_LOGMASS: tail}
-    specs = {**encode.topk_store_arrays(name, T, K, ids_dtype, trimmed), fmt.TAIL_LOGMASS: ((T,), "float32")}
+    specs = fmt.array_specs(identity)
     with tempfile.TemporaryDirectory() as tmp:
         writer = TargetsWriter(Path(tmp) / "t.zarr", identity, specs)
         for index in writer.pending():
@@ -127,16 +130,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rows-per-chunk", type=int, default=32, help="as `kdcache cache` (CacheConfig)")
     parser.add_argument("--rows-per-shard", type=int, default=256)
-    parser.add_argument("--encodings", nargs="*", default=list(encode.ENCODINGS))
+    parser.add_argument("--encodings", nargs="*", default=list(codecs.ENCODINGS))
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best is kept)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     for name in args.encodings:
-        encode.check_encoding(name)
+        codecs.check_encoding(name)
 
     tokens = TokenStore(args.tokens)
     V, T, K = tokens.vocab_size, tokens.block_size, args.top_k
-    ids_dtype = encode.ids_dtype(V)
+    ids_dtype = id_codec.ids_dtype(V)
     rows = min(args.max_rows, tokens.num_rows("validation"))
     blocks = tokens.blocks("validation")[:rows]
     model, _ = load_teacher(args.teacher)
@@ -162,7 +165,7 @@ def main():
         tail = torch.log(-torch.expm1(kept)).masked_fill(count >= V, float("-inf"))
         count = count if top_p < 1.0 else None
         attrs = {"encoding": name, "ids_dtype": ids_dtype, "top_k": K}
-        stored = encode.encode_topk(ids, logprobs, name, ids_dtype, count)
+        stored = fmt.encode_topk(ids, logprobs, name, ids_dtype, count)
         decoded = decode_rows(stored, attrs)
         sizes = stored_topk_bytes(name, stored, tail.numpy(), ids_dtype, args.rows_per_chunk, args.rows_per_shard)
         values = sum(b for n, b in sizes.items() if n.startswith(fmt.TOPK_LOGPROBS))
@@ -171,7 +174,7 @@ def main():
              "tail": float((1 - decoded[fmt.TOPK_LOGPROBS].double().exp().sum(-1)).mean()),
              "kept": float((K if count is None else count.double()).mean() if count is not None else K)}
         if timed:
-            r["enc"] = n_tok / best_time(lambda: encode.encode_topk(ids, logprobs, name, ids_dtype, count), args.repeats)
+            r["enc"] = n_tok / best_time(lambda: fmt.encode_topk(ids, logprobs, name, ids_dtype, count), args.repeats)
             r["dec"] = n_tok / best_time(lambda: decode_rows(stored, attrs), args.repeats)
         return r
 
@@ -215,9 +218,9 @@ def main():
                   f"ratio {r['total'] / results['fp16']['total']:.3f}")
     # Bit-packed ids (vocabularies above 65 536) decode in the loader workers: the same ids, K per position.
     speeds = {}
-    for layout in ("uint16", encode.ids_dtype(152_064)):
-        packed = encode.encode_ids(true[fmt.TOPK_IDS], layout)
-        speeds[layout] = n_tok / best_time(lambda: encode.decode_ids(packed, layout, K), args.repeats)
+    for layout in ("uint16", id_codec.ids_dtype(152_064)):
+        packed = id_codec.encode_ids(true[fmt.TOPK_IDS], layout)
+        speeds[layout] = n_tok / best_time(lambda: id_codec.decode_ids(packed, layout, K), args.repeats)
     print("ids decode, tokens/s: " + ", ".join(f"{layout} {speed:.3g}" for layout, speed in speeds.items()))
     if trimmed:
         print(f"top-p trimming (at most {K} kept, min_k 1):")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig
 from pipeline.targets import format as fmt
 from pipeline.targets.stats import stored_bytes

@@ -24,8 +24,8 @@ def child(args) -> dict:
     import torch
 
     from pipeline.config import ModelShape
-    from pipeline.objective import Objective
-    from pipeline.student import build_gpt2
+    from pipeline.training.objective import Objective
+    from pipeline.models import build_gpt2
     from pipeline.targets import format as fmt
 
     torch.set_num_threads(args.threads)

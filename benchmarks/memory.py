@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.teacher import materialise_teacher
-from pipeline.tokens import TokenStore, _write_split
+from pipeline.training.teacher import materialise_teacher
+from pipeline.data.tokens import TokenStore, _write_split
 
 CHILD = """
 import json, resource, sys, torch
 torch.set_num_threads(1)
 from pipeline.config import StudentConfig
-from pipeline.distill import run_student
+from pipeline.student import run_student
 config = StudentConfig(**json.loads(sys.argv[1]))
 run_student(config, sys.argv[2], sys.argv[3], sys.argv[4])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

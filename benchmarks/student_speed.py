@@ -27,12 +27,12 @@ import torch
 import yaml
 
 from pipeline.config import StudentConfig
-from pipeline.loader import BlockStream, make_loader
+from pipeline.training.loader import BlockStream, make_loader
 from pipeline.targets.reader import TargetsStore
-from pipeline.teacher import OnlineTargets
-from pipeline.tokens import TokenStore
-from pipeline.distill import run_student
-from pipeline.train import resolve_device
+from pipeline.student.online import OnlineTargets
+from pipeline.data.tokens import TokenStore
+from pipeline.student import run_student
+from pipeline.runtime import resolve_device
 
 
 def modes(args, store: TargetsStore, vocab: int) -> dict:
@@ -44,12 +44,12 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
     if store.layers:
         found["cache_topk_hidden"] = ({"beta": 1.0}, {"targets": args.targets})
     if store.samples:
-        found["cache_sampled"] = ({"kd_targets": "sampled"}, {"targets": args.targets})
+        found["cache_sampled"] = ({"kd_signal": "sampled"}, {"targets": args.targets})
     for extra in args.also:  # NAME=STORE: top-k KD from another store, e.g. another encoding
         name, path = extra.split("=", 1)
-        found[f"cache_{name}"] = ({"kd_targets": "topk"}, {"targets": path})
+        found[f"cache_{name}"] = ({"kd_signal": "topk"}, {"targets": path})
     if args.teacher:
-        online = OnlineTargets(args.teacher, vocab, store.top_k, store.temperature, [], resolve_device("cpu"))
+        online = OnlineTargets(args.teacher, vocab, store.top_k, store.capture_temperature, [], resolve_device("cpu"))
         found["online_topk"] = ({}, {"targets": None, "add_targets": online})
         found["teacher_forward"] = ({}, {"teacher_only": online})
     return found

@@ -39,19 +39,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.capture import array_specs as capture_array_specs, run_capture
+from pipeline.targets.format import array_specs as capture_array_specs
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig
-from pipeline.distill import run_student
+from pipeline.student import run_student
 from pipeline.evaluate import run_evaluate
-from pipeline.targets import encode
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
-from pipeline.targets.encode import ENCODINGS
+from pipeline.targets.codecs import ENCODINGS
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import summarize
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher import INFO_FILE, run_online_student
-from pipeline.tokens import TokenStore
-from pipeline.tokens import _write_split as write_split
+from pipeline.models import INFO_FILE
+from pipeline.student import run_student
+from pipeline.data.tokens import TokenStore
+from pipeline.data.tokens import _write_split as write_split
 
 
 def capture(name: str, config: CacheConfig, args) -> tuple[str, float]:
@@ -97,7 +99,7 @@ def transcode(source: str, encoding: str, args) -> tuple[str, float]:
         stored = store.read_rows(start, stop, [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
         ids, logprobs = (torch.from_numpy(stored.pop(name)) for name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS))
         # encode_topk, not the values alone: some encodings (sqd) store the ids their own way.
-        writer.write_shard(index, {**stored, **encode.encode_topk(ids.long(), logprobs, encoding,
+        writer.write_shard(index, {**stored, **fmt.encode_topk(ids.long(), logprobs, encoding,
                                                                   identity["ids_dtype"])})
     writer.finish()
     return str(out), summarize(TargetsStore(out))["bytes_per_token"]
@@ -145,7 +147,7 @@ def main():
     for name, (path, bpt) in stores.items():
         runs[name] = lambda out, path=path: run_student(student, args.tokens, out, path)
         bytes_per_token[name] = bpt
-    runs["online_dense"] = lambda out: run_online_student(student, args.tokens, out, args.teacher, top_k=0)
+    runs["online_dense"] = lambda out: run_student(replace(student, mode="online", online_top_k=0), args.tokens, out, teacher_dir=args.teacher)
     for name, train in runs.items():
         start = time.perf_counter()
         train(str(work / f"student_{name}"))

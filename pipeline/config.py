@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import KdcacheError
+from pipeline.losses import KD_LOSSES, TAIL_MODELS
 from pipeline.schedules import Schedule, make_schedule
+from pipeline.targets.codecs import ENCODINGS, HIDDEN_DTYPES
 
 
 def setting(default, help: str, **extra):
@@ -53,7 +55,9 @@ class TrainSettings:
     batch_size: int = setting(16, "Blocks per optimizer step.")
     lr: float = setting(1e-3, "Peak learning rate (AdamW).")
     warmup_steps: int = setting(20, "Linear warm-up steps before cosine decay.")
-    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    weight_decay: float = setting(0.01, "AdamW weight decay, on weight matrices only (not on biases, norms "
+                                  "or position embeddings).")
+    min_lr_ratio: float = setting(0.1, "The cosine schedule ends at this fraction of --lr.")
     seed: int = setting(0, "Seed for initialisation and data order.")
     num_workers: int = setting(0, "DataLoader worker processes decoding shards.")
     shuffle_buffer: int = setting(256, "Rows held in the shuffle buffer.")
@@ -70,6 +74,7 @@ class TrainSettings:
         _check(self.max_steps >= 0 and self.epochs >= 0, "max_steps and epochs must be >= 0.")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}.")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _check(self.num_workers >= 0, "num_workers must be >= 0.")
         _check(min(self.checkpoint_every, self.eval_every) >= 0 and self.eval_batches >= 1,
                "checkpoint_every and eval_every must be >= 0 (0: off) and eval_batches >= 1.")
@@ -95,6 +100,7 @@ class TeacherConfig(ModelShape, TrainSettings):
     n_embd: int = setting(256, "Width of the default teacher.")
     vocab_multiple: int = setting(64, "Pad the default teacher's vocabulary to a multiple of this "
                                   "(as real models do); targets cover only the tokenizer's ids.")
+    device: str = setting("auto", "Torch device for training the default teacher: auto, cpu, cuda, ...")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)
@@ -116,9 +122,11 @@ class CacheConfig:
     layers: tuple = setting((), "Teacher hidden-state layer to capture (0 = embeddings, L = last "
                             "block); repeat for several.", type=int, aliases=("--layer",))
     batch_size: int = setting(16, "Blocks per teacher forward pass.")
-    temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T).")
+    capture_temperature: float = setting(1.0, "Capture temperature: targets are log_softmax(logits / T). "
+                                         "Students may train at another temperature (see student --tail-model).",
+                                         aliases=("--temperature",))
     encoding: str = setting("fp16", "Top-k log-prob encoding (`kdcache encodings` lists them): "
-                          "fp32, fp16, bf16, q8, q8d, or sqd (ids and values together, the fewest bytes).")
+                            + ", ".join(ENCODINGS) + " (sqd: ids and values together, the fewest bytes).")
     split: str = setting("train", "Token-store split to capture.")
     rows_per_chunk: int = setting(32, "Rows per compressed chunk (fewer, larger chunks read faster).")
     rows_per_shard: int = setting(256, "Rows per shard file (the unit of resume, checksums and streaming).")
@@ -134,15 +142,17 @@ class CacheConfig:
 
     def __post_init__(self):
         _check(self.hidden_rank >= 0, f"hidden_rank must be >= 0 (0: full width), got {self.hidden_rank}.")
-        _check(self.hidden_dtype in ("float16", "bfloat16"),
-               f"hidden_dtype must be float16 or bfloat16, got {self.hidden_dtype!r}.")
+        _check(self.hidden_dtype in HIDDEN_DTYPES,
+               f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}.")
+        _check(self.encoding in ENCODINGS, f"unknown encoding {self.encoding!r}; choose one of "
+               f"{', '.join(ENCODINGS)} (`kdcache encodings` lists them).")
         _check(self.hidden_fit_rows >= 1, f"hidden_fit_rows must be >= 1, got {self.hidden_fit_rows}.")
         _check(self.hidden_rank == 0 or bool(self.layers),
                "hidden_rank needs captured hidden states: add --layer L (or set hidden_rank to 0).")
         _check(self.top_k >= 0 and 0 <= self.samples <= 255,
                f"top_k must be >= 0 and samples in [0, 255], got top_k={self.top_k}, samples={self.samples}.")
         _check(self.top_k > 0 or self.samples > 0, "nothing to capture: set top_k or samples above 0.")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        _check(self.capture_temperature > 0, f"capture_temperature must be > 0, got {self.capture_temperature}.")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1.0: no trimming), got {self.top_p}.")
         _check(self.top_p == 1.0 or self.top_k > 0,
                "top_p trims the top-k targets: set top_k above 0 (the maximum kept per position).")
@@ -155,30 +165,44 @@ class CacheConfig:
         _check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}.")
 
 
-# Names of pipeline.losses.KD_LOSS_FUNCTIONS (a test keeps the two in step): tail_* work on the K+1
-# buckets (top-k ids + tail), topk_* renormalise both sides over the top-k ids.
-KD_LOSSES = ("tail_kl", "topk_kl", "tail_rkl", "topk_rkl", "tail_jsd", "topk_jsd", "tail_tv", "topk_tv")
 # Student values that can follow a schedule (field NAME_schedule), with the range each must stay in.
 SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": ("> 0", lambda v: v > 0),
              "beta": (">= 0", lambda v: v >= 0)}
 MULTI_TEACHER = ("mixture", "sum")
+KD_SIGNALS = ("auto", "topk", "sampled")
+# How a student receives its teacher's targets: read from a cache, computed by the teacher in the
+# loop (the online-KD baseline), or from a second student (deep mutual learning, no teacher).
+MODES = ("offline", "online", "mutual")
 
 
 @dataclass(frozen=True)
 class StudentConfig(ModelShape, TrainSettings):
     alpha: float = setting(0.5, "Weight of cross-entropy on hard labels; 1 - alpha weighs KD. "
                            "alpha = 1 (or no --targets) is plain cross-entropy training.")
-    temperature: float = setting(2.0, "KD temperature; the KD term is scaled by temperature^2.")
+    temperature: float = setting(0.0, "KD temperature; the KD term is scaled by temperature^2. 0: the "
+                                 "store's capture temperature (1 without a store), where cached targets are "
+                                 "exact.")
+    tail_model: str = setting("power", "At a temperature other than the capture's, how the teacher's tail "
+                              "(the mass outside its cached top-k) is tempered: power (a decay continuing "
+                              "the cached log-probs, fitted per position to the tail mass), uniform (spread "
+                              "evenly over the other ids) or atom (one bucket, as if a single id).")
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
                         "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
                         "renormalised over the top-k ids).")
-    kd_targets: str = setting("auto", "Which cached targets the KD term uses: topk, sampled, or auto "
-                              "(top-k when the store has them, else sampled).")
+    kd_signal: str = setting("auto", "Which cached signal the KD term uses: topk, sampled, or auto "
+                             "(top-k when the store has them, else sampled).",
+                             aliases=("--kd-targets", "--kd_targets"))
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
     layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "
                                "maps captured layers uniformly onto the student.")
     init: str = setting("", "Start from this pretrained causal LM (path or hub id) instead of a "
                         "fresh model of n_layer/n_embd/n_head.")
+    mode: str = setting("offline", "How the student gets its teacher's targets: offline (read --targets "
+                        "stores), online (the baseline: --teacher DIR runs in the loop) or mutual (the "
+                        "baseline without a teacher: two students teach each other; the second is saved "
+                        "to OUT-peer). --online and --mutual are spellings of the last two.")
+    online_top_k: int = setting(32, "With mode online: the teacher's top-k per position (0: the full "
+                                "vocabulary, i.e. dense KD).")
     device: str = setting("auto", "Torch device: auto, cpu, cuda, ...")
     alpha_schedule: str = setting("", "Schedule alpha over training: constant:V, linear:START:END or "
                                   "cosine:START:END (START at the first step, END after the last). Empty: "
@@ -208,19 +232,32 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.multi_teacher in MULTI_TEACHER,
                f"multi_teacher must be mixture or sum, got {self.multi_teacher!r}.")
         _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}.")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        _check(self.temperature >= 0, f"temperature must be > 0 (or 0: the capture temperature), "
+               f"got {self.temperature}.")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
-        _check(self.kd_targets in ("auto", "topk", "sampled"),
-               f"kd_targets must be auto, topk or sampled, got {self.kd_targets!r}.")
+        _check(self.kd_signal in KD_SIGNALS,
+               f"kd_signal must be one of {', '.join(KD_SIGNALS)}, got {self.kd_signal!r}.")
+        _check(self.tail_model in TAIL_MODELS,
+               f"tail_model must be one of {', '.join(TAIL_MODELS)}, got {self.tail_model!r}.")
+        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        _check(self.online_top_k >= 0, f"online_top_k must be >= 0 (0: full vocabulary), got {self.online_top_k}.")
         _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
-        for pair in self.layer_map:
-            _check(len(str(pair).split(":")) == 2 and all(p.isdigit() for p in str(pair).split(":")),
-                   f"layer_map entry {pair!r} is not STUDENT:TEACHER, e.g. 2:4.")
+        self.layer_pairs()  # refuses a malformed layer_map
         for name, schedule in self.schedules().items():  # make_schedule refuses a malformed spec
             allowed, ok = SCHEDULED[name]
             _check(all(ok(value) for value in schedule.bounds()),
                    f"{name}_schedule {getattr(self, name + '_schedule')!r} leaves the range of {name}, "
                    f"which must stay {allowed}; change its endpoints.")
+
+    def layer_pairs(self) -> list[tuple[int, int]]:
+        """layer_map as (student layer, teacher layer) pairs."""
+        pairs = []
+        for pair in self.layer_map:
+            parts = str(pair).split(":")
+            _check(len(parts) == 2 and all(p.isdigit() for p in parts),
+                   f"layer_map entry {pair!r} is not STUDENT:TEACHER, e.g. 2:4.")
+            pairs.append((int(parts[0]), int(parts[1])))
+        return pairs
 
     def schedule(self, name: str) -> Schedule:
         """alpha, temperature or beta over training: its schedule, or constant at the plain field."""

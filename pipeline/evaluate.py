@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pipeline.progress import progress
 
 from pipeline.config import EvaluateConfig
+from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.student import check_model_fits, load_causal_lm, param_count
-from pipeline.tokens import TokenStore
+from pipeline.models import check_model_fits, load_model, param_count
+from pipeline.progress import progress
+from pipeline.tasks import CAUSAL
 
 
 ECE_BINS = 15
@@ -48,19 +49,23 @@ def dir_size_bytes(path: str | Path) -> int:
 
 
 @torch.inference_mode()
-def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str):
-    """Per-position validation loss summed over blocks (T-1,), block count, top-1 ids (N, T-1) and
-    the calibration of those predictions: top-1 probability (N, T-1) float32, top-1 correct (N, T-1) bool."""
+def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL):
+    """Per-position validation loss summed over blocks (L,), block count, top-1 ids (N, L) and the
+    calibration of those predictions: top-1 probability (N, L) float32, top-1 correct (N, L) bool.
+    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block)."""
     loss_sum, top1, confidence, correct = None, [], [], []
     for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
         ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64))  # (B, T)
-        logits = model(input_ids=ids).logits[:, :-1, :vocab_size].float()  # (B, T-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(0)  # (T-1,)
+        labels, mask = task.labels(ids)
+        labelled = mask[0]  # (T,) the same positions in every block
+        logits = model(input_ids=ids).logits[:, labelled, :vocab_size].float()  # (B, L, V)
+        labels = labels[:, labelled]  # (B, L)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)  # (L,)
         loss_sum = nll if loss_sum is None else loss_sum + nll
-        top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, T-1)
+        top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, L)
         top1.append(top_id.numpy().astype(np.int32))
         confidence.append(top_logprob.exp().numpy())
-        correct.append((top_id == ids[:, 1:]).numpy())
+        correct.append((top_id == labels).numpy())
     return (loss_sum.numpy(), len(blocks), np.concatenate(top1), np.concatenate(confidence),
             np.concatenate(correct))
 
@@ -87,7 +92,7 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
                            f"{list(model_dirs)}; pass --model {config.reference}=DIR or set --reference.")
     models = {}
     for name, path in model_dirs.items():
-        models[name] = load_causal_lm(path, f"model {name}").eval()
+        models[name] = load_model(path, f"model {name}").eval()
         check_model_fits(models[name], tokens.vocab_size, tokens.block_size, f"model {name}")
     blocks = tokens.blocks("validation")
     if config.max_batches:

@@ -8,7 +8,7 @@ A spec string names the shape and its numbers, as written in params.yaml:
     alpha = make_schedule("linear:1.0:0.5")
     alpha(step, total_steps)
 
-Progress is step / total_steps clamped to [0, 1], as in `pipeline.train.lr_at`: with steps counted
+Progress is step / total_steps clamped to [0, 1], as in `pipeline.training.loop.lr_at`: with steps counted
 0 … total_steps − 1 the last step sits one step short of END.
 """
 

@@ -1,6 +1,6 @@
 import click
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig
 from stages.options import build_config, config_options
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.targets.encode import ENCODINGS
+from pipeline.targets.codecs import ENCODINGS
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import histogram_svg, summarize, text_histogram
 
@@ -31,7 +31,7 @@ def inspect(store, as_json, plot):
     click.echo(f"  {summary['rows']} rows, {summary['tokens']:,} tokens, split {summary['split']}, "
                f"vocab {summary['vocab_size']}, top-{summary['top_k']} {summary['encoding']}, "
                f"{summary['samples']} samples, "
-               f"T={summary['temperature']}, layers {summary['layers']}")
+               f"capture T={summary['capture_temperature']}, layers {summary['layers']}")
     for name, bpt in summary["arrays"].items():
         click.echo(f"  {name:>20}: {bpt:8.2f} bytes/token")
     click.echo(f"  {'total':>20}: {summary['bytes_per_token']:8.2f} bytes/token "

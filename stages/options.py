@@ -8,8 +8,6 @@ repeatable options.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 
 import click
 
@@ -56,31 +54,3 @@ class KdcacheGroup(click.Group):
             return super().invoke(ctx)
         except KdcacheError as e:
             raise click.ClickException(str(e)) from e
-
-
-def train_file_options(what: str):
-    """--log, --val-log, --checkpoint-dir and --resume of a stage that trains `what`.
-
-    The command receives them as one `files` argument (pipeline.train.TrainFiles); it must take --out.
-    """
-    from pipeline.train import TrainFiles
-
-    def decorate(command):
-        @functools.wraps(command)
-        def with_files(log, val_log, checkpoint_dir, resume, **kwargs):
-            checkpoints = checkpoint_dir or str(Path(kwargs["out"]) / "checkpoint")
-            return command(files=TrainFiles(log, val_log, checkpoints, resume), **kwargs)
-
-        for option in reversed([
-            click.option("--log", type=click.Path(), help=f"CSV of the {what}'s training loss per step (a DVC plot)."),
-            click.option("--val-log", type=click.Path(),
-                         help=f"CSV of the {what}'s validation loss every eval_every steps (a DVC plot)."),
-            click.option("--checkpoint-dir", type=click.Path(), help="Checkpoint directory (default: OUT/checkpoint)."),
-            click.option("--resume/--no-resume", default=False,
-                         help=f"Continue training the {what} from the checkpoint, to the batches and losses of an "
-                              f"uninterrupted run (settings must match; max_steps/epochs may grow)."),
-        ]):
-            with_files = option(with_files)
-        return with_files
-
-    return decorate

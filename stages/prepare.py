@@ -1,7 +1,7 @@
 import click
 
 from pipeline.config import PrepareConfig
-from pipeline.tokens import prepare_tokens
+from pipeline.data.tokens import prepare_tokens
 from stages.options import build_config, config_options
 
 

@@ -1,10 +1,11 @@
 import click
 
-from pipeline import distributed
+from pipeline import runtime
 from pipeline.config import TeacherConfig
 from pipeline.errors import KdcacheError
-from pipeline.teacher import materialise_teacher
-from stages.options import build_config, config_options, train_file_options
+from pipeline.training.teacher import materialise_teacher
+from stages.options import build_config, config_options
+from stages.train_options import train_file_options
 
 
 @click.command()
@@ -18,9 +19,9 @@ def teacher(tokens, out, files, **options):
     Under torchrun (WORLD_SIZE > 1) the default teacher trains data-parallel: see docs/DDP.md.
     """
     config = build_config(TeacherConfig, options)
-    distributed.start()
-    if config.model and distributed.world_size() > 1:
+    runtime.start(config.device)
+    if config.model and runtime.world_size() > 1:
         raise KdcacheError("--model only loads a teacher: run it as one process, not under torchrun.")
     info = materialise_teacher(config, tokens, out, files)
-    if distributed.is_main():
+    if runtime.is_main():
         click.echo(f"teacher {info['source']} -> {out} (fingerprint {info['fingerprint']})")

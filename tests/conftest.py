@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.config import PrepareConfig
-from pipeline.tokens import prepare_tokens
+from pipeline.data.tokens import prepare_tokens
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def small_targets(kdcache, small_tokens, small_teacher, tmp_path_factory):
 def make_teacher(tiny_tokens, tmp_path_factory):
     """Train (a few steps) and save a default teacher on `tiny_tokens`; vocabulary padded 300 -> 320."""
     from pipeline.config import TeacherConfig
-    from pipeline.teacher import materialise_teacher
+    from pipeline.training.teacher import materialise_teacher
 
     def make(n_layer: int, n_embd: int, max_steps: int):
         out = tmp_path_factory.mktemp("teacher") / "teacher"

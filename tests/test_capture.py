@@ -8,13 +8,15 @@ import pytest
 import torch
 import zarr
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig
 from pipeline.errors import KdcacheError
-from pipeline.targets import encode
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore, decode_rows
-from pipeline.teacher import load_teacher, teacher_targets
+from pipeline.targets.format import decode_rows
+from pipeline.targets.reader import TargetsStore
+from pipeline.teacher.load import load_teacher
+from pipeline.teacher.signals import teacher_targets
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +73,9 @@ def test_bfloat16_hidden_states_keep_the_teacher_within_bfloat16_rounding(teache
 
 
 def test_an_unknown_hidden_dtype_is_refused():
-    with pytest.raises(KdcacheError, match="hidden_dtype must be float16 or bfloat16"):
+    with pytest.raises(KdcacheError, match="hidden_dtype must be one of float16, bfloat16"):
         CacheConfig(hidden_dtype="int8")
-    assert set(encode.HIDDEN_DTYPES) == {"float16", "bfloat16"}  # the dtypes the config accepts
+    assert set(codecs.HIDDEN_DTYPES) == {"float16", "bfloat16"}  # the dtypes the config accepts
 
 
 def test_interrupted_capture_resumes_to_identical_arrays(teacher_dir, tiny_tokens, tmp_path):

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from pipeline.config import KD_LOSSES, ModelShape
+from pipeline.config import ModelShape
+from pipeline.losses import KD_LOSSES
 from pipeline.errors import KdcacheError
-from pipeline.objective import Objective, check_chunkable
-from pipeline.student import build_gpt2
+from pipeline.training.objective import Objective
+from pipeline.models import check_chunkable
+from pipeline.models import build_gpt2
 from pipeline.targets import format as fmt
 
 B, T, V, K, D_TEACHER = 3, 7, 40, 5, 12  # N = 21 positions: chunks of 4 leave a ragged last one
@@ -65,7 +67,7 @@ def test_ce_only_chunked_equals_unchunked(batch):
 
 
 def test_sampled_kd_chunked_equals_unchunked(batch):
-    assert_same(lambda: dict(alpha=0.5, temperature=2.0, kd_targets="sampled"), batch)
+    assert_same(lambda: dict(alpha=0.5, temperature=2.0, kd_signal="sampled"), batch)
 
 
 @pytest.mark.parametrize("mode", ["mixture", "sum"])
@@ -129,7 +131,7 @@ def test_student_cli_with_loss_chunk_logs_the_same_losses(kdcache, small_tokens,
 
 def test_loss_chunk_under_torchrun_is_refused_before_training(small_tokens, small_targets, tmp_path, monkeypatch):
     from pipeline.config import StudentConfig
-    from pipeline.distill import run_student
+    from pipeline.student import run_student
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the library call sets up no process group
     config = StudentConfig(max_steps=1, loss_chunk=16, n_layer=1, n_embd=16, n_head=2)

@@ -397,4 +397,4 @@ def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_toke
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").exists()
     refused = kdcache("student", "--tokens", small_tokens, "--online", "--out", tmp_path / "x", "--max-steps", 1)
-    assert_refused(refused, "--online needs --teacher")
+    assert_refused(refused, "mode online needs --teacher")

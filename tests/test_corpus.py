@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import PrepareConfig
-from pipeline.corpus import iter_documents, pack_blocks, split_documents, stdlib_files
+from pipeline.data.corpus import iter_documents, pack_blocks, split_documents, stdlib_files
 from pipeline.errors import KdcacheError
-from pipeline.tokens import TokenStore, prepare_tokens
+from pipeline.data.tokens import TokenStore, prepare_tokens
 
 DOCS = [f"def function_{i}(x):\n    return x * {i}\n" for i in range(6)]
 

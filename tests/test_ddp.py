@@ -110,7 +110,7 @@ def test_global_batch_must_split_evenly_over_ranks(small_tokens, small_targets, 
 
 
 def test_default_teacher_trains_on_two_ranks(small_tokens, tmp_path):
-    from pipeline.teacher import load_teacher
+    from pipeline.teacher.load import load_teacher
 
     result = torchrun("teacher", "--tokens", small_tokens, "--out", tmp_path / "teacher", "--n-layer", 1,
                       "--n-embd", 32, "--n-head", 2, "--max-steps", 3, "--batch-size", 8,

@@ -10,17 +10,19 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig
 from pipeline.errors import KdcacheError
-from pipeline.loader import BlockStream
-from pipeline.targets import encode
+from pipeline.training.loader import BlockStream
+from pipeline.targets import codecs
+from pipeline.targets import ids as id_codec
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore, decode_rows
+from pipeline.targets.format import decode_rows
+from pipeline.targets.reader import TargetsStore
 from stages.cli import cli
 
-NAMES = list(encode.ENCODINGS)
-VALUE_NAMES = [name for name, entry in encode.ENCODINGS.items() if not entry.owns_ids]  # values only
+NAMES = list(codecs.ENCODINGS)
+VALUE_NAMES = [name for name, entry in codecs.ENCODINGS.items() if not entry.owns_ids]  # values only
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def distinct_ids(shape, vocab=300, seed=0) -> np.ndarray:
 def round_trip(name, x, ids=None, count=None, ids_dtype="uint16"):
     """Encode (random distinct ids when none are given) and decode through the reader → (stored, values)."""
     ids = distinct_ids(x.shape) if ids is None else ids
-    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), name, ids_dtype,
+    stored = fmt.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), name, ids_dtype,
                                 None if count is None else torch.from_numpy(count))
     attrs = {"encoding": name, "ids_dtype": ids_dtype, "top_k": x.shape[-1]}
     return stored, decode_rows(stored, attrs)[fmt.TOPK_LOGPROBS].numpy()
@@ -59,18 +61,20 @@ def test_registry_is_consistent():
     """Each entry declares the arrays it writes; the reader finds the encoding from them alone."""
     x = realistic_logprobs()
     T, K = x.shape[1:]
-    params = [e.params for e in encode.ENCODINGS.values() if e.params]
+    params = [fmt.params_array(n) for n, e in codecs.ENCODINGS.items() if e.has_params]
     assert len(set(params)) == len(params) and all(p.startswith(fmt.TOPK_LOGPROBS + "_") for p in params)
     for name in VALUE_NAMES:
-        entry = encode.ENCODINGS[name]
+        entry = codecs.ENCODINGS[name]
         _, text = entry  # (dtype, description), as `kdcache encodings` lists them
         assert text and "\n" not in text
-        stored = entry.encode(x)
-        specs = encode.topk_arrays(name, T, K)
-        assert list(stored) == list(specs) == encode.topk_names(name)
-        for array_name, (row_shape, dtype) in specs.items():
-            assert stored[array_name].shape == (x.shape[0], *row_shape) and stored[array_name].dtype == dtype
-        assert encode.find_encoding(stored) is entry
+        by_role = entry.encode(x)
+        specs = entry.arrays(T, K)
+        names = fmt.topk_role_names(name)
+        stored = {names[role]: array for role, array in by_role.items()}
+        assert list(by_role) == list(specs) and list(stored) == fmt.topk_value_names(name)
+        for role, (row_shape, dtype) in specs.items():
+            assert by_role[role].shape == (x.shape[0], *row_shape) and by_role[role].dtype == dtype
+        assert fmt.find_encoding(stored)[1] is entry
     listed = CliRunner().invoke(cli, ["encodings"])
     assert listed.exit_code == 0 and all(name in listed.output for name in NAMES)
 
@@ -78,10 +82,11 @@ def test_registry_is_consistent():
 @pytest.mark.parametrize("name", VALUE_NAMES)
 def test_round_trip_error_bounds(name):
     x = mixed_logprobs()
-    entry = encode.ENCODINGS[name]
+    entry = codecs.ENCODINGS[name]
     stored, decoded = round_trip(name, x)
     assert decoded.dtype == np.float32 and decoded.shape == x.shape
-    raw = entry._decode(stored)  # before the mass cap, which only lowers a position by its excess mass
+    raw = entry._decode({codecs.VALUES: stored[fmt.TOPK_LOGPROBS],  # before the mass cap
+                         codecs.PARAMS: stored.get(fmt.params_array(name))})  # (by role), which only lowers a position by its excess mass
     excess = np.maximum(np.logaddexp.reduce(raw.astype(np.float64), axis=-1, keepdims=True), 0)
     np.testing.assert_allclose(decoded, raw - excess if entry.lossy else raw, rtol=1e-6, atol=1e-6)
     err = np.abs(raw - x)
@@ -95,11 +100,11 @@ def test_round_trip_error_bounds(name):
         np.testing.assert_array_equal(raw, exact)
         assert (err <= 2.0**-8 * np.abs(x)).all()                          # ~4e-3 relative
     else:  # q8, q8d: within half a grid step, or float16 rounding of the first value at the top
-        offset, step = np.moveaxis(stored[entry.params].astype(np.float32), -1, 0)
+        offset, step = np.moveaxis(stored[fmt.params_array(name)].astype(np.float32), -1, 0)
         bound = np.maximum(step / 2, 2.0**-11 * np.abs(x[..., 0]))[..., None] + 1e-6
         assert (err <= bound).all()
         assert (step <= (x[..., 0] - x[..., -1]) / 255 * 1.01 + 1e-6).all()  # the grid spans this position only
-        assert err.max() <= encode.QUANT_RANGE / 255 / 2 + 1e-3 and err.mean() < 0.01
+        assert err.max() <= codecs.QUANT_RANGE / 255 / 2 + 1e-3 and err.mean() < 0.01
     if name == "q8d":  # exactly q8's values, in other bytes
         np.testing.assert_array_equal(decoded, round_trip("q8", x)[1])
 
@@ -124,7 +129,7 @@ def test_degenerate_positions_decode_without_nan(name):
     _, decoded = round_trip(name, x)
     assert not np.isnan(decoded).any()
     np.testing.assert_allclose(decoded[0, 0], -2.0, atol=0.01)
-    np.testing.assert_allclose(decoded[0, 1, :2], [-0.1, -3.0], atol=encode.QUANT_RANGE / 255 / 2 + 1e-3)
+    np.testing.assert_allclose(decoded[0, 1, :2], [-0.1, -3.0], atol=codecs.QUANT_RANGE / 255 / 2 + 1e-3)
     assert (decoded[0, 1, 2:] < -29).all() and (decoded[0, 2] == -np.inf).all()
 
 
@@ -142,12 +147,12 @@ def test_sqd_keeps_every_id_with_its_value_within_half_a_step_of_sqrt_p(vocab, t
     ids = distinct_ids(x.shape, vocab, seed=vocab)
     ids[0, 0, :2] = vocab - 1, 0
     count = np.random.default_rng(1).integers(1, x.shape[-1] + 1, x.shape[:-1]) if trimmed else None
-    layout = encode.ids_dtype(vocab)
-    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", layout,
+    layout = id_codec.ids_dtype(vocab)
+    stored = fmt.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", layout,
                                 None if count is None else torch.from_numpy(count))
     decoded = decode_rows(stored, {"encoding": "sqd", "ids_dtype": layout, "top_k": x.shape[-1]})
     got_ids, got = decoded[fmt.TOPK_IDS].numpy(), decoded[fmt.TOPK_LOGPROBS].numpy()
-    pad = encode.padding(x.shape[-1] if count is None else count, x.shape[-1])
+    pad = id_codec.padding(x.shape[-1] if count is None else count, x.shape[-1])
     want_ids, want = np.where(pad, 0, ids), np.where(pad, -np.inf, x)
     np.testing.assert_array_equal(got_ids[..., 0], ids[..., 0])   # the top-1 id is exact,
     assert (got[..., 0] > np.where(pad, -np.inf, got)[..., 1:].max(-1)).all()  # and strictly first
@@ -159,13 +164,13 @@ def test_sqd_keeps_every_id_with_its_value_within_half_a_step_of_sqrt_p(vocab, t
     np.testing.assert_array_equal(got_ids, want_ids)               # every kept id, once
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
     err = np.abs(np.exp(got / 2) - np.exp(want / 2))                 # in √p: ≤ STEP/2 (+ the mass cap)
-    L = encode.SqrtDeltaIds.levels(x.shape[-1])
+    L = codecs.SqrtDeltaIds.levels(x.shape[-1])
     assert L == 32 and (stored[fmt.TOPK_LOGPROBS] <= L).all()
     assert err.max() <= 1 / (2 * L) + 4e-3  # + the mass cap (lowers a position by its excess)
 
 
 def test_sqd_levels_grow_with_k_so_the_kl_cost_per_position_does_not():
-    assert [encode.SqrtDeltaIds.levels(k) for k in (1, 8, 32, 128, 2048, 4096)] == [6, 16, 32, 64, 255, 255]
+    assert [codecs.SqrtDeltaIds.levels(k) for k in (1, 8, 32, 128, 2048, 4096)] == [6, 16, 32, 64, 255, 255]
     x = realistic_logprobs(V=2048, K=128, seed=2)
     _, decoded = round_trip("sqd", x, ids=distinct_ids(x.shape, 2048))
     err = np.abs(np.exp(np.sort(decoded, -1) / 2) - np.exp(np.sort(x, -1) / 2))  # k-th largest vs k-th largest
@@ -175,20 +180,20 @@ def test_sqd_levels_grow_with_k_so_the_kl_cost_per_position_does_not():
 def test_sqd_stores_the_top_id_then_increasing_ids_as_differences():
     x = realistic_logprobs(shape=(1, 1), K=5)
     ids = np.array([[[40, 7, 300, 12, 99]]])
-    stored = encode.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", "uint16")
+    stored = fmt.encode_topk(torch.from_numpy(ids), torch.from_numpy(x), "sqd", "uint16")
     np.testing.assert_array_equal(stored[fmt.TOPK_IDS][0, 0], [40, 7, 5, 87, 201])  # 40 | 7, 12, 99, 300
     with pytest.raises(KdcacheError, match="ids and values together"):
         decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]}, {"encoding": "sqd"})
     with pytest.raises(KdcacheError, match="ids and values together"):
         decode_rows({fmt.TOPK_IDS: stored[fmt.TOPK_IDS]}, {"encoding": "sqd", "ids_dtype": "uint16"})
     with pytest.raises(KdcacheError, match="encode_topk"):
-        encode.encode_topk_logprobs(torch.from_numpy(x), "sqd")
+        codecs.ENCODINGS["sqd"].encode(x)
 
 
 def test_quantised_values_cannot_be_decoded_without_their_parameters():
-    stored = encode.ENCODINGS["q8"].encode(realistic_logprobs())
+    stored = codecs.ENCODINGS["q8"].encode(realistic_logprobs())
     with pytest.raises(KdcacheError, match="topk_logprobs_q8"):
-        decode_rows({fmt.TOPK_LOGPROBS: stored[fmt.TOPK_LOGPROBS]})
+        decode_rows({fmt.TOPK_LOGPROBS: stored[codecs.VALUES]})
 
 
 @pytest.mark.parametrize("vocab, K", [(300, 32), (152_064, 32), (2048, 128)])
@@ -203,11 +208,11 @@ def test_format_md_recipe_decodes_like_the_reader(tmp_path, vocab, K):
     rng = np.random.default_rng(0)
     ids = torch.from_numpy(rng.integers(0, vocab, x.shape))
     ids[0, 0, 0], ids[0, 0, 1] = vocab - 1, 0
-    layout = encode.ids_dtype(vocab)
+    layout = id_codec.ids_dtype(vocab)
     for trimmed in (False, True):
         count = torch.from_numpy(rng.integers(1, x.shape[-1] + 1, x.shape[:-1])) if trimmed else None
         for name in NAMES:
-            stored = encode.encode_topk(ids, torch.from_numpy(x), name, layout, count)
+            stored = fmt.encode_topk(ids, torch.from_numpy(x), name, layout, count)
             attrs = {"encoding": name, "ids_dtype": layout, "top_k": x.shape[-1]}
             group = zarr.open_group(tmp_path / f"{name}-{trimmed}-{vocab}.zarr", mode="w", attributes=attrs)
             for array_name, array in stored.items():
@@ -229,7 +234,7 @@ def teacher_dir(make_teacher):
 
 def capture(teacher_dir, tokens, out, encoding):
     # Temperature 0.1 spreads the untrained teacher's near-uniform log-probs over several nats.
-    config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, temperature=0.1,
+    config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, capture_temperature=0.1,
                          split="validation", encoding=encoding, device="cpu")
     return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
 
@@ -241,7 +246,7 @@ def reference(teacher_dir, tiny_tokens, tmp_path_factory):
 
 
 CAPTURE_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 4e-2, "q8": 3e-2, "q8d": 3e-2,
-                     "sqd": 1 / (2 * encode.SqrtDeltaIds.levels(8)) + 4e-3}  # sqd: in √p, matched by id
+                     "sqd": 1 / (2 * codecs.SqrtDeltaIds.levels(8)) + 4e-3}  # sqd: in √p, matched by id
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -249,14 +254,14 @@ def test_capture_in_each_encoding_reads_back_close_to_fp32(name, teacher_dir, ti
     ref_store, ref = reference
     store = capture(teacher_dir, tiny_tokens, tmp_path / f"{name}.zarr", name)
     assert store.attrs["encoding"] == name and store.rows == ref_store.rows
-    assert store.array_names()[:len(encode.topk_names(name)) + 1] == [fmt.TOPK_IDS, *encode.topk_names(name)]
+    assert store.array_names()[:len(fmt.topk_value_names(name)) + 1] == [fmt.TOPK_IDS, *fmt.topk_value_names(name)]
     assert store.bad_shards() == []  # the parameter array is checksummed like every other
     decoded = decode_rows(store.read_rows(0, store.rows), store.attrs)
     assert set(decoded) == set(ref)  # parameter arrays are consumed by decoding
     assert torch.equal(decoded[fmt.TAIL_LOGMASS], ref[fmt.TAIL_LOGMASS])  # float32, from the true values
     got, want = decoded[fmt.TOPK_LOGPROBS], ref[fmt.TOPK_LOGPROBS]
     assert got.dtype == torch.float32 and got.shape == want.shape
-    if encode.ENCODINGS[name].owns_ids:  # ties may swap places: compare entries by id, values in √p
+    if codecs.ENCODINGS[name].owns_ids:  # ties may swap places: compare entries by id, values in √p
         assert torch.equal(decoded[fmt.TOPK_IDS][..., 0], ref[fmt.TOPK_IDS][..., 0])
         got_ids, got_v = by_id(decoded[fmt.TOPK_IDS], got)
         want_ids, want_v = by_id(ref[fmt.TOPK_IDS], want)
@@ -282,7 +287,7 @@ def test_cache_refuses_an_unknown_encoding(tmp_path):
 
 def test_student_trains_from_a_quantised_store(teacher_dir, tiny_tokens, tmp_path):
     from pipeline.config import StudentConfig
-    from pipeline.distill import run_student
+    from pipeline.student import run_student
 
     config = CacheConfig(top_k=8, batch_size=64, rows_per_chunk=16, rows_per_shard=64, encoding="q8d", device="cpu")
     store = run_capture(config, str(teacher_dir), str(tiny_tokens.path), str(tmp_path / "q8d.zarr"))

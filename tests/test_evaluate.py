@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import expected_calibration_error, run_evaluate
-from pipeline.student import load_causal_lm
+from pipeline.models import load_model
 
 
 def test_ece_of_a_hand_computed_example():
@@ -54,5 +54,5 @@ def test_run_evaluate_reports_the_ece_of_each_model(make_teacher, tiny_tokens, t
     result = run_evaluate(config, str(tiny_tokens.path), {"teacher": str(teacher)}, str(out))
     assert json.loads(out.read_text())["models"]["teacher"]["ece"] == result["models"]["teacher"]["ece"]
     blocks = tiny_tokens.blocks("validation")[:8]
-    expected = dense_ece(load_causal_lm(str(teacher), "teacher").eval(), blocks, tiny_tokens.vocab_size)
+    expected = dense_ece(load_model(str(teacher), "teacher").eval(), blocks, tiny_tokens.vocab_size)
     assert result["models"]["teacher"]["ece"] == pytest.approx(expected, abs=1e-5)

@@ -7,15 +7,15 @@ import pytest
 import torch
 import zarr
 
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig, StudentConfig
-from pipeline.distill import run_student
+from pipeline.student import run_student
 from pipeline.errors import KdcacheError
 from pipeline.targets import basis as hidden_basis
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import checksum
-from pipeline.teacher import load_teacher
+from pipeline.teacher.load import load_teacher
 
 LAYERS = (0, 2)
 FIT_ROWS = 20
@@ -174,8 +174,8 @@ def test_student_trains_on_the_coefficients(rank4, tiny_tokens, tmp_path):
 def test_hidden_loss_on_coefficients_is_the_full_width_loss_up_to_a_constant():
     """β·hidden on a rank-P store = full-width MSE of μ + (projection)·Bᵀ against h, minus what B leaves out."""
     from pipeline.config import ModelShape
-    from pipeline.objective import Objective
-    from pipeline.student import build_gpt2
+    from pipeline.training.objective import Objective
+    from pipeline.models import build_gpt2
 
     B, T, V, D, P = 2, 6, 30, 12, 4
     g = torch.Generator().manual_seed(0)

@@ -29,10 +29,77 @@ def test_stages_hold_no_training_or_tensor_code():
 def test_ce_baseline_gets_every_student_setting_except_the_kd_ones():
     import yaml
 
-    kd_only = {"alpha", "temperature", "loss", "kd_targets", "beta", "layer_map"}
+    kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "layer_map", "tail_model", "mode"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for params_file in ("params.yaml", "params.smoke.yaml"):
         student = yaml.safe_load((ROOT / params_file).read_text())["student"]
         for key in set(student) - kd_only:
             assert f"${{student.{key}}}" in stages["student_ce"]["cmd"], (params_file, key)
             assert f"student.{key}" in stages["student_ce"]["params"], (params_file, key)
+
+
+def local_imports(path: Path) -> set[Path]:
+    """Files of this project that `path` imports (any depth of `from pipeline.x.y import z`, function-level
+    imports included), as paths relative to ROOT."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] not in ("pipeline", "stages"):
+                continue
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # a package import runs its __init__ too
+                base = ROOT.joinpath(*parts[:i])
+                for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                    if candidate.exists():
+                        found.add(candidate.relative_to(ROOT))
+    return found
+
+
+def docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def import_closure(start: Path) -> set[Path]:
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(local_imports(ROOT / path) - seen)
+    return seen
+
+
+def test_every_stage_depends_on_every_module_it_imports():
+    """A change to any module a stage runs (config.py's defaults included) makes `dvc status` show it."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        command = stage["cmd"].split()[1]  # kdcache <command> ...
+        deps = [Path(dep) for dep in stage["deps"]]
+        needed = import_closure(Path("stages") / f"{command}.py")
+        assert Path("pipeline/config.py") in needed
+        needed = {p for p in needed if not docstring_only(ROOT / p)}  # nothing there can change a result
+        missing = sorted(str(p) for p in needed if not any(p == d or d in p.parents for d in deps))
+        assert not missing, f"dvc.yaml stage {name} misses deps {missing}"
+
+
+def test_teacher_and_targets_never_import_training_or_students():
+    for package in ("teacher", "targets"):
+        for path in (ROOT / "pipeline" / package).rglob("*.py"):
+            closure = import_closure(path.relative_to(ROOT))
+            bad = sorted(str(p) for p in closure if p.parts[:2] in (("pipeline", "training"), ("pipeline", "student")))
+            assert not bad, f"{path.relative_to(ROOT)} reaches {bad}"
+
+
+def test_losses_never_import_models_or_data():
+    for path in (ROOT / "pipeline" / "losses").rglob("*.py"):
+        closure = import_closure(path.relative_to(ROOT))
+        assert not [p for p in closure if p.name in ("models.py", "tokens.py")], path

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import BlockStream, make_loader
+from pipeline.training.loader import BlockStream, make_loader
 from pipeline.targets import format as fmt
 from pipeline.targets.writer import TargetsWriter
 
@@ -15,7 +15,7 @@ def store_path(tiny_tokens, tmp_path_factory):
     rows, T = tiny_tokens.num_rows("train"), tiny_tokens.block_size
     identity = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
                 "tokens_fingerprint": tiny_tokens.fingerprint, "teacher_fingerprint": "t", "split": "train",
-                "rows": rows, "block_size": T, "vocab_size": tiny_tokens.vocab_size, "temperature": 1.0,
+                "rows": rows, "block_size": T, "vocab_size": tiny_tokens.vocab_size, "capture_temperature": 1.0,
                 "top_k": 2, "encoding": "fp32", "ids_dtype": "uint16", "layers": [], "hidden_size": 4,
                 "hidden_dtype": "float16", "rows_per_chunk": 2, "rows_per_shard": 4, "teacher_num_layers": 1,
                 "samples": 0, "seed": 0}

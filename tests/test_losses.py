@@ -76,7 +76,7 @@ def test_topk_kl_hand_computed():
     student = torch.tensor([[0.0, math.log(3.0), 5.0, 0.0]])  # gathered at S: logits log 3, 0 -> q = 3/4, 1/4
     p, q = [2 / 3, 1 / 3], [3 / 4, 1 / 4]
     expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-    assert losses.topk_kl(student, ids, topk_logprobs).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.kd_loss("topk_kl", student, ids, topk_logprobs, None).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_topk_kl_ignores_student_mass_outside_support():
@@ -84,7 +84,7 @@ def test_topk_kl_ignores_student_mass_outside_support():
     ids = torch.tensor([[0, 1]])
     a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     b = torch.tensor([[1.0, 0.0, 9.0, -3.0]])  # same logits on S, different elsewhere
-    assert losses.topk_kl(a, ids, topk_logprobs).item() == pytest.approx(losses.topk_kl(b, ids, topk_logprobs).item())
+    assert losses.kd_loss("topk_kl", a, ids, topk_logprobs, None).item() == pytest.approx(losses.kd_loss("topk_kl", b, ids, topk_logprobs, None).item())
 
 
 def test_temperature_change_reweights_buckets():
@@ -104,7 +104,7 @@ def test_all_masked_is_zero(logits, fn):
     if fn == "tail_kl":
         value = losses.tail_kl(student, ids, lp, tail, mask=mask)
     elif fn == "topk_kl":
-        value = losses.topk_kl(student, ids, lp, mask=mask)
+        value = losses.kd_loss("topk_kl", student, ids, lp, None, mask=mask)
     elif fn == "cross_entropy":
         value = losses.cross_entropy(student, ids[:, 0], mask)
     else:
@@ -159,9 +159,9 @@ def dense_kl(p, q):
     return (p * (p.log() - q.log())).sum(-1)
 
 
-def dense_jsd(p, q, beta=0.5):
-    m = beta * p + (1 - beta) * q
-    return beta * dense_kl(p, m) + (1 - beta) * dense_kl(q, m)
+def dense_jsd(p, q, mixing=0.5):
+    m = mixing * p + (1 - mixing) * q
+    return mixing * dense_kl(p, m) + (1 - mixing) * dense_kl(q, m)
 
 
 DENSE = {
@@ -216,11 +216,11 @@ def test_tail_losses_are_divergences_of_the_coarsened_distributions(logits, kind
     assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
 
 
-def test_tail_jsd_with_other_beta_equals_dense(logits):
+def test_tail_jsd_with_other_mixing_equals_dense(logits):
     teacher, student = logits
     ids, lp, tail = teacher_topk(teacher, V)
-    expected = dense_jsd(torch.softmax(teacher, -1), torch.softmax(student, -1), beta=0.2).mean()
-    assert losses.tail_jsd(student, ids, lp, tail, beta=0.2).item() == pytest.approx(expected.item(), abs=1e-6)
+    expected = dense_jsd(torch.softmax(teacher, -1), torch.softmax(student, -1), 0.2).mean()
+    assert losses.kd_loss("tail_jsd", student, ids, lp, tail, mixing=0.2).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_topk_losses_hand_computed():
@@ -249,7 +249,7 @@ def test_topk_losses_ignore_student_mass_outside_support(kind):
     ids = torch.tensor([[0, 1]])
     a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     b = torch.tensor([[1.0, 0.0, 9.0, -3.0]])
-    fn = getattr(losses, f"topk_{kind}")
+    fn = losses.KD_LOSS_FUNCTIONS[f"topk_{kind}"]
     assert fn(a, ids, topk_logprobs).item() == pytest.approx(fn(b, ids, topk_logprobs).item())
 
 
@@ -299,12 +299,12 @@ def test_reverse_kl_penalises_student_mass_in_an_empty_teacher_bucket():
     ids = torch.tensor([[0, 1]])
     concentrated = torch.tensor([[math.log(0.7), math.log(0.3), -50.0, -50.0]])
     spread = torch.tensor([[math.log(0.7), math.log(0.3), 0.0, 0.0]])
-    assert losses.tail_rkl(concentrated, ids, lp, tail).item() == pytest.approx(0.0, abs=1e-5)
-    assert losses.tail_rkl(spread, ids, lp, tail).item() > 10.0  # large and finite, not 1e30-scale
-    assert losses.tail_rkl(spread, ids, lp, tail).item() < 100.0
+    assert losses.kd_loss("tail_rkl", concentrated, ids, lp, tail).item() == pytest.approx(0.0, abs=1e-5)
+    assert losses.kd_loss("tail_rkl", spread, ids, lp, tail).item() > 10.0  # large and finite, not 1e30-scale
+    assert losses.kd_loss("tail_rkl", spread, ids, lp, tail).item() < 100.0
 
 
-def test_jsd_is_symmetric_at_one_half_and_mirrors_beta():
+def test_jsd_is_symmetric_at_one_half_and_mirrors_mixing():
     g = torch.Generator().manual_seed(3)
     a = torch.log_softmax(torch.randn(N, 7, generator=g) * 2, -1)
     b = torch.log_softmax(torch.randn(N, 7, generator=g) * 2, -1)
@@ -314,32 +314,32 @@ def test_jsd_is_symmetric_at_one_half_and_mirrors_beta():
     assert (losses.jsd_from_logprobs(a, b, 0.5) <= math.log(2) + 1e-6).all()
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
-def test_jsd_is_zero_when_teacher_and_student_agree(logits, beta):
+@pytest.mark.parametrize("mixing", [0.1, 0.5, 0.9])
+def test_jsd_is_zero_when_teacher_and_student_agree(logits, mixing):
     teacher, _ = logits
     ids, lp, tail = teacher_topk(teacher, 6)
-    assert losses.tail_jsd(teacher, ids, lp, tail, beta=beta).item() == pytest.approx(0.0, abs=1e-6)
-    assert losses.topk_jsd(teacher, ids, lp, beta=beta).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.kd_loss("tail_jsd", teacher, ids, lp, tail, mixing=mixing).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.kd_loss("topk_jsd", teacher, ids, lp, None, mixing=mixing).item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5, 2.0])
-def test_jsd_rejects_beta_outside_the_open_interval(logits, beta):
+@pytest.mark.parametrize("mixing", [0.0, 1.0, -0.5, 2.0])
+def test_jsd_rejects_mixing_outside_the_open_interval(logits, mixing):
     teacher, student = logits
     ids, lp, tail = teacher_topk(teacher, 4)
-    with pytest.raises(KdcacheError, match="beta"):
-        losses.tail_jsd(student, ids, lp, tail, beta=beta)
+    with pytest.raises(KdcacheError, match="mixing"):
+        losses.kd_loss("tail_jsd", student, ids, lp, tail, mixing=mixing)
 
 
-def test_registry_jsd_takes_beta_by_partial(logits):
+def test_registry_jsd_takes_mixing_by_partial(logits):
     teacher, student = logits
     ids, lp, tail = teacher_topk(teacher, 4)
-    direct = {"tail_jsd": losses.tail_jsd(student, ids, lp, tail, beta=0.2),
-              "topk_jsd": losses.topk_jsd(student, ids, lp, beta=0.2)}
+    direct = {"tail_jsd": losses.kd_loss("tail_jsd", student, ids, lp, tail, mixing=0.2),
+              "topk_jsd": losses.kd_loss("topk_jsd", student, ids, lp, None, mixing=0.2)}
     for name, expected in direct.items():
         registered = losses.KD_LOSS_FUNCTIONS[name]
-        value = functools.partial(registered, beta=0.2)(student, ids, lp, tail)
+        value = functools.partial(registered, mixing=0.2)(student, ids, lp, tail)
         assert value.item() == pytest.approx(expected.item())
-        assert value.item() != pytest.approx(registered(student, ids, lp, tail).item())  # beta took effect
+        assert value.item() != pytest.approx(registered(student, ids, lp, tail).item())  # mixing took effect
 
 
 def test_hidden_cosine_matches_reference_and_extremes():

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelShape
-from pipeline.objective import Objective
-from pipeline.student import build_gpt2
-from pipeline.teacher import MutualObjective
+from pipeline.training.objective import Objective
+from pipeline.models import build_gpt2
+from pipeline.student.mutual import MutualObjective
 
 B, T, V = 2, 6, 30
 
@@ -39,7 +39,7 @@ def test_each_kd_term_is_computed_against_the_peer(pair, temperature):
 
 
 def test_each_student_gets_the_gradient_of_its_own_loss_only(pair):
-    from pipeline.teacher import peer_targets
+    from pipeline.student.mutual import peer_targets
 
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     objective = Objective(vocab_size=V, alpha=0.5, temperature=1.0)
@@ -75,7 +75,7 @@ def test_mutual_students_train_and_both_are_saved(kdcache, small_tokens, tmp_pat
 
 
 def test_mutual_refuses_targets_and_init(kdcache, small_tokens, small_targets, tmp_path):
-    for extra, words in ((("--targets", small_targets), "leave out --online and --targets"),
+    for extra, words in ((("--targets", small_targets), "leave out --targets"),
                          (("--init", tmp_path), "--init would start both")):
         result = kdcache("student", "--tokens", small_tokens, "--mutual", "--out", tmp_path / "x", *extra,
                          "--max-steps", 1)

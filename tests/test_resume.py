@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import StudentConfig
-from pipeline.distill import run_student
+from pipeline.student import run_student
 from pipeline.errors import KdcacheError
-from pipeline.train import TrainFiles
+from pipeline.training.loop import TrainFiles
 
 # 32-row global batches over 157 rows and 2 loader workers: epochs of a few batches, so the resumed
 # run continues mid-epoch, with the workers' round-robin rotated, and then crosses into a new epoch.

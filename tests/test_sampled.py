@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig, StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.targets.reader import TargetsStore
-from pipeline.distill import run_student
+from pipeline.student import run_student
 from pipeline.targets import format as fmt
 from pipeline.targets.format import SAMPLED_COUNTS, SAMPLED_IDS
-from pipeline.teacher import sample_targets, teacher_targets
+from pipeline.teacher.signals import sample_targets, teacher_targets
 
 
 class FixedTeacher(torch.nn.Module):
@@ -170,7 +170,7 @@ def test_sampled_only_store_trains_a_student_and_refuses_topk(small_teacher_dir,
     last = run_student(config, str(tiny_tokens.path), str(tmp_path / "student"), str(store.path))
     assert np.isfinite(last["kd"]) and last["kd"] > 0
     with pytest.raises(KdcacheError, match="holds no topk targets"):
-        run_student(StudentConfig(**{**config.__dict__, "kd_targets": "topk"}), str(tiny_tokens.path),
+        run_student(StudentConfig(**{**config.__dict__, "kd_signal": "topk"}), str(tiny_tokens.path),
                     str(tmp_path / "refused"), str(store.path))
 
 

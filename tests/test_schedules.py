@@ -119,8 +119,8 @@ def test_objective_reads_its_schedules_at_the_progress_it_is_given():
     import torch
 
     from pipeline.config import ModelShape
-    from pipeline.objective import Objective
-    from pipeline.student import build_gpt2
+    from pipeline.training.objective import Objective
+    from pipeline.models import build_gpt2
     from pipeline.targets import format as fmt
 
     B, T, V, D = 2, 6, 30, 8

@@ -6,7 +6,8 @@ import zarr
 
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore, decode_rows
+from pipeline.targets.format import decode_rows
+from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
 
 T, K, D = 6, 4, 5
@@ -15,7 +16,7 @@ T, K, D = 6, 4, 5
 def identity(rows=21, **overrides):
     base = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "tokens_fingerprint": "tok",
             "teacher_fingerprint": "teach", "split": "train", "rows": rows, "block_size": T,
-            "vocab_size": 300, "temperature": 1.0, "top_k": K, "encoding": "fp32", "ids_dtype": "uint16",
+            "vocab_size": 300, "capture_temperature": 1.0, "top_k": K, "encoding": "fp32", "ids_dtype": "uint16",
             "layers": [1], "hidden_size": D, "hidden_dtype": "float16", "rows_per_chunk": 2,
             "rows_per_shard": 8, "teacher_num_layers": 2, "samples": 0, "seed": 0}
     return {**base, **overrides}

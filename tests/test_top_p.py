@@ -9,15 +9,16 @@ import torch
 import zarr
 
 from pipeline import losses
-from pipeline.capture import run_capture
+from pipeline.teacher.capture import run_capture
 from pipeline.config import CacheConfig
 from pipeline.errors import KdcacheError
-from pipeline.loader import BlockStream
-from pipeline.targets import encode
+from pipeline.training.loader import BlockStream
+from pipeline.targets import ids as id_codec
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import decode_rows
+from pipeline.targets.format import decode_rows
 from pipeline.targets.stats import summarize
-from pipeline.teacher import load_teacher, teacher_targets
+from pipeline.teacher.load import load_teacher
+from pipeline.teacher.signals import teacher_targets
 
 N, V, K = 10, 40, 6
 
@@ -148,8 +149,8 @@ def test_teacher_keeps_the_shortest_prefix_reaching_p(teacher_dir, tiny_tokens, 
     model, _ = load_teacher(teacher_dir)
     ids = torch.from_numpy(tiny_tokens.blocks("validation")[:4].astype(np.int64))
     V_tok = tiny_tokens.vocab_size
-    out = teacher_targets(model, ids, V_tok, 8, temperature=0.02, top_p=top_p, min_k=min_k)
-    full = teacher_targets(model, ids, V_tok, 8, temperature=0.02)
+    out = teacher_targets(model, ids, V_tok, 8, capture_temperature=0.02, top_p=top_p, min_k=min_k)
+    full = teacher_targets(model, ids, V_tok, 8, capture_temperature=0.02)
     counts, probs = out[fmt.TOPK_COUNT], full[fmt.TOPK_LOGPROBS].double().exp()
     for b, t in np.ndindex(*counts.shape):
         mass, want = 0.0, 8
@@ -169,7 +170,7 @@ def test_teacher_keeps_the_shortest_prefix_reaching_p(teacher_dir, tiny_tokens, 
 
 def capture(teacher_dir, tokens, out, **settings):
     config = CacheConfig(**{"top_k": 8, "top_p": 0.6, "min_k": 2, "batch_size": 64, "rows_per_chunk": 16,
-                            "rows_per_shard": 64, "temperature": 0.02, "split": "validation",
+                            "rows_per_shard": 64, "capture_temperature": 0.02, "split": "validation",
                             "encoding": "fp32", "device": "cpu", **settings})
     return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
 
@@ -182,12 +183,12 @@ def test_trimmed_store_reads_back_what_the_teacher_kept(teacher_dir, tiny_tokens
     raw = store.read_rows(0, store.rows)
     counts = raw[fmt.TOPK_COUNT]
     assert counts.dtype == np.uint8 and counts.min() >= 2 and counts.max() <= 8 and 2 < counts.mean() < 8
-    pad = encode.padding(counts, 8)
+    pad = id_codec.padding(counts, 8)
     assert not raw[fmt.TOPK_IDS][pad].any() and not raw[fmt.TOPK_LOGPROBS][pad].any()  # zeros on disk
 
     model, _ = load_teacher(teacher_dir)
     blocks = torch.from_numpy(tiny_tokens.blocks("validation").astype(np.int64))
-    direct = teacher_targets(model, blocks, tiny_tokens.vocab_size, 8, temperature=0.02, top_p=0.6, min_k=2)
+    direct = teacher_targets(model, blocks, tiny_tokens.vocab_size, 8, capture_temperature=0.02, top_p=0.6, min_k=2)
     np.testing.assert_array_equal(counts, direct[fmt.TOPK_COUNT].numpy())
     decoded = decode_rows(raw, store.attrs)
     assert fmt.TOPK_COUNT not in decoded  # consumed: padding is id 0 / −inf
@@ -239,7 +240,7 @@ def test_bad_top_p_settings_are_refused(settings, message, kdcache, tmp_path):
 def test_student_trains_from_a_trimmed_sqd_store(teacher_dir, tiny_tokens, tmp_path):
     """The fused tail_kl path (the default loss) on padded targets decoded from the sqd encoding."""
     from pipeline.config import StudentConfig
-    from pipeline.distill import run_student
+    from pipeline.student import run_student
 
     store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", split="train", encoding="sqd")
     assert float(store.read_rows(0, store.rows, [fmt.TOPK_COUNT])[fmt.TOPK_COUNT].mean()) < 8

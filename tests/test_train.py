@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from pipeline import losses
-from pipeline.config import KD_LOSSES
-from pipeline.student import build_gpt2
+from pipeline.config import StudentConfig
+from pipeline.errors import KdcacheError
+from pipeline.losses import KD_LOSSES
+from pipeline.models import build_gpt2
 from pipeline.config import ModelShape
 from pipeline.targets import format as fmt
-from pipeline.distill import uniform_layer_map
-from pipeline.objective import Objective
-from pipeline.train import lr_at
+from pipeline.student.offline import uniform_layer_map
+from pipeline.training.objective import Objective
+from pipeline.training.loop import lr_at
 
 B, T, V, K = 2, 8, 40, 5
 
@@ -25,8 +27,11 @@ def batch():
             fmt.TOPK_LOGPROBS: logprobs, fmt.TAIL_LOGMASS: tail}
 
 
-def test_loss_names_match_the_registry():
-    assert set(KD_LOSSES) == set(losses.KD_LOSS_FUNCTIONS)
+def test_the_config_accepts_every_registered_loss_and_refuses_others():
+    for name in losses.KD_LOSS_FUNCTIONS:
+        assert StudentConfig(loss=name).loss == name
+    with pytest.raises(KdcacheError, match="unknown loss 'tail_kld'"):
+        StudentConfig(loss="tail_kld")
 
 
 @pytest.mark.parametrize("name", KD_LOSSES)
@@ -65,8 +70,8 @@ def test_uniform_layer_map():
 
 def test_validation_loss_is_the_mean_next_token_cross_entropy(tiny_tokens):
     from pipeline.config import TrainSettings
-    from pipeline.loader import BlockStream
-    from pipeline.train import validation_batches, validation_loss
+    from pipeline.training.loader import BlockStream
+    from pipeline.training.loop import validation_batches, validation_loss
 
     stream = BlockStream(str(tiny_tokens.path), "train", None)
     batches = validation_batches(stream, TrainSettings(batch_size=3, eval_batches=2))

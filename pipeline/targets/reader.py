@@ -1,4 +1,8 @@
-"""Read a targets store: open with checks, then read whole shards (the unit of streaming)."""
+"""Read a targets store: open with checks, then read whole shards (the unit of streaming).
+
+What the arrays are and how they decode is format.py's (`format.decode_rows`); this file opens the
+store, answers questions about it, and refuses stores that do not belong to the run.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import torch
 import zarr
 
 from pipeline.errors import KdcacheError
-from pipeline.targets import encode
 from pipeline.targets import format as fmt
 from pipeline.targets.writer import bad_shards, bad_unsharded
 
@@ -32,16 +35,15 @@ class TargetsStore:
     top_k = property(lambda self: int(self.attrs["top_k"]))
     layers = property(lambda self: list(self.attrs["layers"]))
     vocab_size = property(lambda self: int(self.attrs["vocab_size"]))
-    temperature = property(lambda self: float(self.attrs["temperature"]))
+    capture_temperature = property(lambda self: float(fmt.attribute(self.attrs, "capture_temperature")))
 
     @property
     def shard_ranges(self) -> list[tuple[int, int]]:
         return fmt.shard_ranges(int(self.attrs["rows"]), int(self.attrs["rows_per_shard"]))
 
     samples = property(lambda self: int(self.attrs["samples"]))
-    top_p = property(lambda self: float(self.attrs.get("top_p", 1.0)))
-
-    hidden_rank = property(lambda self: int(self.attrs.get("hidden_rank", 0)))  # absent: full width
+    top_p = property(lambda self: float(fmt.attribute(self.attrs, "top_p")))
+    hidden_rank = property(lambda self: int(fmt.attribute(self.attrs, "hidden_rank")))  # 0: full width
 
     @property
     def hidden_width(self) -> int:
@@ -55,16 +57,17 @@ class TargetsStore:
 
     def topk_names(self) -> list[str]:
         """Arrays of the top-k targets (none when only sampled targets were captured)."""
-        if not self.top_k:
-            return []
-        trimmed = [fmt.TOPK_COUNT] if self.top_p < 1.0 else []
-        return [fmt.TOPK_IDS, *encode.topk_names(self.attrs["encoding"]), *trimmed, fmt.TAIL_LOGMASS]
+        return fmt.signal_names(self.attrs, "topk")
 
     def sampled_names(self) -> list[str]:
-        return [fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.samples else []
+        return fmt.signal_names(self.attrs, "sampled")
 
     def array_names(self) -> list[str]:
-        return self.topk_names() + self.sampled_names() + [fmt.hidden_array(l) for l in self.layers]
+        return fmt.array_names(self.attrs)
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Arrays read from this store (read_rows) → tensors (see format.decode_rows)."""
+        return fmt.decode_rows(stored, self.attrs)
 
     def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
                          layers=()) -> None:
@@ -112,36 +115,3 @@ class TargetsStore:
                                f"longer match the checksums recorded at capture. Re-run `kdcache cache` "
                                f"with the same settings to re-capture them, then `kdcache verify {self.path}`.")
 
-
-def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dict[str, torch.Tensor]:
-    """Encoded arrays → float32 / int64 tensors, same names.
-
-    attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536) and
-    for encodings that store ids and values together (sqd).
-    Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
-    `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
-    """
-    ids_dtype = (attrs or {}).get("ids_dtype")
-    encoding = encode.ENCODINGS.get((attrs or {}).get("encoding"))
-    params = {e.params for e in encode.ENCODINGS.values() if e.params} | {fmt.TOPK_COUNT}
-    out = {}
-    if fmt.TOPK_LOGPROBS in stored:
-        out.update(encode.decode_topk({n: a for n, a in stored.items() if n == fmt.TOPK_IDS or
-                                       n == fmt.TOPK_LOGPROBS or n in params}, ids_dtype,
-                                      (attrs or {}).get("encoding")))
-    for name, array in stored.items():
-        if name in out or name in params:
-            continue
-        if name == fmt.TOPK_IDS and encoding is not None and encoding.owns_ids:  # ids alone are differences
-            raise KdcacheError(f"encoding {attrs['encoding']} stores ids and values together: read "
-                               f"{fmt.TOPK_IDS} with {fmt.TOPK_LOGPROBS}.")
-        if name in (fmt.TOPK_IDS, fmt.SAMPLED_IDS):
-            width = (attrs or {}).get("top_k" if name == fmt.TOPK_IDS else "samples", array.shape[-1])
-            out[name] = encode.decode_ids(array, ids_dtype, int(width))
-        elif name == fmt.SAMPLED_COUNTS:
-            out[name] = torch.from_numpy(array.astype(np.int64))
-        elif name.startswith("hidden_layer_"):
-            out[name] = encode.decode_hidden(array, (attrs or {}).get("hidden_dtype", "float16"))
-        else:
-            out[name] = torch.from_numpy(np.asarray(array, dtype=np.float32))
-    return out

@@ -44,7 +44,8 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "bytes_per_token": stored_total / tokens, "compression_ratio": raw_total / max(stored_total, 1),
         "fp16_full_logits_bytes_per_token": 2 * store.vocab_size,
         "arrays": {name: a["bytes_per_token"] for name, a in arrays.items()}, "array_details": arrays,
-        "encoding": attrs["encoding"], "top_k": attrs["top_k"], "samples": attrs["samples"], "temperature": attrs["temperature"],
+        "encoding": attrs["encoding"], "top_k": attrs["top_k"], "samples": attrs["samples"],
+        "capture_temperature": store.capture_temperature,
         "layers": attrs["layers"], "vocab_size": store.vocab_size, "split": attrs["split"],
         "shards_done": len(attrs.get("shards", {})), "shards": len(store.shard_ranges),
         "tokens_fingerprint": attrs["tokens_fingerprint"], "teacher_fingerprint": attrs["teacher_fingerprint"],
@@ -53,7 +54,7 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "tail_mass_histogram": tail_mass_histogram(store),
         "hidden_rank": store.hidden_rank, "hidden_size": attrs["hidden_size"],
         "hidden_variance_kept": attrs.get("hidden_variance_kept"),
-        "top_p": store.top_p, "min_k": int(attrs.get("min_k", 1)), "kept_mean": float(kept.mean()),
+        "top_p": store.top_p, "min_k": int(fmt.attribute(attrs, "min_k")), "kept_mean": float(kept.mean()),
         "kept_percentiles": {str(p): float(np.percentile(kept, p)) for p in TAIL_PERCENTILES},
     }
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import distributed
+from pipeline import runtime
+from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.reader import TargetsStore, decode_rows
-from pipeline.tokens import TokenStore
+from pipeline.targets.reader import TargetsStore
 
 
 class BlockStream(IterableDataset):
@@ -47,8 +47,8 @@ class BlockStream(IterableDataset):
             target_names = [target_names] * len(self.targets_paths)
         self.target_names = list(target_names)
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.rank = distributed.rank() if rank is None else rank
-        self.world_size = distributed.world_size() if world_size is None else world_size
+        self.rank = runtime.rank() if rank is None else rank
+        self.world_size = runtime.world_size() if world_size is None else world_size
         self.epoch = 0
         self.skip = None  # (batches already trained on in this epoch, batch_size, num_workers)
         rows = TokenStore(tokens).num_rows(split)
@@ -155,7 +155,7 @@ class BlockStream(IterableDataset):
                 decoded[shard] = {"input_ids": torch.from_numpy(blocks[start:stop].astype(np.int64)),
                                   **{fmt.teacher_key(name, i): t
                                      for i, (store, names) in enumerate(zip(stores, self.target_names))
-                                     for name, t in decode_rows(store.read_rows(start, stop, names), store.attrs).items()}}
+                                     for name, t in store.decode(store.read_rows(start, stop, names)).items()}}
             yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
             if done:
                 del decoded[shard]  # all its rows are out: let the shard go

@@ -1,9 +1,9 @@
 """The training loop shared by the default teacher (CE only) and the students (see objective.py).
 
-One loop for one process and for torchrun/DDP (pipeline/distributed.py): settings.batch_size is the
+One loop for one process and for torchrun/DDP (pipeline/runtime.py): settings.batch_size is the
 global batch, each rank takes batch_size / world_size rows of it. It can write checkpoints and resume
-from them to exactly the batch sequence of an uninterrupted run (pipeline/checkpoint.py), and
-evaluate a fixed set of validation batches every eval_every steps.
+from them to exactly the batch sequence of an uninterrupted run (checkpoint.py), and evaluate a fixed
+set of validation batches every eval_every steps.
 """
 
 from __future__ import annotations
@@ -18,30 +18,38 @@ from typing import Callable
 
 import torch
 
-from pipeline import checkpoint, distributed
+from pipeline import runtime
 from pipeline.config import TrainSettings
+from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.loader import BlockStream, make_loader
-from pipeline.objective import Objective
 from pipeline.progress import progress
 from pipeline.targets.reader import TargetsStore
-from pipeline.tokens import TokenStore
+from pipeline.training import checkpoint
+from pipeline.training.loader import BlockStream, make_loader
+from pipeline.training.objective import Objective
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and distributed.active():
-        return torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (process_group)
-    return torch.device(name)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to 10% of it at `total`."""
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr_ratio: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine decay to min_lr_ratio · peak at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     done = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+    return peak * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (linear and token-embedding weights), none on biases, norms
+    and position-embedding tables (decay there only pulls positions towards each other)."""
+    positional = {id(m.weight) for module in modules for name, m in module.named_modules()
+                  if isinstance(m, torch.nn.Embedding) and ("pos" in name or name.endswith("wpe"))}
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for p in module.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue  # tied weights appear once
+            seen.add(id(p))
+            (decay if p.ndim >= 2 and id(p) not in positional else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,10 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     Under torchrun every rank calls this with its own stream; rank 0 alone writes files.
     """
     files = files if isinstance(files, TrainFiles) else TrainFiles(log=files)
-    world, main = distributed.world_size(), distributed.is_main()
-    if (stream.rank, stream.world_size) != (distributed.rank(), world):
+    world, main = runtime.world_size(), runtime.is_main()
+    if (stream.rank, stream.world_size) != (runtime.rank(), world):
         raise KdcacheError(f"the stream is rank {stream.rank} of {stream.world_size}, the process rank "
-                           f"{distributed.rank()} of {world}; build it inside the process group.")
+                           f"{runtime.rank()} of {world}; build it inside the process group.")
     if settings.batch_size % world:
         raise KdcacheError(f"batch_size {settings.batch_size} is the global batch and must divide evenly "
                            f"over {world} ranks; use a multiple of {world}.")
@@ -138,7 +146,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     model.to(device).train()
     trainer = TrainStep(model, extra_modules, objective).to(device)
     params = list(trainer.parameters())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups([model, *extra_modules], settings.weight_decay), lr=settings.lr)
     history, val_history, step, epoch, done_in_epoch = [], [], 0, 0, 0
     if files.resume:  # before any training: a mismatch costs nothing
         state, saved = checkpoint.load_checkpoint(files.checkpoint_dir)
@@ -183,7 +191,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if add_targets is not None:
                 batch = add_targets(batch)
-            lr = lr_at(step, total, settings.warmup_steps, settings.lr)
+            lr = lr_at(step, total, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             parts = trainer(batch, progress=step / total)
@@ -193,7 +201,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             optimizer.step()
             step, done_in_epoch = step + 1, done_in_epoch + 1
             names = list(parts)
-            values = distributed.mean_over_ranks(torch.stack([parts[k].detach().float() for k in names]))
+            values = runtime.mean_over_ranks(torch.stack([parts[k].detach().float() for k in names]))
             row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist()))}
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
@@ -223,16 +231,3 @@ def write_history(history: list[dict], path: str | Path) -> None:
         writer.writeheader()
         writer.writerows(history)
 
-
-def save_model(model, tokens: TokenStore, out: str | Path, info: dict) -> None:
-    """save_pretrained (safetensors) + the tokenizer + kdcache.json, so from_pretrained(out) works.
-
-    Under torchrun only rank 0 writes (every rank holds the same weights).
-    """
-    if not distributed.is_main():
-        return
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(out, safe_serialization=True)
-    tokens.load_tokenizer().save_pretrained(out)
-    (out / "kdcache.json").write_text(json.dumps(info, indent=2, default=str))

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipeline.progress import progress
 
 from pipeline.config import PrepareConfig
-from pipeline.corpus import iter_documents, pack_blocks, split_documents
+from pipeline.data.corpus import iter_documents, pack_blocks, split_documents
 from pipeline.errors import KdcacheError
 
 FORMAT = "kdcache-tokens/1"

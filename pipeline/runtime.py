@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: the process group, this process's rank, rank-0-only work.
+"""Where code runs: the torch device, and under torchrun the process group, rank and world size.
 
 `torchrun --nproc-per-node N -- $(which kdcache) student ...` sets WORLD_SIZE, RANK and LOCAL_RANK;
 the student and teacher stages call `start()` first. Outside torchrun every function here
@@ -32,10 +32,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_world_size() -> int:
+    """Processes torchrun started (WORLD_SIZE), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(device: str = "auto") -> None:
     """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); the group
     is destroyed when the process exits. Without torchrun, or called again, it does nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
+    if launched_world_size() <= 1 or active():
         return
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -51,3 +56,12 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values / world_size()
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto → cuda when available, else cpu; under torchrun "cuda" means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and active():
+        return torch.device("cuda", torch.cuda.current_device())  # set by start() from LOCAL_RANK
+    return torch.device(name)

@@ -3,6 +3,7 @@
 Shapes: B batch, T block, N = B·T positions, V vocab, K top-k, D hidden width. Logits are cut to the
 token store's V, so padded output layers are fine. α, τ and β may follow schedules over training
 (pipeline/schedules.py); several targets stores (teachers) are mixed or summed (`multi_teacher`).
+Which positions carry a hard label is the task's (pipeline/tasks.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from pipeline import losses
-from pipeline.errors import KdcacheError
+from pipeline.config import SCHEDULED
 from pipeline.schedules import Schedule
-from pipeline.student import max_positions
 from pipeline.targets import format as fmt
-
-SCHEDULABLE = ("alpha", "temperature", "beta")
+from pipeline.tasks import CAUSAL
 
 
 @dataclass
@@ -30,7 +29,8 @@ class Objective:
     temperature: float = 1.0
     capture_temperature: float = 1.0
     loss: str = "tail_kl"
-    kd_targets: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
+    kd_signal: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
+    tail_model: str = "atom"  # how the teacher's tail is tempered (losses.TAIL_MODELS)
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
     projections: torch.nn.ModuleDict | None = None  # str(student layer) -> Linear(D_s, D_t or P)
@@ -41,15 +41,16 @@ class Objective:
     loss_chunk: int = 0  # positions per chunk of LM head + CE + KD; 0: all N at once
     teacher_weights: tuple[float, ...] = (1.0,)  # one per targets store, summing to 1
     multi_teacher: str = "mixture"  # or "sum" (see StudentConfig.multi_teacher)
+    task: object = CAUSAL
 
     def values_at(self, progress: float) -> dict[str, float]:
         """alpha, temperature and beta at this fraction of training (a schedule overrides the field)."""
         return {name: self.schedules[name].at(progress) if name in self.schedules else getattr(self, name)
-                for name in SCHEDULABLE}
+                for name in SCHEDULED}
 
     def kd_keys(self) -> list[list[str]]:
         """Batch keys the KD term reads, one list per teacher (fmt.teacher_key)."""
-        names = ([fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.kd_targets == "sampled"
+        names = ([fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.kd_signal == "sampled"
                  else [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
         return [[fmt.teacher_key(name, i) for name in names] for i in range(len(self.teacher_weights))]
 
@@ -58,18 +59,12 @@ class Objective:
         values = self.values_at(progress)
         alpha, temperature, beta = values["alpha"], values["temperature"], values["beta"]
         input_ids = batch["input_ids"]  # (B, T)
-        # Position t predicts token t+1: the last position of a block has no hard label.
-        labels = torch.roll(input_ids, -1, dims=1).flatten()
-        ce_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        ce_mask[:, -1] = False
-        ce_mask = ce_mask.flatten()
+        labels, ce_mask = (x.flatten() for x in self.task.labels(input_ids))
         # A scheduled alpha keeps KD on even at steps where it passes 1, so every logged row has it.
         with_kd = alpha < 1.0 or "alpha" in self.schedules
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
         output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
         if self.loss_chunk:
-            if hasattr(model, "module"):  # DistributedDataParallel: gradients sync only through its forward
-                raise KdcacheError("loss_chunk does not run under DistributedDataParallel yet; set loss_chunk 0.")
             out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False)
             parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
                                               targets, temperature)
@@ -96,18 +91,20 @@ class Objective:
         if not targets:
             return {"ce": losses.cross_entropy(logits, labels, ce_mask)}
         teachers = [[targets[key] for key in keys] for keys in self.kd_keys()]
-        weights, tau, tau_c = self.teacher_weights, temperature, self.capture_temperature
-        if len(teachers) == 1 and self.kd_targets == "topk" and self.loss == "tail_kl":
-            ce, kd = losses.ce_and_tail_kl(logits, labels, ce_mask, *teachers[0], tau, tau_c)  # fused
+        weights, tau, tau_c, tail = self.teacher_weights, temperature, self.capture_temperature, self.tail_model
+        if len(teachers) == 1 and self.kd_signal == "topk" and self.loss == "tail_kl":
+            ce, kd = losses.ce_and_tail_kl(logits, labels, ce_mask, *teachers[0], tau, tau_c,
+                                           tail_model=tail)  # fused
             return {"ce": ce, "kd": kd}
         ce = losses.cross_entropy(logits, labels, ce_mask)
-        if self.kd_targets == "sampled":
+        if self.kd_signal == "sampled":
             # Sampled KD is a cross-entropy, linear in the target: mixture and sum are the same loss.
             kd = sum(w * losses.sampled_kd(logits, ids, counts, tau) for w, (ids, counts) in zip(weights, teachers))
         elif len(teachers) > 1 and self.multi_teacher == "mixture":
-            kd = losses.mixture_kd(logits, teachers, weights, self.loss, tau, tau_c)
+            kd = losses.mixture_kd(logits, teachers, weights, self.loss, tau, tau_c, tail_model=tail)
         else:
-            kd = sum(w * losses.KD_LOSS_FUNCTIONS[self.loss](logits, *t, tau, tau_c) for w, t in zip(weights, teachers))
+            kd = sum(w * losses.kd_loss(self.loss, logits, *t, tau, tau_c, tail_model=tail)
+                     for w, t in zip(weights, teachers))
         return {"ce": ce, "kd": kd}
 
     def chunked_logit_losses(self, model, final_hidden, labels, ce_mask, targets: dict, temperature: float):
@@ -136,29 +133,3 @@ class Objective:
             total = total + checkpoint(chunk_losses, final_hidden[rows], rows, use_reentrant=False)
         return {"ce": total[0], "kd": total[1]} if targets else {"ce": total[0]}
 
-
-def check_chunkable(model) -> None:
-    """Refuse, before training, a model whose logits are not head(base model's last hidden state).
-
-    Chunked losses (loss_chunk) apply `get_output_embeddings()` to `base_model(...).last_hidden_state`
-    themselves; a model that scales or soft-caps its logits after the head would train on wrong logits.
-    """
-    name = type(model).__name__
-    head = model.get_output_embeddings()
-    if head is None or model.base_model is model:
-        raise KdcacheError(f"loss_chunk needs a causal LM with a base model and an output-embedding head; "
-                           f"{name} has none. Set loss_chunk 0.")
-    length = min(8, max_positions(model) or 8)
-    ids = torch.arange(length, device=next(model.parameters()).device).unsqueeze(0) % head.weight.shape[0]
-    was_training = model.training
-    model.eval()  # no dropout: the two paths must see the same activations
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids).logits.float()
-            rebuilt = head(model.base_model(input_ids=ids).last_hidden_state).float()
-    finally:
-        model.train(was_training)
-    if full.shape != rebuilt.shape or not torch.allclose(full, rebuilt, rtol=1e-4, atol=1e-4):
-        raise KdcacheError(f"loss_chunk assumes logits = output embeddings applied to the final hidden state, "
-                           f"but {name} computes its logits otherwise (scaling or soft-capping, say). "
-                           f"Set loss_chunk 0 for this model.")

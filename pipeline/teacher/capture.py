@@ -1,4 +1,8 @@
-"""Run the teacher once over a token-store split and write the targets store (resumable)."""
+"""Run the teacher once over a token-store split and write the targets store (resumable).
+
+What is stored, and how, is targets/format.py's; this file runs the teacher batch by batch, shard
+by shard, and hands each shard's tensors to the writer.
+"""
 
 from __future__ import annotations
 
@@ -7,67 +11,37 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from pipeline.progress import progress
 
+from pipeline import runtime
 from pipeline.config import CacheConfig
+from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.student import check_model_fits, hidden_size, num_layers
+from pipeline.models import check_model_fits, hidden_size, num_layers
+from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
-from pipeline.targets import encode
 from pipeline.targets import format as fmt
+from pipeline.targets.ids import ids_dtype
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher import check_layers, load_teacher, teacher_targets
-from pipeline.tokens import TokenStore
-from pipeline.train import resolve_device
+from pipeline.teacher.load import check_layers, load_teacher
+from pipeline.teacher.signals import teacher_targets
 
 
-def _identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model) -> dict:
+def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model) -> dict:
+    """The attributes that say what this capture holds (format.IDENTITY_KEYS)."""
     return {
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
         "tokens_fingerprint": tokens.fingerprint, "teacher_fingerprint": teacher_info["fingerprint"],
         "split": config.split, "rows": tokens.num_rows(config.split), "block_size": tokens.block_size,
-        "vocab_size": tokens.vocab_size, "temperature": config.temperature, "top_k": config.top_k,
-        "top_p": config.top_p, "min_k": config.min_k,
-        "encoding": config.encoding, "ids_dtype": encode.ids_dtype(tokens.vocab_size),
+        "vocab_size": tokens.vocab_size, "capture_temperature": config.capture_temperature,
+        "top_k": config.top_k, "top_p": config.top_p, "min_k": config.min_k,
+        "encoding": config.encoding, "ids_dtype": ids_dtype(tokens.vocab_size),
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
         "hidden_dtype": config.hidden_dtype, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
     }
-
-
-def array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
-    T, K, N = identity["block_size"], identity["top_k"], identity["samples"]
-    D = identity["hidden_rank"] or identity["hidden_size"]  # coefficients on the basis, or full width
-    specs = {}
-    if K:
-        # topk_ids, topk_logprobs (+ its parameters), topk_count when top-p trims
-        specs = {**encode.topk_store_arrays(identity["encoding"], T, K, identity["ids_dtype"],
-                                            identity["top_p"] < 1.0),
-                 fmt.TAIL_LOGMASS: ((T,), "float32")}
-    if N:
-        id_shape, id_dtype = encode.ids_spec(identity["ids_dtype"], N)
-        specs[fmt.SAMPLED_IDS] = ((T, *id_shape), id_dtype)
-        specs[fmt.SAMPLED_COUNTS] = ((T, N), "uint8")
-    for layer in identity["layers"]:
-        specs[fmt.hidden_array(layer)] = ((T, D), encode.hidden_storage_dtype(identity["hidden_dtype"]))
-    return specs
-
-
-def _encode(targets: dict[str, torch.Tensor], identity: dict) -> dict[str, np.ndarray]:
-    out = {}
-    if identity["top_k"]:
-        out = {**encode.encode_topk(targets[fmt.TOPK_IDS], targets[fmt.TOPK_LOGPROBS], identity["encoding"],
-                                    identity["ids_dtype"], targets.get(fmt.TOPK_COUNT)),
-               fmt.TAIL_LOGMASS: targets[fmt.TAIL_LOGMASS].float().cpu().numpy()}
-    if identity["samples"]:
-        out[fmt.SAMPLED_IDS] = encode.encode_ids(targets[fmt.SAMPLED_IDS], identity["ids_dtype"])
-        out[fmt.SAMPLED_COUNTS] = targets[fmt.SAMPLED_COUNTS].cpu().numpy().astype(np.uint8)
-    for layer in identity["layers"]:
-        out[fmt.hidden_array(layer)] = encode.encode_hidden(targets[fmt.hidden_array(layer)], identity["hidden_dtype"])
-    return out
 
 
 def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast) -> dict:
@@ -127,7 +101,6 @@ def _variance_kept(shard_stats: dict) -> dict[str, float]:
 
 def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str) -> TargetsStore:
     """Capture targets for every row of `config.split`; skips shards a previous run finished."""
-    encode.check_encoding(config.encoding)
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
@@ -137,13 +110,13 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
                            f"({hidden_size(model)}); choose at most {hidden_size(model)}, or 0 for full width.")
     if config.top_k > tokens.vocab_size:
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
-    encode.ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
+    ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
     if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
         raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
                            f"re-run `kdcache teacher` on {tokens_dir}.")
-    identity = _identity(config, tokens, info, model)
-    writer = TargetsWriter(out, identity, array_specs(identity))
-    device = resolve_device(config.device)
+    identity = capture_identity(config, tokens, info, model)
+    writer = TargetsWriter(out, identity, fmt.array_specs(identity))
+    device = runtime.resolve_device(config.device)
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     blocks = tokens.blocks(config.split)
@@ -164,10 +137,10 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
             generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
                 targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
-                                          config.temperature, identity["layers"], config.samples, generator,
-                                          top_p=config.top_p, min_k=config.min_k)
+                                          config.capture_temperature, identity["layers"], config.samples,
+                                          generator, top_p=config.top_p, min_k=config.min_k)
             _project_hidden(targets, bases, energy)
-            parts.append(_encode(targets, identity))
+            parts.append(fmt.encode_targets(targets, identity))
             bar.update((hi - lo) * tokens.block_size)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
         writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},

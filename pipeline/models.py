@@ -1,0 +1,177 @@
+"""Model directories: build, load, save and describe any model kdcache trains or reads.
+
+Every model is a plain Hugging Face `PreTrainedModel`, so `save_pretrained` / `AutoModelFor...
+.from_pretrained` round-trip it with nothing of kdcache's needed. Beside the weights, kdcache keeps
+one JSON file of its own (INFO_FILE): where the model came from, its fingerprint, its training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline import runtime
+from pipeline.config import ModelShape
+from pipeline.errors import KdcacheError
+from pipeline.tasks import CAUSAL
+
+INFO_FILE = "kdcache.json"
+
+
+def padded(vocab_size: int, multiple: int) -> int:
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def build_gpt2(shape: ModelShape, vocab_size: int, block_size: int, seed: int = 0):
+    """A fresh GPT-2-style causal LM with the given shape; deterministic in `seed`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd,
+                        n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def load_model(name_or_path: str, what: str = "model", task=CAUSAL):
+    """`task.auto_class`.from_pretrained with an error that says what to do."""
+    import transformers
+
+    auto_class = getattr(transformers, task.auto_class)
+    if not name_or_path:
+        raise KdcacheError(f"no {what} given.")
+    local = Path(name_or_path)
+    if local.exists() and not (local / "config.json").exists():
+        raise KdcacheError(f"{what} {name_or_path!r} is a path without config.json; point at a directory "
+                           f"written by save_pretrained.")
+    # A hub id is NAME or ORG/NAME; anything else is a local path, so say it is missing instead of
+    # letting the hub client complain about the form of a repo id.
+    if not local.exists() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+                               or "\\" in name_or_path):
+        raise KdcacheError(f"{what} {name_or_path!r} does not exist; point at a directory written by "
+                           f"save_pretrained, or give a hub id (NAME or ORG/NAME).")
+    try:
+        return auto_class.from_pretrained(name_or_path)
+    except Exception as e:  # OSError, ValueError, HTTP errors...: all mean "not loadable"
+        raise KdcacheError(f"cannot load {what} {name_or_path!r} as an {task.auto_class}: "
+                           f"{str(e).splitlines()[0]}") from e
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def num_layers(model) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def hidden_size(model) -> int:
+    return int(model.config.hidden_size)
+
+
+def output_vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_model_fits(model, vocab_size: int, block_size: int, what: str) -> None:
+    """Refuse a model that cannot score every token id or every position of the token store."""
+    rows = output_vocab_size(model)
+    if rows < vocab_size:
+        raise KdcacheError(f"the {what}'s output layer has {rows} rows but the token store's tokenizer "
+                           f"has {vocab_size} ids; prepare the tokens with this model's tokenizer "
+                           f"(--tokenizer) or pick a model of that vocabulary.")
+    limit = max_positions(model)
+    if limit is not None and block_size > limit:
+        raise KdcacheError(f"block_size {block_size} is beyond the {what}'s maximum of {limit} positions; "
+                           f"re-run prepare with --block-size {limit} or less.")
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model, tokens, out: str | Path, info: dict | None) -> None:
+    """save_pretrained (safetensors) + the token store's tokenizer + INFO_FILE (unless info is None:
+    the caller writes it after fingerprinting the weights), so from_pretrained(out) works.
+    Under torchrun only rank 0 writes (every rank holds the same weights)."""
+    if not runtime.is_main():
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
+    tokens.load_tokenizer().save_pretrained(out)
+    if info is not None:
+        write_info(out, info)
+
+
+def write_info(model_dir: str | Path, info: dict) -> None:
+    (Path(model_dir) / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+
+def read_info(model_dir: str | Path, what: str = "model") -> dict:
+    path = Path(model_dir) / INFO_FILE
+    if not path.exists():
+        raise KdcacheError(f"{model_dir} is not a {what} directory written by kdcache (no {INFO_FILE}); "
+                           f"run `kdcache {what} --out {model_dir}` first.")
+    return json.loads(path.read_text())
+
+
+def fingerprint_model_dir(path: str | Path) -> str:
+    """Hash of the config and every weight file: identifies the teacher a store was captured from."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            h.update(f.name.encode())
+            with f.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_same_tokenizer(model_dir: str, tokens, what: str = "the student") -> None:
+    """A model brought from elsewhere (--init) must share the token store's vocabulary, id for id."""
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    except Exception:  # no tokenizer saved beside the model: the size check is all we can do
+        return
+    if theirs != tokens.load_tokenizer().get_vocab():
+        raise KdcacheError(f"{what}'s vocabulary ({model_dir}, {len(theirs)} ids) differs from the "
+                           f"teacher's ({tokens.vocab_size} ids); the student must use the teacher's tokenizer.")
+
+
+def check_chunkable(model) -> None:
+    """Refuse, before training, a model whose logits are not head(base model's last hidden state).
+
+    Chunked losses (loss_chunk) apply `get_output_embeddings()` to `base_model(...).last_hidden_state`
+    themselves; a model that scales or soft-caps its logits after the head would train on wrong logits.
+    """
+    name = type(model).__name__
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model:
+        raise KdcacheError(f"loss_chunk needs a causal LM with a base model and an output-embedding head; "
+                           f"{name} has none. Set loss_chunk 0.")
+    length = min(8, max_positions(model) or 8)
+    ids = torch.arange(length, device=next(model.parameters()).device).unsqueeze(0) % head.weight.shape[0]
+    was_training = model.training
+    model.eval()  # no dropout: the two paths must see the same activations
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits.float()
+            rebuilt = head(model.base_model(input_ids=ids).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    if full.shape != rebuilt.shape or not torch.allclose(full, rebuilt, rtol=1e-4, atol=1e-4):
+        raise KdcacheError(f"loss_chunk assumes logits = output embeddings applied to the final hidden state, "
+                           f"but {name} computes its logits otherwise (scaling or soft-capping, say). "
+                           f"Set loss_chunk 0 for this model.")

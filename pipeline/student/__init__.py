@@ -1,0 +1,42 @@
+"""Students: one module per way the teacher's targets reach a batch.
+
+offline.py  read from cached stores (the product)
+online.py   the teacher runs in the loop (baseline)
+mutual.py   two students teach each other, no teacher (baseline)
+setup.py    what the three share
+"""
+
+from __future__ import annotations
+
+from pipeline.config import StudentConfig
+from pipeline.errors import KdcacheError
+from pipeline.student.mutual import mutual_peer_dir, run_mutual
+from pipeline.student.offline import run_offline
+from pipeline.student.online import run_online
+from pipeline.training.loop import TrainFiles
+
+
+def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
+                files: TrainFiles | str | None = None, teacher_dir: str | None = None, add_targets=None) -> dict:
+    """Train a student in `config.mode`; returns the last step's logged values.
+
+    offline: `targets` are targets stores (none: plain CE); online: `teacher_dir` runs in the loop;
+    mutual: neither (the second student is saved to `mutual_peer_dir(out)`). An input the mode does
+    not use is named in the log, not read (dvc.yaml passes both, so params.yaml alone picks the mode).
+    add_targets: offline only, a hook on every batch before its step (see train_loop).
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    unused = {"offline": ("--teacher", teacher_dir), "online": ("--targets", targets),
+              "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]
+    if unused[1]:
+        print(f"[student] mode {config.mode} does not read {unused[0]}")
+    if config.mode == "offline":
+        return run_offline(config, tokens_dir, out, targets or None, files, add_targets)
+    if config.mode == "online":
+        if not teacher_dir:
+            raise KdcacheError("mode online needs --teacher DIR (the teacher that runs in the loop).")
+        return run_online(config, tokens_dir, out, teacher_dir, files)
+    return run_mutual(config, tokens_dir, out, files)
+
+
+__all__ = ["run_student", "mutual_peer_dir"]

@@ -1,0 +1,45 @@
+"""A teacher directory: a saved model plus kdcache's info file (source, fingerprint, tokens).
+
+`kdcache teacher` writes one (training/teacher.py trains the default teacher); the capture and the
+online baseline load it. Nothing here trains: teacher/ never imports training/ or student/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.errors import KdcacheError
+from pipeline.models import (check_model_fits, fingerprint_model_dir, load_model, num_layers, read_info,
+                             save_model, write_info)
+
+
+def load_pretrained(name_or_path: str, tokens):
+    """The teacher --model: a path or hub id, checked against the token store before any work."""
+    model = load_model(name_or_path, "teacher --model")
+    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    return model
+
+
+def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss: float | None) -> dict:
+    """Save the teacher with its info file (written once, after the weights it fingerprints)."""
+    save_model(model, tokens, out, None)
+    info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
+            "vocab_size": tokens.vocab_size, "tokens_fingerprint": tokens.fingerprint,
+            "final_train_loss": final_loss, "config": asdict(config)}
+    write_info(out, info)
+    return info
+
+
+def load_teacher(teacher_dir: str | Path):
+    """(model, info) of a teacher directory written by `kdcache teacher`."""
+    info = read_info(teacher_dir, "teacher")
+    return load_model(str(teacher_dir), "teacher"), info
+
+
+def check_layers(model, layers) -> None:
+    available = num_layers(model)
+    bad = [layer for layer in layers if not 0 <= layer <= available]
+    if bad:
+        raise KdcacheError(f"teacher has hidden-state layers 0..{available} (0 = embeddings); "
+                           f"--layer {bad} does not exist.")

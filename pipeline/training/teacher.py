@@ -1,0 +1,31 @@
+"""`kdcache teacher`: load a pretrained teacher, or train the small default one on the token store.
+
+The default teacher is the student architecture at teacher size, trained on hard labels with the
+same loop as the students. Saving and fingerprinting belong to teacher/load.py.
+"""
+
+from __future__ import annotations
+
+from pipeline import runtime
+from pipeline.config import TeacherConfig
+from pipeline.data.tokens import TokenStore
+from pipeline.models import build_gpt2, padded
+from pipeline.teacher.load import load_pretrained, save_teacher
+from pipeline.training.loader import BlockStream
+from pipeline.training.loop import TrainFiles, train_loop
+from pipeline.training.objective import Objective
+
+
+def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
+                        files: TrainFiles | str | None = None) -> dict:
+    """Load `config.model` or train the default teacher; save it to `out` with its fingerprint."""
+    tokens = TokenStore(tokens_dir)
+    if config.model:
+        return save_teacher(load_pretrained(config.model, tokens), tokens, out, config.model, config, None)
+    model = build_gpt2(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size, config.seed)
+    stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    history = train_loop(model, stream, config, Objective(vocab_size=tokens.vocab_size),
+                         runtime.resolve_device(config.device), "train teacher", files)
+    if not runtime.is_main():  # torchrun: rank 0 alone saves and fingerprints the teacher
+        return {"source": "default", "rank": runtime.rank()}
+    return save_teacher(model, tokens, out, "default", config, history[-1]["loss"])
