@@ -90,6 +90,15 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     if config.reference and config.reference not in model_dirs:
         raise KdcacheError(f"reference model {config.reference!r} is not among --model names "
                            f"{list(model_dirs)}; pass --model {config.reference}=DIR or set --reference.")
+    if tokens.task_name == "classification":  # accuracy, macro-F1, ... per example (evaluate_classes.py)
+        from pipeline.evaluate_classes import evaluate_classifiers
+
+        result = evaluate_classifiers(config, tokens, model_dirs)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        if plot_path:  # one "position" per row: the loss of each model
+            write_position_plot({name: np.array([m["val_loss"]]) for name, m in result["models"].items()}, plot_path)
+        return result
     models = {}
     for name, path in model_dirs.items():
         models[name] = load_model(path, f"model {name}").eval()

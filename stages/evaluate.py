@@ -26,5 +26,9 @@ def evaluate(tokens, models, out, plot, **options):
     """Validation loss, perplexity, top-1 agreement, calibration (ECE), size and CPU latency of each model."""
     result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot)
     for name, m in result["models"].items():
+        if result.get("task") == "classification":
+            click.echo(f"{name:>12}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+                       f"params {m['params']:,}  {m['latency_ms_per_example']:.3f} ms/example")
+            continue
         click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  ECE {m['ece']:.4f}  "
                    f"params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")

@@ -99,7 +99,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         if uses_hidden and not pairs:
             pairs = uniform_layer_map(store.layers, int(store.attrs["teacher_num_layers"]), num_layers(model))
         for each in stores:
-            each.check_compatible(tokens, "train", tokens.vocab_size, [t for _, t in pairs] if each is store else [])
+            each.check_compatible(tokens, "train", tokens.num_outputs, [t for _, t in pairs] if each is store else [])
         check_same_layout(stores)
         bad_student = [s for s, _ in pairs if s > num_layers(model)]
         if bad_student:

@@ -16,14 +16,14 @@ from pipeline import runtime
 from pipeline.config import CacheConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import check_model_fits, hidden_size, num_layers
+from pipeline.models import check_fits, hidden_size, num_layers
 from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
 from pipeline.targets import format as fmt
 from pipeline.targets.ids import ids_dtype
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher.load import check_layers, load_teacher
+from pipeline.teacher.load import check_layers, check_teacher_task, load_teacher
 from pipeline.teacher.signals import teacher_targets
 
 
@@ -33,18 +33,26 @@ def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
         "tokens_fingerprint": tokens.fingerprint, "teacher_fingerprint": teacher_info["fingerprint"],
         "split": config.split, "rows": tokens.num_rows(config.split), "block_size": tokens.block_size,
-        "vocab_size": tokens.vocab_size, "capture_temperature": config.capture_temperature,
-        "top_k": config.top_k, "top_p": config.top_p, "min_k": config.min_k,
-        "encoding": config.encoding, "ids_dtype": ids_dtype(tokens.vocab_size),
+        "vocab_size": tokens.num_outputs, "capture_temperature": config.capture_temperature,
+        "top_k": capture_top_k(config, tokens), "top_p": config.top_p, "min_k": config.min_k,
+        "encoding": config.encoding, "ids_dtype": ids_dtype(tokens.num_outputs),
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
         "hidden_dtype": config.hidden_dtype, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
+        "task": tokens.task_name,
     }
 
 
-def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast) -> dict:
+def capture_top_k(config: CacheConfig, tokens: TokenStore) -> int:
+    """K: --top-k; for classification every class (C is small: the full distribution, nothing in a tail)."""
+    if tokens.task_name == "classification" and config.top_k:
+        return tokens.num_outputs
+    return config.top_k
+
+
+def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast, tokens) -> dict:
     """layer -> (mean (D,), basis (D, P)) with --hidden-rank P; {} without.
 
     Fitted on the first `hidden_fit_rows` rows and written before shard 0; a resumed capture reads the
@@ -63,9 +71,9 @@ def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, dev
     moments = {layer: hidden_basis.Moments(hidden_size(model)) for layer in layers}
     rows = min(config.hidden_fit_rows, len(blocks))
     for lo in range(0, rows, config.batch_size):
-        input_ids = torch.from_numpy(blocks[lo:min(lo + config.batch_size, rows)].astype(np.int64)).to(device)
+        batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, min(lo + config.batch_size, rows)).items()}
         with torch.inference_mode(), autocast:
-            hidden_states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+            hidden_states = model(**tokens.task.model_inputs(batch), output_hidden_states=True).hidden_states
         for layer in layers:
             moments[layer].add(hidden_states[layer])
     bases, arrays, kept = {}, {}, {}
@@ -103,14 +111,15 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     """Capture targets for every row of `config.split`; skips shards a previous run finished."""
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
-    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    check_teacher_task(info, tokens, teacher_dir)
+    check_fits(model, tokens, "teacher")
     check_layers(model, config.layers)
     if config.hidden_rank > hidden_size(model):
         raise KdcacheError(f"--hidden-rank {config.hidden_rank} is larger than the teacher's hidden size "
                            f"({hidden_size(model)}); choose at most {hidden_size(model)}, or 0 for full width.")
-    if config.top_k > tokens.vocab_size:
+    if config.top_k > tokens.num_outputs and tokens.task_name != "classification":
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
-    ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
+    ids_dtype(tokens.num_outputs)  # refuses vocabularies too large to pack, before the teacher runs
     if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
         raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
                            f"re-run `kdcache teacher` on {tokens_dir}.")
@@ -120,7 +129,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     blocks = tokens.blocks(config.split)
-    bases = _hidden_bases(config, writer, model, blocks, device, autocast)
+    bases = _hidden_bases(config, writer, model, blocks, device, autocast, tokens)
     pending = writer.pending()
     todo_rows = sum(writer.ranges[i][1] - writer.ranges[i][0] for i in pending)
     if len(pending) < len(writer.ranges):
@@ -132,13 +141,14 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
         parts, energy = [], {}
         for lo in range(start, stop, config.batch_size):
             hi = min(lo + config.batch_size, stop)
-            input_ids = torch.from_numpy(blocks[lo:hi].astype(np.int64)).to(device)
+            batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, hi).items()}
             # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
             generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
-                targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
+                targets = teacher_targets(model, batch["input_ids"], tokens.num_outputs, identity["top_k"],
                                           config.capture_temperature, identity["layers"], config.samples,
-                                          generator, top_p=config.top_p, min_k=config.min_k)
+                                          generator, top_p=config.top_p, min_k=config.min_k,
+                                          task=tokens.task, attention_mask=batch.get("attention_mask"))
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))
             bar.update((hi - lo) * tokens.block_size)

@@ -10,14 +10,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.errors import KdcacheError
-from pipeline.models import (check_model_fits, fingerprint_model_dir, load_model, num_layers, read_info,
+from pipeline.tasks import get_task
+from pipeline.models import (check_fits, fingerprint_model_dir, load_model, num_layers, read_info,
                              save_model, write_info)
 
 
 def load_pretrained(name_or_path: str, tokens):
     """The teacher --model: a path or hub id, checked against the token store before any work."""
-    model = load_model(name_or_path, "teacher --model")
-    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    model = load_model(name_or_path, "teacher --model", task=tokens.task)
+    check_fits(model, tokens, "teacher")
     return model
 
 
@@ -26,7 +27,7 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
     save_model(model, tokens, out, None)
     info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
             "vocab_size": tokens.vocab_size, "tokens_fingerprint": tokens.fingerprint,
-            "final_train_loss": final_loss, "config": asdict(config)}
+            "final_train_loss": final_loss, "config": asdict(config), "task": tokens.task_name}
     write_info(out, info)
     return info
 
@@ -34,7 +35,15 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
 def load_teacher(teacher_dir: str | Path):
     """(model, info) of a teacher directory written by `kdcache teacher`."""
     info = read_info(teacher_dir, "teacher")
-    return load_model(str(teacher_dir), "teacher"), info
+    return load_model(str(teacher_dir), "teacher", task=get_task(info.get("task", "causal"))), info
+
+
+def check_teacher_task(info: dict, tokens, teacher_dir) -> None:
+    """Refuse a teacher of another task than the token store's (its head cannot give these targets)."""
+    task = info.get("task", "causal")
+    if task != tokens.task_name:
+        raise KdcacheError(f"teacher {teacher_dir} is a {task} model but the token store {tokens.path} holds "
+                           f"{tokens.task_name} rows; re-run `kdcache teacher` on these tokens.")
 
 
 def check_layers(model, layers) -> None:

@@ -101,19 +101,25 @@ def run_identity(stream: BlockStream, settings: TrainSettings) -> dict:
     return json.loads(json.dumps(identity))  # as run.json holds it (lists, not tuples)
 
 
-def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[torch.Tensor]:
-    """The first eval_batches × batch_size validation blocks: the same every evaluation and every run."""
-    blocks = TokenStore(stream.tokens_path).blocks("validation")[: settings.eval_batches * settings.batch_size]
+def validation_batches(stream: BlockStream, settings: TrainSettings) -> list:
+    """The first eval_batches × batch_size validation blocks: the same every evaluation and every run.
+    Id tensors (B, T); for a classification store, batch dicts (ids, attention mask, labels)."""
+    tokens = TokenStore(stream.tokens_path)
+    if tokens.task_name == "classification":
+        rows = tokens.rows("validation", 0, settings.eval_batches * settings.batch_size)
+        return [dict(zip(rows, parts)) for parts in zip(*(t.split(settings.batch_size) for t in rows.values()))]
+    blocks = tokens.blocks("validation")[: settings.eval_batches * settings.batch_size]
     ids = torch.from_numpy(blocks.astype("int64"))
     return list(ids.split(settings.batch_size))
 
 
 @torch.no_grad()
-def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device: torch.device) -> float:
+def validation_loss(model, batches: list, vocab_size: int, device: torch.device, task=None) -> float:
     """Mean cross-entropy on hard labels: comparable between teacher, students and the CE baseline."""
     model.eval()
-    ce = Objective(vocab_size=vocab_size)
-    losses = [float(ce(model, {"input_ids": ids.to(device)})["loss"]) for ids in batches]
+    ce = Objective(vocab_size=vocab_size) if task is None else Objective(vocab_size=vocab_size, task=task)
+    batches = [b if isinstance(b, dict) else {"input_ids": b} for b in batches]
+    losses = [float(ce(model, {k: v.to(device) for k, v in b.items()})["loss"]) for b in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -206,7 +212,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
-                    model, val_batches, objective.vocab_size, device)})
+                    model, val_batches, objective.vocab_size, device, objective.task)})
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
                 save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
             rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
