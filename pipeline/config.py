@@ -230,6 +230,10 @@ class StudentConfig(ModelShape, TrainSettings):
                                  "k = V; otherwise mass a teacher left in its tail on ids that another teacher "
                                  "lists stays in the tail, so union ids are under-weighted). sum: "
                                  "sum_i w_i KD(teacher i). With sampled targets the two are the same.")
+    init_from_teacher: str = setting("", "Start from the --teacher's own weights (DistilBERT): a student of the "
+                                     "teacher's family and width (n_embd/n_head ignored) with the teacher layers "
+                                     "every_other, first:N or layers:A,B,... (0 = the first block), embeddings "
+                                     "and heads included. Empty: a fresh student.")
     arch: str = setting("transformer", "Student architecture: transformer (GPT-2 for causal LM, BERT for "
                         "classification, of n_layer/n_embd/n_head) or lstm (a BiLSTM classifier of "
                         "n_layer layers and width n_embd; classification only).")

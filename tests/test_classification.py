@@ -234,3 +234,42 @@ def test_capture_refuses_a_teacher_of_another_task(cls_tokens, tiny_tokens, tmp_
                  TeacherConfig(model="x"), None)
     with pytest.raises(KdcacheError, match="is a causal model but the token store .* holds classification"):
         run_capture(CacheConfig(), str(tmp_path / "lm"), str(cls_tokens.path), str(tmp_path / "t.zarr"))
+
+
+@pytest.mark.parametrize("spec, chosen", [("every_other", [0, 2]), ("first:2", [0, 1]), ("layers:3,1", [3, 1])])
+def test_init_from_teacher_copies_exactly_the_chosen_layers(cls_tokens, spec, chosen):
+    from pipeline.models import build_bert_classifier
+    from pipeline.student.init import init_from_teacher
+
+    teacher = build_bert_classifier(ModelShape(n_layer=4, n_embd=16, n_head=2), cls_tokens.vocab_size, 24,
+                                    cls_tokens.label_names, 0, seed=5)
+    student = init_from_teacher(teacher, spec)
+    assert student.config.num_hidden_layers == len(chosen) == len(student.bert.encoder.layer)
+    for i, t in enumerate(chosen):
+        for (name, mine), theirs in zip(student.bert.encoder.layer[i].state_dict().items(),
+                                        teacher.bert.encoder.layer[t].state_dict().values()):
+            assert torch.equal(mine, theirs), (spec, i, t, name)
+    for part in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
+        assert torch.equal(student.state_dict()[part], teacher.state_dict()[part])
+    others = [t for t in range(4) if t not in chosen]  # a layer not chosen differs from every copied one
+    assert not torch.equal(student.bert.encoder.layer[0].output.dense.weight,
+                           teacher.bert.encoder.layer[others[0]].output.dense.weight)
+
+
+def test_init_from_teacher_refuses_bad_layers_and_other_families(cls_tokens, cls_teacher, tmp_path):
+    from pipeline.student import run_student
+
+    def student(**options):
+        config = StudentConfig(n_layer=1, n_embd=16, n_head=2, max_steps=1, batch_size=4, alpha=1.0, **options)
+        return run_student(config, str(cls_tokens.path), str(tmp_path / "s"), teacher_dir=str(cls_teacher))
+
+    with pytest.raises(KdcacheError, match=r"names teacher layers \[1\] but the teacher has layers 0..0"):
+        student(init_from_teacher="layers:0,1")
+    with pytest.raises(KdcacheError, match="not every_other, first:N or layers"):
+        student(init_from_teacher="odd")
+    with pytest.raises(KdcacheError, match="needs --arch transformer"):
+        student(init_from_teacher="first:1", arch="lstm")
+    student(init_from_teacher="first:1")  # the 1-layer teacher copied whole, then trained a step
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "s").config.hidden_size == 32

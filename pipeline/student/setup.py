@@ -17,7 +17,7 @@ from pipeline.models import (build_bert_classifier, build_gpt2, build_lstm_class
 from pipeline.training.objective import Objective
 
 
-def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = None):
+def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = None, teacher_dir: str | None = None):
     """A fresh model of the configured shape (or --init's), refused before training if it cannot
     score the token store, uses another vocabulary, or cannot run the chunked loss."""
     seed = config.seed if seed is None else seed
@@ -28,7 +28,9 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
     if classify and (config.mode != "offline" or config.loss_chunk):
         raise KdcacheError("a classification student trains offline (mode offline) with loss_chunk 0; online, "
                            "mutual and chunked losses are causal-LM only for now.")
-    if config.init:
+    if config.init_from_teacher:
+        model = _from_teacher(config, tokens, teacher_dir)
+    elif config.init:
         model = load_model(config.init, "student --init model", task=tokens.task)
         check_same_tokenizer(config.init, tokens)
     elif classify:
@@ -42,6 +44,21 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
             raise KdcacheError("loss_chunk does not run under torchrun/DDP yet; set loss_chunk 0.")
         check_chunkable(model)
     return model
+
+
+def _from_teacher(config: StudentConfig, tokens: TokenStore, teacher_dir: str | None):
+    """The student --init-from-teacher builds from --teacher's layers (student/init.py)."""
+    from pipeline.student.init import init_from_teacher
+    from pipeline.teacher.load import check_teacher_task, load_teacher
+
+    if config.arch != "transformer" or config.init:
+        raise KdcacheError("--init-from-teacher copies the teacher's own layers: it needs --arch transformer "
+                           "and no --init.")
+    if not teacher_dir:
+        raise KdcacheError("--init-from-teacher needs --teacher DIR, the teacher whose layers to copy.")
+    teacher, info = load_teacher(teacher_dir)
+    check_teacher_task(info, tokens, teacher_dir)
+    return init_from_teacher(teacher, config.init_from_teacher)
 
 
 def distills(config: StudentConfig) -> bool:
