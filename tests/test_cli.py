@@ -101,6 +101,29 @@ def test_help_of_every_command_shows_every_config_option(kdcache, name):
             assert first_words in " ".join(result.output.split()), f"{name} --help lacks {field.name}'s help"
 
 
+def test_params_yaml_holds_the_cli_defaults_except_the_overrides_the_readme_lists():
+    """One place per default: params.yaml may differ from config.py only where the README says why."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The embedded default's settings")[1].split("\n## ")[0]
+    listed = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and "." in cells[0]:
+            listed[cells[0]] = cells[1]
+    assert listed, "the README's override table is missing"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    differ = {}
+    for stage, values in params.items():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(CONFIGS[stage])}
+        for key, value in values.items():
+            value = tuple(value) if isinstance(value, list) else value
+            if value != defaults[key]:
+                differ[f"{stage}.{key}"] = value
+    assert set(differ) == set(listed), f"params.yaml overrides {sorted(differ)}; README lists {sorted(listed)}"
+    assert all(str(differ[key]) == listed[key] for key in differ), (differ, listed)
+
+
 @pytest.mark.parametrize("params_file", PARAMS_FILES)
 def test_every_params_key_is_an_option_of_its_stage(params_file):
     params = yaml.safe_load((ROOT / params_file).read_text())
