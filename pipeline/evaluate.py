@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import runtime
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
@@ -49,23 +50,25 @@ def dir_size_bytes(path: str | Path) -> int:
 
 
 @torch.inference_mode()
-def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL):
+def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL,
+          device: torch.device = torch.device("cpu")):
     """Per-position validation loss summed over blocks (L,), block count, top-1 ids (N, L) and the
     calibration of those predictions: top-1 probability (N, L) float32, top-1 correct (N, L) bool.
-    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block)."""
+    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block).
+    The model must be on `device`; results come back on the CPU."""
     loss_sum, top1, confidence, correct = None, [], [], []
     for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
-        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64))  # (B, T)
+        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64)).to(device)  # (B, T)
         labels, mask = task.labels(ids)
         labelled = mask[0]  # (T,) the same positions in every block
         logits = model(input_ids=ids).logits[:, labelled, :vocab_size].float()  # (B, L, V)
         labels = labels[:, labelled]  # (B, L)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)  # (L,)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0).cpu()  # (L,)
         loss_sum = nll if loss_sum is None else loss_sum + nll
         top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, L)
-        top1.append(top_id.numpy().astype(np.int32))
-        confidence.append(top_logprob.exp().numpy())
-        correct.append((top_id == labels).numpy())
+        top1.append(top_id.cpu().numpy().astype(np.int32))
+        confidence.append(top_logprob.exp().cpu().numpy())
+        correct.append((top_id == labels).cpu().numpy())
     return (loss_sum.numpy(), len(blocks), np.concatenate(top1), np.concatenate(confidence),
             np.concatenate(correct))
 
@@ -98,9 +101,12 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     if config.max_batches:
         blocks = blocks[: config.max_batches * config.batch_size]
     per_position, top1, metrics = {}, {}, {}
+    device = runtime.resolve_device(config.device)
     for name, model in models.items():
+        model.to(device)
         loss_sum, n, top1[name], confidence, correct = score(model, blocks, tokens.vocab_size,
-                                                             config.batch_size, f"eval {name}")
+                                                             config.batch_size, f"eval {name}", device=device)
+        model.to("cpu")  # latency is timed on CPU, and one model at a time sits on the device
         per_position[name] = loss_sum / n
         val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),

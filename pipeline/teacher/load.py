@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline import runtime
 from pipeline.errors import KdcacheError
 from pipeline.models import (check_model_fits, check_same_tokenizer, fingerprint_model_dir, load_model,
                              num_layers, read_info, save_model, write_info)
 
 
-def load_pretrained(name_or_path: str, tokens):
+def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
     """The teacher --model: a path or hub id, checked against the token store before any work.
 
     Its own tokenizer (when saved beside it) must be the token store's, id for id: a teacher reading
@@ -25,7 +26,7 @@ def load_pretrained(name_or_path: str, tokens):
                          f"{name_or_path}`), then re-run teacher and cache")
     model = load_model(name_or_path, "teacher --model")
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
-    return model
+    return model.to(runtime.torch_dtype(dtype))  # saved so: bfloat16 halves the teacher on disk
 
 
 def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss: float | None) -> dict:

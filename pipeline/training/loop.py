@@ -8,6 +8,7 @@ set of validation batches every eval_every steps.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -24,7 +25,7 @@ from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.progress import progress
 from pipeline.targets.reader import TargetsStore
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, precision
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.training.objective import Objective
 
@@ -118,6 +119,18 @@ def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device:
     return sum(losses) / len(losses)
 
 
+def micro_batches(batch: dict, count: int) -> list[tuple[dict, float]]:
+    """`batch` cut along its rows into `count` micro-batches, each with its share of the rows.
+
+    Every loss of the objective is a mean over positions, and every row has the same positions, so
+    Σ share_i · loss(micro-batch i) is the loss of the whole batch and so is the sum of their gradients.
+    """
+    rows = next(iter(batch.values())).shape[0]
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [({key: value[lo:hi] for key, value in batch.items()}, (hi - lo) / rows)
+            for lo, hi in zip(bounds, bounds[1:])]
+
+
 def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: Objective,
                device: torch.device, desc: str, files: TrainFiles | str | Path | None = None,
                extra_modules: list[torch.nn.Module] = (),
@@ -139,6 +152,12 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     if (settings.checkpoint_every or files.resume) and not files.checkpoint_dir:
         raise KdcacheError("checkpoint_every and resume need a checkpoint directory (--checkpoint-dir).")
     local_batch, workers = settings.batch_size // world, settings.num_workers
+    accumulation = settings.gradient_accumulation_steps
+    if local_batch % accumulation:
+        raise KdcacheError(f"gradient_accumulation_steps {accumulation} must divide the {local_batch} blocks each "
+                           f"rank takes per step (batch_size {settings.batch_size} over {world} ranks); use a "
+                           f"divisor of {local_batch}.")
+    precision.check_dtype(settings.dtype, device)
     total = plan_steps(stream, settings, local_batch)
     identity = run_identity(stream, settings)
 
@@ -147,6 +166,8 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     trainer = TrainStep(model, extra_modules, objective).to(device)
     params = list(trainer.parameters())
     optimizer = torch.optim.AdamW(param_groups([model, *extra_modules], settings.weight_decay), lr=settings.lr)
+    scaler = precision.grad_scaler(settings.dtype, device)  # float16 only
+    max_grad_norm = settings.max_grad_norm or math.inf  # inf: measure the norm, never scale it
     history, val_history, step, epoch, done_in_epoch = [], [], 0, 0, 0
     if files.resume:  # before any training: a mismatch costs nothing
         state, saved = checkpoint.load_checkpoint(files.checkpoint_dir)
@@ -194,15 +215,22 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             lr = lr_at(step, total, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = trainer(batch, progress=step / total)
             optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            parts = accumulate_gradients(trainer, micro_batches(batch, accumulation), step / total,
+                                         precision.autocast(settings.dtype, device), scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step when the gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             step, done_in_epoch = step + 1, done_in_epoch + 1
             names = list(parts)
-            values = runtime.mean_over_ranks(torch.stack([parts[k].detach().float() for k in names]))
-            row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist()))}
+            values = runtime.mean_over_ranks(torch.stack([parts[k] for k in names]))
+            row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist())),
+                   "grad_norm": float(grad_norm)}
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
@@ -220,6 +248,25 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     if main:
         write_logs()
     return history
+
+
+def accumulate_gradients(trainer, micro: list[tuple[dict, float]], progress: float, autocast,
+                         scaler) -> dict[str, torch.Tensor]:
+    """Backward through each micro-batch's loss weighted by its share of rows; returns the weighted sum
+    of the logged parts (float32, detached): the whole batch's values. Under DDP the gradients are
+    all-reduced once, after the last micro-batch."""
+    totals: dict[str, torch.Tensor] = {}
+    for index, (batch, share) in enumerate(micro):
+        last = index == len(micro) - 1
+        sync = trainer.no_sync() if hasattr(trainer, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                parts = trainer(batch, progress=progress)
+            loss = parts["loss"].float() * share
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() * share
+    return totals
 
 
 def write_history(history: list[dict], path: str | Path) -> None:

@@ -21,7 +21,7 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
     """Load `config.model` or train the default teacher; save it to `out` with its fingerprint."""
     tokens = TokenStore(tokens_dir)
     if config.model:
-        return save_teacher(load_pretrained(config.model, tokens), tokens, out, config.model, config, None)
+        return save_teacher(load_pretrained(config.model, tokens, config.dtype), tokens, out, config.model, config, None)
     model = build_gpt2(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size, config.seed,
                        special_ids(tokens.load_tokenizer()))
     stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
