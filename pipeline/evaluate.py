@@ -45,8 +45,14 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(np.abs(gap).sum() / confidence.size)
 
 
-def dir_size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files a user ships (model.safetensors, or its shards), not the rest of the
+    directory: a training checkpoint (optimizer state) or logs beside them do not count."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir()
+               if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
 @torch.inference_mode()
@@ -88,7 +94,14 @@ def latency_per_token(models: dict, block: torch.Tensor, rounds: int) -> dict[st
 
 
 def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, str], out: str,
-                 plot_path: str | None = None) -> dict:
+                 plot_path: str | None = None, table_path: str | None = None) -> dict:
+    """Score every model on the same validation blocks; write metrics JSON to `out`, and optionally the
+    loss-by-position CSV (`plot_path`) and a Markdown table of the metrics (`table_path`).
+
+    val_loss is the mean next-token cross-entropy over the first max_batches × batch_size validation
+    blocks (all with max_batches 0): the quantity the training loop logs as val_loss, which uses the
+    first eval_batches × batch_size blocks, so the two agree when they cover the same blocks.
+    """
     tokens = TokenStore(tokens_dir)
     if config.reference and config.reference not in model_dirs:
         raise KdcacheError(f"reference model {config.reference!r} is not among --model names "
@@ -111,7 +124,7 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
         val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
                          "ece": expected_calibration_error(confidence, correct),
-                         "params": param_count(model), "disk_bytes": dir_size_bytes(model_dirs[name])}
+                         "params": param_count(model), "disk_bytes": weights_bytes(model_dirs[name])}
     if config.reference:
         for name in models:
             metrics[name]["top1_agreement"] = float((top1[name] == top1[config.reference]).mean())
@@ -123,7 +136,34 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     Path(out).write_text(json.dumps(result, indent=2))
     if plot_path:
         write_position_plot(per_position, plot_path)
+    if table_path:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(markdown_table(result))
     return result
+
+
+# (metrics key, column header, format) of the Markdown table, in reading order.
+TABLE_COLUMNS = (("val_loss", "val loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+                 ("top1_agreement", "top-1 agreement", "{:.3f}"), ("ece", "ECE", "{:.4f}"),
+                 ("params", "params", "{:,}"), ("disk_bytes", "weights (MB)", "{:.2f}"),
+                 ("latency_ms_per_token", "CPU ms/token", "{:.4f}"))
+
+
+def markdown_table(result: dict) -> str:
+    """The metrics as one row per model (what `dvc metrics show` prints as one wide row)."""
+    models = result["models"]
+    columns = [column for column in TABLE_COLUMNS if any(column[0] in m for m in models.values())]
+    lines = ["| model | " + " | ".join(header for _, header, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, metrics in models.items():
+        cells = []
+        for key, _, form in columns:
+            value = metrics.get(key)
+            value = value / 1e6 if key == "disk_bytes" and value is not None else value
+            cells.append("" if value is None else form.format(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return (f"Validation: {result['validation_blocks']} blocks of {result['block_size']} tokens.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def write_position_plot(per_position: dict[str, np.ndarray], path: str) -> None:

@@ -56,3 +56,43 @@ def test_run_evaluate_reports_the_ece_of_each_model(make_teacher, tiny_tokens, t
     blocks = tiny_tokens.blocks("validation")[:8]
     expected = dense_ece(load_model(str(teacher), "teacher").eval(), blocks, tiny_tokens.vocab_size)
     assert result["models"]["teacher"]["ece"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_training_and_evaluate_report_the_same_val_loss_and_the_shipped_weights(small_tokens, tmp_path):
+    """The student's last logged val_loss is evaluate's on the same blocks; disk_bytes leaves out the
+    checkpoint written beside the weights; the Markdown table has one row per model."""
+    import csv
+
+    from pipeline.config import StudentConfig
+    from pipeline.student import run_student
+    from pipeline.training.loop import TrainFiles
+
+    out = tmp_path / "student"
+    config = StudentConfig(n_layer=1, n_embd=16, n_head=2, batch_size=4, max_steps=2, warmup_steps=1,
+                           eval_every=2, eval_batches=2, checkpoint_every=2, device="cpu")
+    files = TrainFiles(log=None, val_log=str(tmp_path / "val.csv"), checkpoint_dir=str(out / "checkpoint"))
+    run_student(config, str(small_tokens), str(out), None, files)
+    with open(tmp_path / "val.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert int(last["step"]) == 2 and int(last["val_blocks"]) == 8
+
+    table = tmp_path / "metrics.md"
+    result = run_evaluate(EvaluateConfig(batch_size=4, max_batches=2, latency_rounds=1, reference="student"),
+                          str(small_tokens), {"student": str(out)}, str(tmp_path / "metrics.json"),
+                          table_path=str(table))
+    metrics = result["models"]["student"]
+    assert result["validation_blocks"] == 8
+    assert metrics["val_loss"] == pytest.approx(float(last["val_loss"]), rel=1e-5)
+
+    assert (out / "checkpoint").is_dir()
+    everything = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert metrics["disk_bytes"] == (out / "model.safetensors").stat().st_size < everything / 2
+
+    lines = table.read_text().splitlines()
+    assert lines[0] == "Validation: 8 blocks of 32 tokens."
+    header, rule, row = lines[2:]
+    assert header.startswith("| model | val loss | perplexity | top-1 agreement | ECE |")
+    assert rule.count("|") == header.count("|")
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "student" and cells[1] == f"{metrics['val_loss']:.4f}" and cells[3] == "1.000"
+    assert cells[5] == f"{metrics['params']:,}" and cells[6] == f"{metrics['disk_bytes'] / 1e6:.2f}"

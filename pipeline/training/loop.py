@@ -111,12 +111,14 @@ def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[tor
 
 @torch.no_grad()
 def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device: torch.device) -> float:
-    """Mean cross-entropy on hard labels: comparable between teacher, students and the CE baseline."""
+    """Mean next-token cross-entropy on hard labels over every position of `batches`: comparable between
+    teacher, students and the CE baseline, and the val_loss `kdcache evaluate` reports on the same blocks.
+    Each batch weighs its rows (a short last batch counts for what it holds)."""
     model.eval()
     ce = Objective(vocab_size=vocab_size)
-    losses = [float(ce(model, {"input_ids": ids.to(device)})["loss"]) for ids in batches]
+    total = sum(float(ce(model, {"input_ids": ids.to(device)})["loss"]) * len(ids) for ids in batches)
     model.train()
-    return sum(losses) / len(losses)
+    return total / sum(len(ids) for ids in batches)
 
 
 def micro_batches(batch: dict, count: int) -> list[tuple[dict, float]]:
@@ -183,6 +185,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         ids = [device.index] if device.type == "cuda" else None
         trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
     val_batches = validation_batches(stream, settings) if settings.eval_every else []
+    val_blocks = sum(len(ids) for ids in val_batches)  # logged beside val_loss: which blocks it covers
 
     def save(position: tuple[int, int]) -> None:
         state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra_modules],
@@ -234,7 +237,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
-                    model, val_batches, objective.vocab_size, device)})
+                    model, val_batches, objective.vocab_size, device), "val_blocks": val_blocks})
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
                 save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
             rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
