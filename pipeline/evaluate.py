@@ -48,6 +48,19 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS):
+    """The reliability diagram behind the ECE: per non-empty bin (as in expected_calibration_error),
+    mean confidence, accuracy and count; three arrays of equal length."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    filled = counts > 0
+    mean_confidence = np.bincount(which, confidence, minlength=bins)[filled] / counts[filled]
+    accuracy = np.bincount(which, correct, minlength=bins)[filled] / counts[filled]
+    return mean_confidence, accuracy, counts[filled]
+
+
 def weights_bytes(model_dir: str | Path) -> int:
     """Bytes of the weight files a user ships (model.safetensors, or its shards), not the rest of the
     directory: a training checkpoint (optimizer state) or logs beside them do not count."""
@@ -94,9 +107,12 @@ def latency_per_token(models: dict, block: torch.Tensor, rounds: int) -> dict[st
 
 
 def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, str], out: str,
-                 plot_path: str | None = None, table_path: str | None = None) -> dict:
+                 plot_path: str | None = None, table_path: str | None = None, figures_dir: str | None = None,
+                 curves: dict[str, list[str]] | None = None) -> dict:
     """Score every model on the same validation blocks; write metrics JSON to `out`, and optionally the
-    loss-by-position CSV (`plot_path`) and a Markdown table of the metrics (`table_path`).
+    loss-by-position CSV (`plot_path`), a Markdown table of the metrics (`table_path`) and SVG figures
+    (`figures_dir`: loss by position, reliability diagram, and the training and validation curves of
+    the `curves` logs, NAME -> CSVs written by the training loop's --log and --val-log).
 
     val_loss is the mean next-token cross-entropy over the first max_batches × batch_size validation
     blocks (all with max_batches 0): the quantity the training loop logs as val_loss, which uses the
@@ -113,7 +129,11 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     blocks = tokens.blocks("validation")
     if config.max_batches:
         blocks = blocks[: config.max_batches * config.batch_size]
-    per_position, top1, metrics = {}, {}, {}
+    if curves:
+        missing = [f"{name}={path}" for name, paths in curves.items() for path in paths if not Path(path).is_file()]
+        if missing:
+            raise KdcacheError(f"--curve logs {missing} do not exist; give CSVs written by --log/--val-log.")
+    per_position, top1, metrics, calibration = {}, {}, {}, {}
     device = runtime.resolve_device(config.device)
     for name, model in models.items():
         model.to(device)
@@ -121,6 +141,7 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
                                                              config.batch_size, f"eval {name}", device=device)
         model.to("cpu")  # latency is timed on CPU, and one model at a time sits on the device
         per_position[name] = loss_sum / n
+        calibration[name] = calibration_bins(confidence, correct)
         val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
                          "ece": expected_calibration_error(confidence, correct),
@@ -139,7 +160,44 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(markdown_table(result))
+    if figures_dir:
+        write_figures(figures_dir, per_position, calibration, curves or {})
     return result
+
+
+def read_log(path: str | Path) -> dict[str, list[float]]:
+    """A training-loop CSV (--log, --val-log) as columns of floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) if row[key] not in ("", None) else float("nan") for row in rows]
+            for key in (rows[0] if rows else {})}
+
+
+def write_figures(figures_dir: str | Path, per_position: dict, calibration: dict,
+                  curves: dict[str, list[str]]) -> list[Path]:
+    """SVG files: loss_by_position, reliability, and training_loss / validation_loss from the logs."""
+    from pipeline.charts import line_chart_svg
+
+    figures = Path(figures_dir)
+    figures.mkdir(parents=True, exist_ok=True)
+    charts = {
+        "loss_by_position.svg": line_chart_svg(
+            {name: (np.arange(1, len(loss) + 1), loss) for name, loss in per_position.items()},
+            "Validation loss by position in the block", "position", "cross-entropy (nats)"),
+        "reliability.svg": line_chart_svg(
+            {name: (bins[0], bins[1]) for name, bins in calibration.items()},
+            f"Reliability of the top-1 prediction ({ECE_BINS} confidence bins)", "mean confidence", "accuracy",
+            bounds=(0.0, 1.0, 0.0, 1.0), diagonal=True),
+    }
+    logs = [(name, read_log(path)) for name, paths in curves.items() for path in paths]
+    for column, file_name, title in (("loss", "training_loss.svg", "Training loss (objective)"),
+                                     ("val_loss", "validation_loss.svg", "Validation loss during training")):
+        series = {name: (log["step"], log[column]) for name, log in logs if column in log and "step" in log}
+        if series:
+            charts[file_name] = line_chart_svg(series, title, "step", column)
+    for file_name, svg in charts.items():
+        (figures / file_name).write_text(svg)
+    return [figures / file_name for file_name in charts]
 
 
 # (metrics key, column header, format) of the Markdown table, in reading order.
