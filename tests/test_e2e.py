@@ -82,6 +82,18 @@ def test_exp_run_with_new_temperature_reuses_the_capture(project):
         assert f"Running stage '{stage}'" not in log
 
 
+def test_queued_grid_of_students_reuses_the_committed_capture(project):
+    """README's grid: with dvc.lock committed after the run (the fixture does as README says), each
+    queued experiment checks the capture out of the DVC cache instead of running the teacher again."""
+    repo, env, _ = project
+    run(["dvc", "exp", "run", "--queue", "-S", "student.alpha=0.1,0.9"], repo, env)  # smoke: alpha 0.5
+    log = run(["dvc", "exp", "run", "--run-all"], repo, env)
+    assert log.count("Running stage 'student'") == 2 and log.count("Running stage 'evaluate'") == 2
+    assert log.count("Stage 'cache' didn't change, skipping") == 2
+    for stage in ("prepare", "teacher", "cache", "student_ce"):
+        assert f"Running stage '{stage}'" not in log
+
+
 def test_format_doc_example_reads_the_store_with_zarr_and_numpy_only(project):
     """docs/FORMAT.md's code, run as written in a fresh interpreter that never imports kdcache."""
     repo, env, _ = project

@@ -187,3 +187,14 @@ def test_evaluate_on_an_explicit_device(kdcache, small_tokens, small_teacher, tm
                      "--device", "cpu", "--latency-rounds", 1, "--max-batches", 1)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["models"]["teacher"]["val_loss"] > 0
+
+
+def test_progress_bar_shows_the_last_validation_loss(small_tokens, tmp_path, capsys):
+    from pipeline.training.loop import TrainFiles
+
+    config = StudentConfig(**{**TINY, "eval_every": 1, "eval_batches": 1})
+    run_student(config, str(small_tokens), str(tmp_path / "s"), None,
+                TrainFiles(val_log=str(tmp_path / "val.csv")))
+    last = read_csv(tmp_path / "val.csv")[-1]
+    final_line = [line for line in capsys.readouterr().err.splitlines() if "2/2 [" in line][-1]
+    assert f"val_loss={float(last['val_loss']):.3f}" in final_line

@@ -241,7 +241,10 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
                 save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
             rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            shown = {"loss": f"{row['loss']:.3f}"}
+            if val_history:  # the last validation loss, until the next evaluation replaces it
+                shown["val_loss"] = f"{val_history[-1]['val_loss']:.3f}"
+            bar.set_postfix(**shown, tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if step >= total or done_in_epoch >= epoch_steps:
                 break
