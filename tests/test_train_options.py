@@ -198,3 +198,44 @@ def test_progress_bar_shows_the_last_validation_loss(small_tokens, tmp_path, cap
     last = read_csv(tmp_path / "val.csv")[-1]
     final_line = [line for line in capsys.readouterr().err.splitlines() if "2/2 [" in line][-1]
     assert f"val_loss={float(last['val_loss']):.3f}" in final_line
+
+
+# --- trackers ------------------------------------------------------------------------------------
+
+
+def test_dvclive_records_every_step_beside_the_csv_logs(small_tokens, small_targets, tmp_path):
+    from pipeline.training.loop import TrainFiles
+
+    config = StudentConfig(**{**TINY, "max_steps": 3, "eval_every": 2, "eval_batches": 1})
+    files = TrainFiles(log=str(tmp_path / "loss.csv"), val_log=str(tmp_path / "val.csv"),
+                       live_dir=str(tmp_path / "live"))
+    run_student(config, str(small_tokens), str(tmp_path / "s"), str(small_targets), files)
+    losses, validation = read_csv(tmp_path / "loss.csv"), read_csv(tmp_path / "val.csv")
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 3 and summary["loss"] == pytest.approx(float(losses[-1]["loss"]))
+    assert summary["val_loss"] == pytest.approx(float(validation[-1]["val_loss"]))
+    with open(tmp_path / "live" / "plots" / "metrics" / "loss.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in losses])
+    with open(tmp_path / "live" / "plots" / "metrics" / "val_loss.tsv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [2, 3]
+
+
+def test_tensorboard_without_the_package_is_refused_by_name(small_tokens, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        from pipeline.training.loop import TrainFiles
+
+        with pytest.raises(KdcacheError, match="pip install tensorboard"):
+            run_student(StudentConfig(**TINY), str(small_tokens), str(tmp_path / "s"), None,
+                        TrainFiles(tensorboard_dir=str(tmp_path / "tb")))
+        assert not (tmp_path / "s" / "model.safetensors").exists()
+        return
+    from pipeline.training.loop import TrainFiles
+
+    run_student(StudentConfig(**TINY), str(small_tokens), str(tmp_path / "s"), None,
+                TrainFiles(tensorboard_dir=str(tmp_path / "tb")))
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

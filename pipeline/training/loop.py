@@ -26,6 +26,7 @@ from pipeline.errors import KdcacheError
 from pipeline.progress import progress
 from pipeline.targets.reader import TargetsStore
 from pipeline.training import checkpoint, precision
+from pipeline.training.tracking import Trackers
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.training.objective import Objective
 
@@ -61,6 +62,8 @@ class TrainFiles:
     val_log: str | None = None  # step, val_loss: one row per evaluation
     checkpoint_dir: str | None = None  # needed by checkpoint_every > 0 and by resume
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    live_dir: str | None = None  # DVCLive directory (metrics.json, plots/metrics/*.tsv); see tracking.py
+    tensorboard_dir: str | None = None  # TensorBoard event files (needs the tensorboard package)
 
 
 class TrainStep(torch.nn.Module):
@@ -201,6 +204,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         if files.val_log:
             write_history(val_history, files.val_log)
 
+    trackers = Trackers(files.live_dir, files.tensorboard_dir, files.resume) if main else Trackers()
     loader = make_loader(stream, local_batch, workers, pin_memory=device.type == "cuda")
     tokens_per_step = settings.batch_size * TokenStore(stream.tokens_path).block_size
     bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not main)
@@ -238,6 +242,8 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
                     model, val_batches, objective.vocab_size, device), "val_blocks": val_blocks})
+            evaluated = val_history and val_history[-1]["step"] == step
+            trackers.log_step(row, val_history[-1] if evaluated else None)
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
                 save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
             rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
@@ -251,6 +257,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         if done_in_epoch >= epoch_steps:
             epoch, done_in_epoch = epoch + 1, 0
     bar.close()
+    trackers.close()
     if main:
         write_logs()
     return history
