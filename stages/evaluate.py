@@ -29,8 +29,9 @@ def _parse_models(pairs, option: str = "--model", example: str = "teacher=models
 @config_options(EvaluateConfig)
 def evaluate(tokens, models, out, plot, table, figures, curves, **options):
     """Validation loss, perplexity, top-1 agreement, calibration (ECE), size and CPU latency of each model."""
-    curve_logs = {}
-    for name, path in (_parse_models([c], "--curve", "student=plots/student_loss.csv").popitem() for c in curves):
+    curve_logs: dict[str, list[str]] = {}  # a model may have two logs (--log and --val-log)
+    for pair in curves:
+        (name, path), = _parse_models([pair], "--curve", "student=plots/student_loss.csv").items()
         curve_logs.setdefault(name, []).append(path)
     result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot, table,
                           figures, curves=curve_logs)

@@ -53,6 +53,9 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     assert metrics["teacher"]["top1_agreement"] == 1.0
     for plot in ("teacher_loss", "student_loss", "student_ce_loss", "eval_loss_by_position"):
         assert (repo / "plots" / f"{plot}.csv").stat().st_size > 0
+    assert (repo / "metrics.md").read_text().count("| student") == 2  # student and student_ce rows
+    assert sorted(p.name for p in (repo / "figures").iterdir()) == [
+        "loss_by_position.svg", "reliability.svg", "training_loss.svg", "validation_loss.svg"]
 
 
 def test_student_loads_with_from_pretrained(project):
