@@ -1,8 +1,9 @@
 """Held-out metrics for the teacher and the students, measured on the same validation blocks.
 
 Per model: validation loss and perplexity, top-1 agreement with a reference model (the teacher),
-expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size on disk,
-and CPU latency per token timed in interleaved rounds so that machine noise hits every model alike.
+expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size of the
+weight files, and CPU latency per token timed in interleaved rounds so that machine noise hits every
+model alike. Also, on request: a Markdown table of those metrics and SVG figures (pipeline/charts.py).
 """
 
 from __future__ import annotations
