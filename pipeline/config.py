@@ -37,6 +37,8 @@ class PrepareConfig:
     block_size: int = setting(128, "Tokens per packed block (one row of the token store).")
     val_fraction: float = setting(0.05, "Fraction of documents held out for validation.")
     max_documents: int = setting(0, "Use at most this many documents (0: all).")
+    text_field: str = setting("text", "The field (column) holding each document's text in .jsonl and .parquet "
+                              "files and hf: datasets.")
 
     def __post_init__(self):
         _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
@@ -44,6 +46,10 @@ class PrepareConfig:
                f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         _check(self.vocab_size >= 260, f"vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}.")
         _check(self.max_documents >= 0, "max_documents must be >= 0 (0 means all).")
+        _check(bool(self.text_field), "text_field must name a field, e.g. text.")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ class TrainSettings:
                               "(0: never); written to --val-log.")
     eval_batches: int = setting(8, "Validation batches (of batch_size blocks, the same ones every time) "
                                 "per evaluation.")
+    gradient_accumulation_steps: int = setting(1, "Split each step's batch_size blocks into this many "
+                                               "micro-batches run one after another, their gradients summed "
+                                               "before the optimizer step: the same update with 1/N of the "
+                                               "activation memory (batch_size / world size must divide by N).")
+    max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this before each optimizer step "
+                                   "(0: no clipping). The norm before clipping is logged as grad_norm.")
+    dtype: str = setting("float32", "Training precision: float32, bfloat16 (autocast on CPU or GPU; weights "
+                         "and optimizer stay float32) or float16 (autocast with a gradient scaler, CUDA only).")
 
     def __post_init__(self):
         _check(self.max_steps > 0 or self.epochs > 0,
@@ -78,6 +92,14 @@ class TrainSettings:
         _check(self.num_workers >= 0, "num_workers must be >= 0.")
         _check(min(self.checkpoint_every, self.eval_every) >= 0 and self.eval_batches >= 1,
                "checkpoint_every and eval_every must be >= 0 (0: off) and eval_batches >= 1.")
+        self.check_precision()
+
+    def check_precision(self):
+        """The options that do not depend on max_steps (also checked for a loaded teacher --model)."""
+        _check(self.gradient_accumulation_steps >= 1,
+               f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
 
 
 @dataclass(frozen=True)
@@ -101,11 +123,15 @@ class TeacherConfig(ModelShape, TrainSettings):
     vocab_multiple: int = setting(64, "Pad the default teacher's vocabulary to a multiple of this "
                                   "(as real models do); targets cover only the tokenizer's ids.")
     device: str = setting("auto", "Torch device for training the default teacher: auto, cpu, cuda, ...")
+    dtype: str = setting("float32", "Precision: the default teacher trains in it (as student --dtype: "
+                         "float32, bfloat16, or float16 on CUDA); a --model teacher is loaded and saved in it "
+                         "(bfloat16 halves its size).")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)
         if not self.model:
             TrainSettings.__post_init__(self)
+        self.check_precision()
         _check(self.vocab_multiple >= 1, "vocab_multiple must be >= 1.")
 
 
@@ -281,4 +307,6 @@ class EvaluateConfig:
     reference: str = setting("teacher", "Name (from --model NAME=DIR) whose top-1 predictions the "
                              "others are compared with.")
     latency_rounds: int = setting(5, "Interleaved timing rounds for CPU latency per token.")
+    device: str = setting("auto", "Torch device the validation blocks are scored on: auto, cpu, cuda, ... "
+                          "(latency per token is always timed on CPU).")
 

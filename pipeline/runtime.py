@@ -1,4 +1,4 @@
-"""Where code runs: the torch device, and under torchrun the process group, rank and world size.
+"""Where code runs: the torch device and dtype, and under torchrun the process group, rank and world size.
 
 `torchrun --nproc-per-node N -- $(which kdcache) student ...` sets WORLD_SIZE, RANK and LOCAL_RANK;
 the student and teacher stages call `start()` first. Outside torchrun every function here
@@ -65,3 +65,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and active():
         return torch.device("cuda", torch.cuda.current_device())  # set by start() from LOCAL_RANK
     return torch.device(name)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (config.DTYPES)."""
+    from pipeline.errors import KdcacheError
+
+    if name not in TORCH_DTYPES:
+        raise KdcacheError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {name!r}.")
+    return TORCH_DTYPES[name]

@@ -11,7 +11,17 @@ from stages.student import student
 from stages.teacher import teacher
 
 
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdcache")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed)"
+
+
 @click.group(cls=KdcacheGroup)
+@click.version_option(installed_version(), "--version", prog_name="kdcache")
 def cli():
     """kdcache: run a teacher once, cache its targets, train many students from the cache.
 

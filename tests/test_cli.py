@@ -421,3 +421,64 @@ def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_toke
     assert (out / "model.safetensors").exists()
     refused = kdcache("student", "--tokens", small_tokens, "--online", "--out", tmp_path / "x", "--max-steps", 1)
     assert_refused(refused, "mode online needs --teacher")
+
+
+# --- silent misconfigurations (a user's first week) ----------------------------------------------
+
+
+def test_teacher_model_with_another_tokenizer_of_the_same_size(kdcache, small_tokens, tmp_path):
+    """Same number of ids, other ids: the sizes match, so only comparing the vocabularies catches it."""
+    vocab = vocab_size_of(small_tokens)
+    model = save_gpt2(tmp_path / "hub_model", vocab)
+    save_word_tokenizer(model, vocab)
+    out = tmp_path / "teacher"
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", out, "--model", model)
+    assert_refused(result, "teacher --model", "vocabulary", str(model), "prepare --tokenizer")
+    assert_nothing_complete(out)
+
+
+def test_teacher_model_with_the_token_stores_tokenizer_is_accepted(kdcache, small_tokens, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = save_gpt2(tmp_path / "hub_model", vocab_size_of(small_tokens))
+    AutoTokenizer.from_pretrained(small_tokens / "tokenizer").save_pretrained(model)
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", tmp_path / "teacher", "--model", model)
+    assert result.exit_code == 0, result.output
+
+
+def test_pipeline_models_take_special_ids_from_the_token_stores_tokenizer(kdcache, small_corpus, small_tokens,
+                                                                         tmp_path):
+    """A tokenizer whose end of text is not id 0: the teacher and student configs must say so."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_tokens / "tokenizer")
+    tokenizer.add_special_tokens({"eos_token": "<|end|>"})  # appended: id 300, while bos/pad stay 0
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 != tokenizer.bos_token_id
+    tokens = tmp_path / "tokens"
+    result = kdcache("prepare", "--out", tokens, "--corpus", small_corpus, "--tokenizer", tmp_path / "tokenizer",
+                     "--block-size", 32, "--val-fraction", 0.3)
+    assert result.exit_code == 0, result.output
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    result = kdcache("teacher", "--tokens", tokens, "--out", teacher, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--max-steps", 1,
+                     "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    result = kdcache("student", "--tokens", tokens, "--out", student, "--max-steps", 1, *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
+    for model_dir in (teacher, student):
+        config = json.loads((model_dir / "config.json").read_text())
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            assert config[key] == getattr(tokenizer, key), (model_dir, key)
+            assert generation[key] == getattr(tokenizer, key), (model_dir, key)
+
+
+@pytest.mark.parametrize("what", ["tokens", "teacher"])
+def test_inspect_names_what_a_directory_is(kdcache, small_tokens, small_teacher, what):
+    path = {"tokens": small_tokens, "teacher": small_teacher}[what]
+    result = kdcache("inspect", path)
+    assert_refused(result, {"tokens": "is a token store", "teacher": "is a model directory"}[what],
+                   "not a targets store")
+    assert "cache --out" in result.output and f"cache --out {path}" not in result.output

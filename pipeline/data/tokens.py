@@ -100,7 +100,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
     out = Path(out)
     texts = []
-    for text in progress(iterable=iter_documents(config.corpus), desc="read corpus", unit="doc"):
+    for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
             break
         texts.append(text)

@@ -17,12 +17,26 @@ from pipeline.targets import format as fmt
 from pipeline.targets.writer import bad_shards, bad_unsharded
 
 
+def not_a_store_message(path: Path) -> str:
+    """Why `path` is no targets store, naming what it is when kdcache wrote it (so that the fix is not
+    `cache --out` into another stage's output)."""
+    if (path / "meta.json").exists() and (path / "tokenizer").is_dir():
+        return (f"{path} is a token store (written by `kdcache prepare`), not a targets store; give the "
+                f"store `kdcache cache --out` wrote (data/targets.zarr in dvc.yaml).")
+    if (path / "kdcache.json").exists() or (path / "config.json").exists():
+        return (f"{path} is a model directory, not a targets store; give the store `kdcache cache --out` "
+                f"wrote (data/targets.zarr in dvc.yaml).")
+    if path.exists():
+        return (f"{path} is not a targets store (no zarr.json); give the store `kdcache cache --out` wrote "
+                f"(data/targets.zarr in dvc.yaml).")
+    return f"{path} does not exist; run `kdcache cache --out {path}` first."
+
+
 class TargetsStore:
     def __init__(self, path: str | Path, require_complete: bool = True):
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
-            raise KdcacheError(f"{self.path} is not a targets store (no zarr.json); "
-                               f"run `kdcache cache --out {self.path}` first.")
+            raise KdcacheError(not_a_store_message(self.path))
         self.group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(self.group.attrs)
         fmt.check_version(self.attrs, self.path)
