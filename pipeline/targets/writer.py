@@ -114,8 +114,6 @@ class TargetsWriter:
 
     def _open_or_create(self, overwrite: bool) -> zarr.Group:
         location = self.location
-        if location.is_file():
-            raise KdcacheError(f"--out {location} is a file; a targets store is a directory. Choose another --out.")
         if location.exists("zarr.json"):
             attrs = dict(zarr.open_group(location.url, mode="r").attrs)
             if attrs.get("format") != fmt.FORMAT_NAME:
