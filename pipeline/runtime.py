@@ -58,6 +58,21 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / world_size()
 
 
+def from_main(value):
+    """Rank 0's `value` on every rank (a picklable object); itself when single-process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when single-process)."""
+    if active():
+        dist.barrier()
+
+
 def resolve_device(name: str) -> torch.device:
     """auto → cuda when available, else cpu; under torchrun "cuda" means this rank's GPU."""
     if name == "auto":
