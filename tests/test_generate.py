@@ -207,3 +207,22 @@ def test_mix_refuses_other_tokenizers_and_block_sizes(kdcache, small_tokens, tin
     result = kdcache("prepare", "--out", out, "--mix", f"{small_tokens}:0")
     assert_refused(result, "no rows")
     assert_nothing_complete(out)
+
+
+def test_generate_help_shows_every_setting_and_chain_params_are_options(kdcache):
+    import yaml
+
+    from stages.cli import cli
+    from tests.test_cli import option_names
+
+    result = kdcache("generate", "--help")
+    assert result.exit_code == 0
+    for field in dataclasses.fields(GenerateConfig):
+        assert f"--{field.name.replace('_', '-')}" in result.output
+    root = Path(__file__).resolve().parents[1]
+    for params_file in ("params.yaml", "params.smoke.yaml"):
+        params = yaml.safe_load((root / "chain" / params_file).read_text())
+        for stage, values in params.items():
+            options = option_names(cli.commands[stage])
+            for key in values:
+                assert f"--{key}" in options, (params_file, stage, key)

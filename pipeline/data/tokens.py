@@ -1,7 +1,9 @@
 """The token store: packed blocks in Arrow IPC files, one per split, plus the tokenizer.
 
 Layout of a token store directory:
-  meta.json           fingerprint, vocab_size, block_size, rows per split (written last)
+  meta.json           fingerprint, vocab_size, block_size, rows per split, settings (written last);
+                      a store made from stores keeps its provenance there too (generate: `generated`,
+                      prepare --mix: settings.mix)
   {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
