@@ -34,7 +34,7 @@ from pipeline.data.tokens import TokenStore, prepare_tokens
 from pipeline.evaluate import run_evaluate
 from pipeline.student import run_student
 from pipeline.teacher.capture import run_capture
-from pipeline.teacher.generate import _prompt_generator, draw_prompts, generate_batch, run_generate
+from pipeline.teacher.generate import prompt_generator, draw_prompts, generate_batch, run_generate
 from pipeline.teacher.load import load_teacher
 from pipeline.training.teacher import materialise_teacher
 
@@ -62,7 +62,7 @@ def throughput(teacher_dir: str, tokens: TokenStore, config: GenerateConfig, bat
     for b in range(batches):
         for kv_cache in (True, False):
             lo, hi = b * config.batch_size, (b + 1) * config.batch_size
-            generators = [_prompt_generator(config.seed, i) for i in range(lo, hi)]
+            generators = [prompt_generator(config.seed, i) for i in range(lo, hi)]
             start = time.perf_counter()
             outputs[kv_cache].append(generate_batch(model, prompts[lo:hi], config.max_new_tokens, tokens.vocab_size,
                                                     config.temperature, config.top_p, generators, kv_cache))

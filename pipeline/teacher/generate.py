@@ -88,7 +88,8 @@ def generate_batch(model, prompt_ids: torch.Tensor, max_new_tokens: int, vocab_s
     return ids
 
 
-def _prompt_generator(seed: int, index: int) -> torch.Generator:
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """The sampling generator of prompt `index`: the same whatever batch the prompt falls in."""
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
@@ -167,7 +168,7 @@ def run_generate(config: GenerateConfig, teacher_dir: str, tokens_dir: str, out:
             bar.close()
             return None
         hi = min(lo + config.batch_size, config.prompts)
-        generators = [_prompt_generator(config.seed, index) for index in range(lo, hi)]
+        generators = [prompt_generator(config.seed, index) for index in range(lo, hi)]
         sequences = generate_batch(model, torch.from_numpy(prompts[lo:hi]).to(device), config.max_new_tokens,
                                    tokens.vocab_size, config.temperature, config.top_p, generators,
                                    config.kv_cache)  # (B, P + M)
