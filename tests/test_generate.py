@@ -145,6 +145,13 @@ def test_generate_refuses_a_teacher_of_another_tokenizer(kdcache, small_teacher,
     assert_nothing_complete(out)
 
 
+def test_cache_refuses_a_token_store_of_another_tokenizer(kdcache, small_teacher, tiny_tokens, tmp_path):
+    out = tmp_path / "targets.zarr"
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", tiny_tokens.path, "--out", out, "--top-k", 4)
+    assert_refused(result, "tokenizer", "differs")
+    assert_nothing_complete(out)
+
+
 def test_generate_refuses_max_new_tokens_past_the_positions(kdcache, small_teacher, small_tokens, tmp_path):
     out = tmp_path / "gen"
     result = kdcache("generate", "--teacher", small_teacher, "--tokens", small_tokens, "--out", out,
