@@ -39,6 +39,10 @@ class PrepareConfig:
     max_documents: int = setting(0, "Use at most this many documents (0: all).")
     text_field: str = setting("text", "The field (column) holding each document's text in .jsonl and .parquet "
                               "files and hf: datasets.")
+    mix: tuple = setting((), "Instead of reading a corpus, mix token stores: DIR or DIR:WEIGHT (repeat). The "
+                         "train split takes WEIGHT x each store's train rows (0.5: a seeded half, 2: every row "
+                         "twice), shuffled; validation is the first store's. Stores must share tokenizer and "
+                         "block size; the corpus settings are ignored.")
 
     def __post_init__(self):
         _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
@@ -189,6 +193,32 @@ class CacheConfig:
                f"rows_per_shard ({self.rows_per_shard}) must be a positive multiple of "
                f"rows_per_chunk ({self.rows_per_chunk}).")
         _check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}.")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: int = setting(256, "Prompts drawn (seeded) from the train split: each is --prompt-tokens "
+                           "consecutive tokens of a random row at a random offset.")
+    prompt_tokens: int = setting(16, "Tokens per prompt (at most the token store's block size).")
+    max_new_tokens: int = setting(112, "Tokens the teacher writes after each prompt; prompt + new tokens "
+                                  "must fit the teacher's positions.")
+    temperature: float = setting(1.0, "Sampling temperature; 0: greedy (argmax) decoding.")
+    top_p: float = setting(1.0, "Nucleus sampling: draw from the fewest most probable ids whose mass "
+                           "reaches P (1.0: the whole distribution).")
+    batch_size: int = setting(16, "Prompts decoded together (one resumable unit of the output).")
+    seed: int = setting(0, "Seed of the prompt draw and of each prompt's sampling (a resumed run writes "
+                        "the same rows).")
+    kv_cache: bool = setting(True, "Reuse past keys and values (one position per step); --no-kv-cache "
+                             "recomputes the whole sequence every step (same tokens, for comparison).")
+    device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, ...")
+
+    def __post_init__(self):
+        _check(self.prompts >= 1, f"prompts must be >= 1 (nothing to generate from {self.prompts} prompts).")
+        _check(self.prompt_tokens >= 1, f"prompt_tokens must be >= 1, got {self.prompt_tokens}.")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1.0: no nucleus), got {self.top_p}.")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
 
 
 # Student values that can follow a schedule (field NAME_schedule), with the range each must stay in.

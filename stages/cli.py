@@ -4,6 +4,7 @@ import click
 
 from stages.cache import cache
 from stages.evaluate import evaluate
+from stages.generate import generate
 from stages.inspect import encodings, inspect, verify
 from stages.options import KdcacheGroup
 from stages.prepare import prepare
@@ -29,7 +30,7 @@ def cli():
     """
 
 
-for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings):
+for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings, generate):
     cli.add_command(command)
 
 

@@ -25,7 +25,7 @@ from pipeline.targets.location import Location
 from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher.load import check_layers, load_teacher
+from pipeline.teacher.load import check_layers, check_teacher_tokenizer, load_teacher
 from pipeline.teacher.signals import teacher_targets
 
 
@@ -122,9 +122,9 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     if config.top_k > tokens.vocab_size:
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
     ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
-    if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
-        raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
-                           f"re-run `kdcache teacher` on {tokens_dir}.")
+    # Any token store in the teacher's own tokenizer will do: the one it was trained on, or one written
+    # by `generate` or `prepare --mix` from it.
+    check_teacher_tokenizer(teacher_dir, tokens)
     identity = capture_identity(config, tokens, info, model)
     device = runtime.resolve_device(config.device)
     model.to(device).eval()

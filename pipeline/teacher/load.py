@@ -40,9 +40,25 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
 
 
 def load_teacher(teacher_dir: str | Path):
-    """(model, info) of a teacher directory written by `kdcache teacher`."""
+    """(model, info) of a teacher directory written by `kdcache teacher`, or of a student directory
+    (self-distillation: a student teaches the next generation; its fingerprint is computed here)."""
     info = read_info(teacher_dir, "teacher")
+    if "fingerprint" not in info:
+        info = {**info, "fingerprint": fingerprint_model_dir(teacher_dir)}
     return load_model(str(teacher_dir), "teacher"), info
+
+
+def check_teacher_tokenizer(teacher_dir: str | Path, tokens) -> None:
+    """Refuse a token store whose tokenizer is not the one saved beside the teacher (id for id)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(teacher_dir) / "tokenizer_config.json").exists():
+        return  # no tokenizer saved beside the model: check_model_fits's size check is all we can do
+    theirs = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    if theirs != tokens.load_tokenizer().get_vocab():
+        raise KdcacheError(f"the teacher's tokenizer ({teacher_dir}, {len(theirs)} ids) differs from the token "
+                           f"store's ({tokens.path}, {tokens.vocab_size} ids); use a token store prepared with "
+                           f"the teacher's tokenizer (prepare --tokenizer {teacher_dir}) or its own teacher.")
 
 
 def check_layers(model, layers) -> None:
