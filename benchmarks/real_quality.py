@@ -197,7 +197,7 @@ def main():
                                     rows_per_chunk=8, rows_per_shard=64), teacher, tokens, str(work / "targets.zarr"))
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
-    teacher_logprobs = dense_logprobs(teacher, tokens)
+    teacher_logprobs = None if args.evaluate_only else dense_logprobs(teacher, tokens)
     dense_s = time.perf_counter() - start
     print(f"[quality] capture {capture_s:.0f} s, dense teacher pass {dense_s:.0f} s", flush=True)
 

@@ -238,10 +238,11 @@ class StudentConfig(ModelShape, TrainSettings):
     temperature: float = setting(0.0, "KD temperature; the KD term is scaled by temperature^2. 0: the "
                                  "store's capture temperature (1 without a store), where cached targets are "
                                  "exact.")
-    tail_model: str = setting("power", "At a temperature other than the capture's, how the teacher's tail "
-                              "(the mass outside its cached top-k) is tempered: power (a decay continuing "
-                              "the cached log-probs, fitted per position to the tail mass), uniform (spread "
-                              "evenly over the other ids) or atom (one bucket, as if a single id).")
+    tail_model: str = setting("uniform", "At a temperature other than the capture's, how the teacher's tail "
+                              "(the mass outside its cached top-k) is tempered: uniform (spread evenly over "
+                              "the other ids; matches dense KD on a real teacher, BENCHMARKS.md), power (a "
+                              "decay continuing the cached log-probs, fitted per position to the tail mass) "
+                              "or atom (one bucket, as if a single id).")
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
                         "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
                         "renormalised over the top-k ids).")

@@ -33,7 +33,7 @@ LOG_ZERO = -1e30
 #   power:   a decay continuing the cached ranking: p at rank n > K is p_K (n/K)^(−a), with a ≥ 0
 #            fitted per position so the tail's ids sum to P (continuous with the last cached
 #            log-prob, mass conserved). Heavy-tailed LM distributions look like this.
-TAIL_MODELS = ("power", "uniform", "atom")
+TAIL_MODELS = ("uniform", "power", "atom")
 
 
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
