@@ -148,6 +148,11 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
+    return _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> TokenStore:
+    """Move a finished OUT.partial into place: a token store that exists is complete."""
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return TokenStore(out)
@@ -186,6 +191,4 @@ def write_token_store(out: str | Path, source: TokenStore, splits: dict[str, np.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return TokenStore(out)
+    return _publish(tmp, out)
