@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import runtime
 from pipeline.config import EvaluateConfig
 from pipeline.errors import KdcacheError
 from pipeline.models import INFO_FILE, check_fits, load_model, param_count
@@ -36,13 +37,15 @@ def macro_f1(predicted: np.ndarray, truth: np.ndarray, num_labels: int) -> float
 
 
 @torch.inference_mode()
-def class_logprobs(model, rows: dict, num_labels: int, batch_size: int, desc: str) -> torch.Tensor:
-    """(N, C) log-probabilities of every validation example (rows: TokenStore.rows tensors)."""
+def class_logprobs(model, rows: dict, num_labels: int, batch_size: int, desc: str,
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """(N, C) log-probabilities of every validation example (rows: TokenStore.rows tensors). The model
+    must be on `device`; the result comes back on the CPU."""
     out = []
     for lo in progress(iterable=range(0, len(rows["labels"]), batch_size), desc=desc, unit="batch", leave=False):
-        logits = model(input_ids=rows["input_ids"][lo:lo + batch_size],
-                       attention_mask=rows["attention_mask"][lo:lo + batch_size]).logits[:, :num_labels]
-        out.append(torch.log_softmax(logits.float(), -1))
+        logits = model(input_ids=rows["input_ids"][lo:lo + batch_size].to(device),
+                       attention_mask=rows["attention_mask"][lo:lo + batch_size].to(device)).logits[:, :num_labels]
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
     return torch.cat(out)
 
 
@@ -70,9 +73,10 @@ def check_model_task(path: str, name: str) -> None:
                                f"examples; evaluate it on the token store it was trained on.")
 
 
-def evaluate_classifiers(config: EvaluateConfig, tokens, model_dirs: dict[str, str]) -> dict:
-    """Metrics of every model on the validation split of a classification token store."""
-    from pipeline.evaluate import dir_size_bytes, expected_calibration_error
+def evaluate_classifiers(config: EvaluateConfig, tokens, model_dirs: dict[str, str]) -> tuple[dict, dict]:
+    """Metrics of every model on the validation split of a classification token store, and the
+    calibration bins of each model's top-1 predictions (for the reliability diagram)."""
+    from pipeline.evaluate import calibration_bins, expected_calibration_error, weights_bytes
 
     models = {}
     for name, path in model_dirs.items():
@@ -84,21 +88,25 @@ def evaluate_classifiers(config: EvaluateConfig, tokens, model_dirs: dict[str, s
         count = min(count, config.max_batches * config.batch_size)
     rows = tokens.rows("validation", 0, count)
     labels, num_labels = rows["labels"], tokens.num_outputs
-    metrics, top1 = {}, {}
+    metrics, top1, calibration = {}, {}, {}
+    device = runtime.resolve_device(config.device)
     for name, model in models.items():
-        logprobs = class_logprobs(model, rows, num_labels, config.batch_size, f"eval {name}")  # (N, C)
+        model.to(device)
+        logprobs = class_logprobs(model, rows, num_labels, config.batch_size, f"eval {name}", device)  # (N, C)
+        model.to("cpu")  # latency is timed on CPU, and one model at a time sits on the device
         confidence, top1[name] = logprobs.max(-1)
         correct = (top1[name] == labels).numpy()
-        loss = float(F.nll_loss(logprobs, labels))
-        metrics[name] = {"val_loss": loss, "accuracy": float(correct.mean()),
+        calibration[name] = calibration_bins(confidence.exp().numpy(), correct)
+        metrics[name] = {"val_loss": float(F.nll_loss(logprobs, labels)), "accuracy": float(correct.mean()),
                          "macro_f1": macro_f1(top1[name].numpy(), labels.numpy(), num_labels),
                          "ece": expected_calibration_error(confidence.exp().numpy(), correct),
-                         "params": param_count(model), "disk_bytes": dir_size_bytes(model_dirs[name])}
+                         "params": param_count(model), "disk_bytes": weights_bytes(model_dirs[name])}
     if config.reference:
         for name in models:
             metrics[name]["top1_agreement"] = float((top1[name] == top1[config.reference]).float().mean())
     example = {"input_ids": rows["input_ids"][:1], "attention_mask": rows["attention_mask"][:1]}
     for name, seconds in latency_per_example(models, example, config.latency_rounds).items():
         metrics[name]["latency_ms_per_example"] = seconds * 1e3
-    return {"models": metrics, "validation_examples": int(count), "block_size": tokens.block_size,
-            "task": "classification", "label_names": tokens.label_names}
+    result = {"models": metrics, "validation_examples": int(count), "block_size": tokens.block_size,
+              "task": "classification", "label_names": tokens.label_names}
+    return result, calibration

@@ -198,6 +198,51 @@ def test_students_train_from_the_store_and_evaluate(cls_tokens, cls_teacher, cls
     assert metrics["lstm"]["params"] < metrics["teacher"]["params"]
 
 
+def test_classifier_accumulated_training_equals_one_batch_and_evaluate_writes_table_and_figures(
+        cls_tokens, cls_teacher, cls_targets, tmp_path):
+    """main's training options and evaluate outputs on a classification store: gradient accumulation
+    (one target position per row), the validation loss log, the Markdown table and the SVG figures."""
+    from safetensors.torch import load_file
+
+    from pipeline.evaluate import run_evaluate
+    from pipeline.student import run_student
+    from pipeline.training.loop import TrainFiles
+
+    common = dict(n_layer=1, n_embd=16, n_head=2, max_steps=2, batch_size=8, warmup_steps=1, eval_every=1,
+                  eval_batches=1, max_grad_norm=0.0)
+    for name, steps in (("whole", 1), ("accumulated", 4)):
+        files = TrainFiles(log=str(tmp_path / f"{name}.csv"), val_log=str(tmp_path / f"{name}_val.csv"))
+        run_student(StudentConfig(gradient_accumulation_steps=steps, **common), str(cls_tokens.path),
+                    str(tmp_path / name), [str(cls_targets.path)], files=files)
+    whole, accumulated = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "accumulated"))
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "whole_val.csv").read_text().startswith("step,val_blocks,val_loss")
+    result = run_evaluate(EvaluateConfig(batch_size=8, latency_rounds=1), str(cls_tokens.path),
+                          {"teacher": str(cls_teacher), "student": str(tmp_path / "whole")},
+                          str(tmp_path / "metrics.json"), table_path=str(tmp_path / "metrics.md"),
+                          figures_dir=str(tmp_path / "figures"),
+                          curves={"student": [str(tmp_path / "whole.csv"), str(tmp_path / "whole_val.csv")]})
+    table = (tmp_path / "metrics.md").read_text()
+    assert table.startswith(f"Validation: {result['validation_examples']} examples") and "macro-F1" in table
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "reliability.svg", "training_loss.svg", "validation_loss.svg"]
+
+
+def test_mix_and_generate_refuse_classification_stores(cls_tokens, cls_teacher, tmp_path):
+    from pipeline.config import GenerateConfig
+    from pipeline.data.mix import mix_token_stores
+    from pipeline.teacher.generate import run_generate
+
+    with pytest.raises(KdcacheError, match="--mix mixes causal LM token stores"):
+        PrepareConfig(task="classification", mix=(str(cls_tokens.path),))
+    with pytest.raises(KdcacheError, match="holds classification rows; --mix mixes causal LM"):
+        mix_token_stores(PrepareConfig(mix=(str(cls_tokens.path),)), tmp_path / "mixed")
+    with pytest.raises(KdcacheError, match="generate continues text with a causal LM"):
+        run_generate(GenerateConfig(), str(cls_teacher), str(cls_tokens.path), str(tmp_path / "generated"))
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "generated").exists()
+
+
 def test_macro_f1_is_the_mean_of_per_label_f1():
     from pipeline.evaluate_classes import macro_f1
 

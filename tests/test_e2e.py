@@ -1,41 +1,21 @@
 """The smoke profile through real DVC in a temporary git repository, then a `dvc exp run`."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_project import ROOT, make_project, run
+
 pytestmark = pytest.mark.e2e
-
-
-def run(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the project (code, dvc.yaml, DVC config) with the smoke params, after `dvc repro`."""
     repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    shutil.copy(ROOT / "params.smoke.yaml", repo / "params.yaml")
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "smoke"], repo, env)
+    env = make_project(repo, "params.smoke.yaml")
     log = run(["dvc", "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "repro"], repo, env)
@@ -53,6 +33,9 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     assert metrics["teacher"]["top1_agreement"] == 1.0
     for plot in ("teacher_loss", "student_loss", "student_ce_loss", "eval_loss_by_position"):
         assert (repo / "plots" / f"{plot}.csv").stat().st_size > 0
+    assert (repo / "metrics.md").read_text().count("| student") == 2  # student and student_ce rows
+    assert sorted(p.name for p in (repo / "figures").iterdir()) == [
+        "loss_by_position.svg", "reliability.svg", "training_loss.svg", "validation_loss.svg"]
 
 
 def test_student_loads_with_from_pretrained(project):
@@ -78,6 +61,18 @@ def test_exp_run_with_new_temperature_reuses_the_capture(project):
     repo, env, _ = project
     log = run(["dvc", "exp", "run", "-S", "student.temperature=3.0"], repo, env)
     assert "Running stage 'student'" in log and "Running stage 'evaluate'" in log
+    for stage in ("prepare", "teacher", "cache", "student_ce"):
+        assert f"Running stage '{stage}'" not in log
+
+
+def test_queued_grid_of_students_reuses_the_committed_capture(project):
+    """README's grid: with dvc.lock committed after the run (the fixture does as README says), each
+    queued experiment checks the capture out of the DVC cache instead of running the teacher again."""
+    repo, env, _ = project
+    run(["dvc", "exp", "run", "--queue", "-S", "student.alpha=0.1,0.9"], repo, env)  # smoke: alpha 0.5
+    log = run(["dvc", "exp", "run", "--run-all"], repo, env)
+    assert log.count("Running stage 'student'") == 2 and log.count("Running stage 'evaluate'") == 2
+    assert log.count("Stage 'cache' didn't change, skipping") == 2
     for stage in ("prepare", "teacher", "cache", "student_ce"):
         assert f"Running stage '{stage}'" not in log
 

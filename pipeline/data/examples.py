@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import hash_bucket, resolve_files, stdlib_files
+from pipeline.data.corpus import hash_bucket, load_hf_dataset, resolve_files, stdlib_files
 from pipeline.errors import KdcacheError
 from pipeline.progress import progress
 
@@ -75,20 +75,7 @@ def _records_of_file(path: Path, text_field: str, label_field: str):
 
 
 def _records_of_hf(spec: str):
-    import datasets
-
-    parts = spec.split(":")
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    try:
-        if (Path(parts[0]) / "dataset_info.json").exists() or (Path(parts[0]) / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(parts[0])
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(parts[0], config, split=split)
-    except Exception as e:  # the library raises many types; all mean "cannot load"
-        raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
-    for i, record in enumerate(ds):
+    for i, record in enumerate(load_hf_dataset(spec)):
         yield record, f"hf:{spec} row {i}"
 
 
@@ -171,7 +158,7 @@ def write_example_split(path: Path, ids: np.ndarray, mask: np.ndarray, labels: n
 
 def prepare_examples(config: PrepareConfig, out: str | Path):
     """`prepare --task classification`: read, split, tokenize and write the labelled token store."""
-    from pipeline.data.tokens import FORMAT, SPLITS, TokenStore, fingerprint_dir, load_named_tokenizer
+    from pipeline.data.tokens import FORMAT, SPLITS, _publish, fingerprint_dir, load_named_tokenizer
 
     out = Path(out)
     examples = read_examples(config.corpus, config.text_field, config.label_field)
@@ -214,6 +201,4 @@ def prepare_examples(config: PrepareConfig, out: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return TokenStore(out)
+    return _publish(tmp, out)

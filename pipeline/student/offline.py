@@ -78,12 +78,13 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`); none:
     plain CE training. Everything that can be refused (fingerprints, vocabulary, layers) is checked
-    before training. add_targets: called on every batch before its step (train_loop's hook).
+    before training. add_targets: called on every batch before its step (train_loop's hook; it may add the
+    teacher's targets, as the online baseline does).
     """
     tokens = TokenStore(tokens_dir)
     specs = parse_targets(targets)
     paths, weights = [path for path, _ in specs], tuple(weight for _, weight in specs) or (1.0,)
-    distill = distills(config) and bool(specs)
+    distill = distills(config) and (bool(specs) or add_targets is not None)  # the hook may supply targets
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
     model = build_student(config, tokens, teacher_dir=teacher_dir)  # the teacher only with --init-from-teacher
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0

@@ -13,7 +13,7 @@ from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.models import (build_bert_classifier, build_gpt2, build_lstm_classifier, check_chunkable, check_fits,
-                             check_same_tokenizer, load_model, save_model)
+                             check_same_tokenizer, load_model, save_model, special_ids)
 from pipeline.training.objective import Objective
 
 
@@ -37,7 +37,7 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
         build = build_lstm_classifier if config.arch == "lstm" else build_bert_classifier
         model = build(config, tokens.vocab_size, tokens.block_size, tokens.label_names, tokens.meta["pad_id"], seed)
     else:
-        model = build_gpt2(config, tokens.vocab_size, tokens.block_size, seed)
+        model = build_gpt2(config, tokens.vocab_size, tokens.block_size, seed, special_ids(tokens.load_tokenizer()))
     check_fits(model, tokens, "student")
     if config.loss_chunk:
         if runtime.launched_world_size() > 1:
