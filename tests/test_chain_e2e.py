@@ -1,6 +1,7 @@
 """The self-distillation chain (chain/dvc.yaml) for 2 generations through real DVC, smoke-sized."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -51,4 +52,5 @@ def test_every_generation_is_in_one_metrics_table(chain):
 def test_a_second_repro_reuses_every_generation(chain):
     repo, env, _ = chain
     log = run(["dvc", "repro", "chain/dvc.yaml"], repo, env)
-    assert "Running stage" not in log
+    # Only the main pipeline's `inputs` runs (always_changed, a few hashes); its outputs are unchanged.
+    assert re.findall(r"Running stage '([^']+)'", log) == ["inputs"]
