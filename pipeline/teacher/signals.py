@@ -60,7 +60,8 @@ def trim_top_p(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, top_p: float
 def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
                     capture_temperature: float = 1.0, layers=(), num_samples: int = 0,
                     generator: torch.Generator | None = None, top_p: float = 1.0,
-                    min_k: int = 1, task=CAUSAL, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    min_k: int = 1, task=CAUSAL, attention_mask: torch.Tensor | None = None,
+                    rows: dict | None = None) -> dict[str, torch.Tensor]:
     """What the teacher contributes for a batch (B, T) of token ids.
 
     Returns topk_ids (B, P, K) int64 sorted by probability, topk_logprobs (B, P, K) float32 at
@@ -72,10 +73,13 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     (at least min_k entries) and also returns topk_count (B, P) int64: entries beyond it are id 0 and
     log-prob −inf, and tail_logmass is the mass of everything not kept.
     For classification, vocab_size is the number of labels C, P = 1 and attention_mask (B, T) is given.
+    rows: the batch as TokenStore.rows gives it (ids and the task's columns), instead of input_ids and
+    attention_mask; for masked LM P = M, the rows' mask_positions, returned as target_positions (B, M).
     """
-    masked = {} if attention_mask is None else {"attention_mask": attention_mask}
-    out = model(input_ids=input_ids, output_hidden_states=bool(layers), **masked)
-    logits = task.target_logits(out.logits[..., :vocab_size])  # (B, P, V)
+    if rows is None:
+        rows = {"input_ids": input_ids, **({} if attention_mask is None else {"attention_mask": attention_mask})}
+    out = model(**task.model_inputs(rows), output_hidden_states=bool(layers))
+    logits = task.target_logits(out.logits[..., :vocab_size], rows)  # (B, P, V)
     logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
     result = {}
     if top_k > 0:  # top_k = 0: sampled targets only
@@ -88,6 +92,8 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
         result = {fmt.TOPK_IDS: topk_ids, fmt.TOPK_LOGPROBS: topk_logprobs, fmt.TAIL_LOGMASS: tail}
         if top_p < 1.0:
             result[fmt.TOPK_COUNT] = count
+    if "mask_positions" in rows:
+        result[fmt.TARGET_POSITIONS] = rows["mask_positions"]
     for layer in layers:
         result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
     if num_samples > 0:
