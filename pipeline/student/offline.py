@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import hidden_size, num_layers
+from pipeline.models import hidden_size, num_layers, use_eager_attention, value_projections
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -33,6 +33,51 @@ def resolve_kd_signal(requested: str, store: TargetsStore) -> str:
                            f"{store.samples}); use --kd-signal {'sampled' if kind == 'topk' else 'topk'} "
                            f"or re-run cache with them.")
     return kind
+
+
+def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> dict:
+    """Objective fields of the attention term (gamma that ever rises above 0), refused before training
+    when no store holds the attention it needs or the student cannot compute it; {} without gamma."""
+    if config.schedule("gamma").bounds()[1] <= 0:
+        return {}
+    if len(stores) != 1:
+        raise KdcacheError("gamma > 0 distils attention from one targets store; pass exactly one --targets "
+                           "captured with --attention-layer, or set gamma 0 (and no gamma_schedule).")
+    store, student_blocks = stores[0], num_layers(model)
+    captured = list(fmt.attribute(store.attrs, "attention_layers"))
+    if not captured:
+        raise KdcacheError(f"gamma > 0 asks for the attention loss, but {store.path} holds no attention; re-run "
+                           f"cache with --attention-layer L, or set gamma 0 (and no gamma_schedule).")
+    teacher_blocks = int(store.attrs["teacher_num_layers"])
+    if config.attention_loss == "minilm":
+        pairs = [(student_blocks, max(captured))]  # last block to the deepest captured one
+    else:
+        pairs = config.attention_pairs() or [(max(1, round(t * student_blocks / teacher_blocks)), t)
+                                             for t in captured]
+    missing = sorted({t for _, t in pairs} - set(captured))
+    bad_student = sorted({s for s, _ in pairs if not 1 <= s <= student_blocks})
+    if missing or bad_student:
+        raise KdcacheError(f"attention_layer_map pairs student blocks 1..{student_blocks} with captured teacher "
+                           f"blocks {captured}; {missing or bad_student} are not among them.")
+    relation_heads = int(fmt.attribute(store.attrs, "value_relation_heads"))
+    if config.attention_loss == "minilm" and relation_heads:
+        module, part = value_projections(model)[student_blocks - 1]
+        width = (part.stop - part.start) if part is not None else int(module.out_features)
+        if width % relation_heads:
+            raise KdcacheError(f"the store's value relations have {relation_heads} relation heads, which do not "
+                               f"divide the student's value width {width}; pick n_embd a multiple of "
+                               f"{relation_heads}, or re-capture with --relation-heads dividing {width}.")
+    use_eager_attention(model, "student")
+    return {"gamma": config.gamma, "attention_loss": config.attention_loss, "attention_pairs": pairs,
+            "relation_heads": relation_heads if config.attention_loss == "minilm" else 0}
+
+
+def attention_names(store: TargetsStore, fields: dict) -> list[str]:
+    """Stored arrays the attention term reads (each matrix's `_keys` / `_probs`)."""
+    matrices = {fmt.attention_array(t) for _, t in fields.get("attention_pairs", [])}
+    if fields.get("relation_heads"):
+        matrices |= {fmt.attention_array(t, "value_relation") for _, t in fields["attention_pairs"][-1:]}
+    return [name for name in store.array_names() if name.rpartition("_")[0] in matrices]
 
 
 def parse_targets(specs) -> list[tuple[str, float]]:
@@ -87,6 +132,10 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
     model = build_student(config, tokens)
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0
+    if config.schedule("gamma").bounds()[1] > 0 and not stores:
+        raise KdcacheError("gamma > 0 asks for the attention loss: pass --targets captured with "
+                           "--attention-layer, or set gamma 0 (and no gamma_schedule).")
+    attention = attention_plan(config, stores, model) if stores else {}
     if stores:
         store = stores[0]
         if uses_hidden and len(stores) > 1:
@@ -117,10 +166,12 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = make_objective(config, tokens, distill, capture_temperature, kd_signal=kind,
                                layer_pairs=layer_pairs, projections=projections, hidden_scale=hidden_scale,
-                               teacher_weights=weights)
+                               teacher_weights=weights, **attention)
     names = [(s.sampled_names() if kind == "sampled" else s.topk_names()) if distill else [] for s in stores]
     if layer_pairs:
         names[0] = names[0] + [fmt.hidden_array(t) for _, t in layer_pairs]
+    if attention:
+        names[0] = names[0] + attention_names(stores[0], attention)
     if config.verify:
         for each, its_names in zip(stores, names):
             if its_names:

@@ -16,7 +16,9 @@ from pipeline import runtime
 from pipeline.config import CacheConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import check_model_fits, hidden_size, num_layers
+from pipeline.models import (check_model_fits, hidden_size, num_heads, num_layers, use_eager_attention,
+                             value_projections)
+from pipeline.targets import codecs
 from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
 from pipeline.targets import format as fmt
@@ -41,7 +43,54 @@ def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
+        **attention_identity(config, model, tokens.block_size),
     }
+
+
+def attention_identity(config: CacheConfig, model, block: int) -> dict:
+    """The attention fields of a capture's identity, refusing (before the teacher runs) a layer the
+    teacher lacks, value relations it cannot compute, or an encoding over --attention-budget."""
+    layers = sorted(set(config.attention_layers))
+    if not layers:
+        return {"attention_layers": [], "attention_encoding": "", "attention_top_k": 0, "attention_heads": 0,
+                "value_relation_heads": 0}
+    blocks = num_layers(model)
+    bad = [layer for layer in layers if layer > blocks]
+    if bad:
+        raise KdcacheError(f"teacher has attention in blocks 1..{blocks}; --attention-layer {bad} does not exist.")
+    heads, relation_heads = num_heads(model), 0
+    if config.value_relations:
+        relation_heads = config.relation_heads or heads
+        module, part = value_projections(model)[0]
+        width = (part.stop - part.start) if part is not None else int(module.out_features)
+        if width % relation_heads:
+            raise KdcacheError(f"--relation-heads {relation_heads} does not divide the teacher's value width "
+                               f"{width}; choose a divisor of {width}.")
+    encoding, budget = config.attention_encoding, config.attention_budget
+    if encoding == "topk" and block > 65536:
+        raise KdcacheError(f"the topk attention encoding stores keys as uint16 and cannot index {block} "
+                           f"positions; use --attention-encoding q8.")
+    size = lambda k: sum(codecs.attention_bytes_per_token(encoding, h, block, k)  # noqa: E731
+                         for h in (heads, relation_heads) if h)
+    top_k = 0
+    if encoding == "topk":
+        top_k = min(config.attention_top_k or block, block)
+        if not config.attention_top_k and budget:
+            top_k = min(block, int(budget // size(1)))  # as many keys as the budget holds
+            if top_k < 1:
+                raise KdcacheError(f"--attention-budget {budget} bytes/token/layer cannot hold one key per "
+                                   f"row of {heads + relation_heads} matrices ({size(1):g} bytes); raise it to "
+                                   f"{size(1):g}, or capture --no-value-relations.")
+    if budget and size(top_k) > budget:
+        per_key = sum(codecs.attention_bytes_per_token("topk", h, block, 1) for h in (heads, relation_heads) if h)
+        raise KdcacheError(f"attention encoding {encoding}"
+                           + (f" with {top_k} keys per row" if encoding == "topk" else "")
+                           + f" needs {size(top_k):g} bytes/token/layer, over --attention-budget {budget}; "
+                           f"raise the budget, or use --attention-encoding topk with --attention-top-k "
+                           f"{min(int(budget // per_key), block)} or less.")
+    use_eager_attention(model, "teacher")
+    return {"attention_layers": layers, "attention_encoding": encoding, "attention_top_k": top_k,
+            "attention_heads": heads, "value_relation_heads": relation_heads}
 
 
 def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast) -> dict:
@@ -138,7 +187,9 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
             with autocast:
                 targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
                                           config.capture_temperature, identity["layers"], config.samples,
-                                          generator, top_p=config.top_p, min_k=config.min_k)
+                                          generator, top_p=config.top_p, min_k=config.min_k,
+                                          attention_layers=identity["attention_layers"],
+                                          value_relation_heads=identity["value_relation_heads"])
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))
             bar.update((hi - lo) * tokens.block_size)
