@@ -180,3 +180,30 @@ def test_student_distils_attention_and_refuses_stores_without_it(teacher_dir, ti
     with pytest.raises(KdcacheError, match="relation heads, which do not divide the student's value width 9"):
         run_student(StudentConfig(**{**common, "n_embd": 9, "n_head": 3}, gamma=0.5), str(tiny_tokens.path),
                     str(tmp_path / "y"), str(store.path))
+
+
+@pytest.mark.parametrize("encoding", ["topk", "q8", "fp16"])
+def test_format_md_numpy_reader_agrees_with_decode(encoding, tmp_path):
+    import re
+    from pathlib import Path
+
+    import zarr
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    scope = {"np": np}
+    exec(re.search(r"```python\n(def read_attention.*?)```", text, re.S).group(1), scope)
+    torch.manual_seed(2)
+    T = 6
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attention = torch.softmax(torch.randn(2, 3, T, T).masked_fill(~causal, float("-inf")), -1)
+    identity = {"block_size": T, "attention_layers": [1], "attention_encoding": encoding,
+                "attention_top_k": 3 if encoding == "topk" else 0, "attention_heads": 3, "value_relation_heads": 0}
+    stored = fmt.encode_targets({fmt.attention_array(1): attention}, identity)
+    assert set(stored) == set(fmt.array_specs(identity))
+    group = zarr.open_group(tmp_path / "a.zarr", mode="w", attributes=identity)
+    for name, array in stored.items():
+        assert array.shape[1:] == fmt.array_specs(identity)[name][0]
+        group.create_array(name, data=array)
+    expected = fmt.decode_rows(stored, identity)[fmt.attention_array(1)]
+    got = scope["read_attention"](group, "attention_layer_1", slice(None))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
