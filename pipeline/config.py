@@ -250,6 +250,13 @@ class StudentConfig(ModelShape, TrainSettings):
                                   "last captured teacher block: attention KL + value-relation KL; any head "
                                   "count or width) or tinybert (per-head attention MSE over "
                                   "--attention-layer-map pairs).")
+    adversarial: bool = setting(False, "Adversarial distillation: a discriminator learns to tell the teacher's "
+                                "cached top-k + tail distribution from the student's (its own optimizer, "
+                                "alternating steps, saved in checkpoints); the student also minimises "
+                                "--adversarial-weight · −log D(student). Offline mode, one top-k store.")
+    adversarial_weight: float = setting(0.1, "Weight of the adversarial (generator) term.")
+    discriminator_lr: float = setting(2e-4, "Learning rate of the discriminator's AdamW.")
+    discriminator_hidden: int = setting(64, "Hidden width of the discriminator MLP.")
     attention_layer_map: tuple = setting((), "tinybert pairs of blocks STUDENT:TEACHER (1-based, e.g. 2:4); "
                                          "empty: captured teacher blocks mapped uniformly onto the student.")
 
@@ -272,6 +279,10 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
         self.layer_pairs()  # refuses a malformed layer_map
         self.attention_pairs()
+        _check(self.adversarial_weight >= 0 and self.discriminator_lr > 0 and self.discriminator_hidden >= 1,
+               "adversarial_weight must be >= 0, discriminator_lr > 0 and discriminator_hidden >= 1.")
+        _check(not self.adversarial or (self.alpha < 1 or bool(self.alpha_schedule)) and self.kd_signal != "sampled",
+               "--adversarial is distillation from cached top-k: set alpha below 1 and kd_signal topk or auto.")
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}.")
         _check(self.attention_loss in ATTENTION_LOSSES, f"attention_loss must be one of "
                f"{', '.join(ATTENTION_LOSSES)}, got {self.attention_loss!r}.")

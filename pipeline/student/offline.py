@@ -118,12 +118,13 @@ def check_same_layout(stores: list[TargetsStore]) -> None:
 
 
 def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str | list[str] | None = None,
-                files: TrainFiles | str | None = None, add_targets=None) -> dict:
+                files: TrainFiles | str | None = None, add_targets=None, logit_terms=(), stateful=()) -> dict:
     """Train one student from a token store (+ targets stores) and save it with save_pretrained.
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`); none:
     plain CE training. Everything that can be refused (fingerprints, vocabulary, layers) is checked
     before training. add_targets: called on every batch before its step (train_loop's hook).
+    logit_terms, stateful: extra loss terms on the logits and their state (see adversarial.py).
     """
     tokens = TokenStore(tokens_dir)
     specs = parse_targets(targets)
@@ -166,7 +167,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = make_objective(config, tokens, distill, capture_temperature, kd_signal=kind,
                                layer_pairs=layer_pairs, projections=projections, hidden_scale=hidden_scale,
-                               teacher_weights=weights, **attention)
+                               teacher_weights=weights, logit_terms=list(logit_terms), **attention)
     names = [(s.sampled_names() if kind == "sampled" else s.topk_names()) if distill else [] for s in stores]
     if layer_pairs:
         names[0] = names[0] + [fmt.hidden_array(t) for _, t in layer_pairs]
@@ -182,6 +183,6 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     device = runtime.resolve_device(config.device)
     projections.to(device)
     history = train_loop(model, stream, config, objective, device, f"student {Path(out).name}",
-                         files, [projections], add_targets)
+                         files, [projections], add_targets, stateful)
     save_student(model, tokens, out, config, history, targets=paths, target_weights=list(weights))
     return history[-1]

@@ -47,6 +47,9 @@ class Objective:
     attention_loss: str = "minilm"  # or "tinybert" (losses.ATTENTION_LOSSES)
     attention_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student block, teacher block), 1..L
     relation_heads: int = 0  # R of the store's value relations (minilm); 0: attention KL alone
+    # Extra terms on the logits, e.g. the adversarial student's: term(logits (N, V), targets) → parts,
+    # whose "weighted" entry is added to the loss and the rest logged. Not with loss_chunk.
+    logit_terms: list = field(default_factory=list)
 
     def values_at(self, progress: float) -> dict[str, float]:
         """alpha, temperature, beta and gamma at this fraction of training (a schedule overrides the field)."""
@@ -73,6 +76,7 @@ class Objective:
         output_attention = bool(self.attention_pairs and (gamma or "gamma" in self.schedules))  # and gamma
         value_layers = [self.attention_pairs[-1][0]] if output_attention and self.uses_value_relations() else []
         with ValueStates(model, value_layers) as value_states:
+            flat = None  # the (N, V) logits, for logit_terms
             if self.loss_chunk:
                 out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False,
                                        output_attentions=output_attention)
@@ -86,6 +90,10 @@ class Objective:
         loss = alpha * parts["ce"]
         if "kd" in parts:
             loss = loss + (1 - alpha) * temperature**2 * parts["kd"]
+        for term in self.logit_terms:
+            extra = term(flat, targets)
+            loss = loss + extra.pop("weighted")
+            parts.update(extra)
         if output_hidden:
             hidden = []
             for s, t in self.layer_pairs:
