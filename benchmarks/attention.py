@@ -95,7 +95,8 @@ def students(args) -> None:
     run_capture(config, args.teacher, args.tokens, str(store))
     print(f"capture: {time.perf_counter() - start:.0f} s, {tokens.num_rows('train')} rows")
     common = dict(max_steps=args.steps, eval_every=args.steps, eval_batches=args.eval_batches, device="cpu",
-                  batch_size=args.batch_size, seed=args.seed)
+                  batch_size=args.batch_size, n_layer=args.student_shape[0], n_embd=args.student_shape[1],
+                  n_head=args.student_shape[2], seed=args.seed)
     runs = {"CE only": (dict(alpha=1.0), None),
             "KD (logits)": (dict(), store),
             "KD + hidden": (dict(beta=1.0), store),
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--gamma-tinybert", type=float, default=1.0)
     parser.add_argument("--gamma-minilm", type=float, default=1.0)
+    parser.add_argument("--student-shape", type=int, nargs=3, default=[1, 32, 2], metavar=("LAYERS", "WIDTH", "HEADS"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="")
     args = parser.parse_args()
