@@ -32,6 +32,9 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]
     if unused[1]:
         print(f"[student] mode {config.mode} does not read {unused[0]}")
+    if config.mode != "offline" and config.schedule("gamma").bounds()[1] > 0:
+        raise KdcacheError(f"gamma > 0 distils cached attention, which mode {config.mode} does not read; "
+                           f"use mode offline with --targets captured with --attention-layer, or set gamma 0.")
     if config.adversarial:
         if config.mode != "offline" or not targets:
             raise KdcacheError("--adversarial trains an offline student: use mode offline and pass --targets.")
