@@ -20,12 +20,12 @@ def align_positions(student_spans: np.ndarray, teacher_spans: np.ndarray) -> np.
     position predicts nothing and is always −1)."""
     student_starts = np.asarray(student_spans)[1:, 0]
     teacher_starts = np.asarray(teacher_spans)[1:, 0]  # the next token of teacher position j = index j
-    order = np.argsort(teacher_starts, kind="stable")
-    found = np.searchsorted(teacher_starts[order], student_starts)
-    found = np.minimum(found, max(len(order) - 1, 0))
-    hit = (len(order) > 0) & (teacher_starts[order][found] == student_starts) if len(order) else \
-        np.zeros(len(student_starts), bool)
-    aligned = np.where(hit, order[found] if len(order) else 0, -1)
+    aligned = np.full(len(student_starts), -1, dtype=np.int64)
+    if len(teacher_starts):
+        order = np.argsort(teacher_starts, kind="stable")
+        found = np.minimum(np.searchsorted(teacher_starts[order], student_starts), len(order) - 1)
+        hit = teacher_starts[order][found] == student_starts
+        aligned[hit] = order[found][hit]
     return np.concatenate([aligned, [-1]]).astype(np.int64)
 
 
