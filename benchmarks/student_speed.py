@@ -1,6 +1,6 @@
 """Student training speed: cached KD vs hard labels only vs the teacher in the loop (online KD).
 
-Runs the real `student` code path (`pipeline.distill.run_student`) for each mode, alternating modes
+Runs the real `student` code path (`pipeline.student.run_student`) for each mode, alternating modes
 round by round so machine noise hits all of them alike, and prints ratios of medians.
 
   python benchmarks/student_speed.py --tokens data/tokens --targets data/targets.zarr \

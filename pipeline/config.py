@@ -37,6 +37,12 @@ class PrepareConfig:
     block_size: int = setting(128, "Tokens per packed block (one row of the token store).")
     val_fraction: float = setting(0.05, "Fraction of documents held out for validation.")
     max_documents: int = setting(0, "Use at most this many documents (0: all).")
+    text_field: str = setting("text", "The field (column) holding each document's text in .jsonl and .parquet "
+                              "files and hf: datasets.")
+    mix: tuple = setting((), "Instead of reading a corpus, mix token stores: DIR or DIR:WEIGHT (repeat). The "
+                         "train split takes WEIGHT x each store's train rows (0.5: a seeded half, 2: every row "
+                         "twice), shuffled; validation is the first store's. Stores must share tokenizer and "
+                         "block size; the corpus settings are ignored.")
 
     def __post_init__(self):
         _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
@@ -44,6 +50,10 @@ class PrepareConfig:
                f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         _check(self.vocab_size >= 260, f"vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}.")
         _check(self.max_documents >= 0, "max_documents must be >= 0 (0 means all).")
+        _check(bool(self.text_field), "text_field must name a field, e.g. text.")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,14 @@ class TrainSettings:
                               "(0: never); written to --val-log.")
     eval_batches: int = setting(8, "Validation batches (of batch_size blocks, the same ones every time) "
                                 "per evaluation.")
+    gradient_accumulation_steps: int = setting(1, "Split each step's batch_size blocks into this many "
+                                               "micro-batches run one after another, their gradients summed "
+                                               "before the optimizer step: the same update with 1/N of the "
+                                               "activation memory (batch_size / world size must divide by N).")
+    max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this before each optimizer step "
+                                   "(0: no clipping). The norm before clipping is logged as grad_norm.")
+    dtype: str = setting("float32", "Training precision: float32, bfloat16 (autocast on CPU or GPU; weights "
+                         "and optimizer stay float32) or float16 (autocast with a gradient scaler, CUDA only).")
 
     def __post_init__(self):
         _check(self.max_steps > 0 or self.epochs > 0,
@@ -78,6 +96,14 @@ class TrainSettings:
         _check(self.num_workers >= 0, "num_workers must be >= 0.")
         _check(min(self.checkpoint_every, self.eval_every) >= 0 and self.eval_batches >= 1,
                "checkpoint_every and eval_every must be >= 0 (0: off) and eval_batches >= 1.")
+        self.check_precision()
+
+    def check_precision(self):
+        """The options that do not depend on max_steps (also checked for a loaded teacher --model)."""
+        _check(self.gradient_accumulation_steps >= 1,
+               f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
 
 
 @dataclass(frozen=True)
@@ -101,11 +127,15 @@ class TeacherConfig(ModelShape, TrainSettings):
     vocab_multiple: int = setting(64, "Pad the default teacher's vocabulary to a multiple of this "
                                   "(as real models do); targets cover only the tokenizer's ids.")
     device: str = setting("auto", "Torch device for training the default teacher: auto, cpu, cuda, ...")
+    dtype: str = setting("float32", "Precision: the default teacher trains in it (as student --dtype: "
+                         "float32, bfloat16, or float16 on CUDA); a --model teacher is loaded and saved in it "
+                         "(bfloat16 halves its size).")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)
         if not self.model:
             TrainSettings.__post_init__(self)
+        self.check_precision()
         _check(self.vocab_multiple >= 1, "vocab_multiple must be >= 1.")
 
 
@@ -185,6 +215,32 @@ class CacheConfig:
                "attention_top_k, attention_budget and relation_heads must be >= 0 (0: automatic / no limit).")
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: int = setting(256, "Prompts drawn (seeded) from the train split: each is --prompt-tokens "
+                           "consecutive tokens of a random row at a random offset.")
+    prompt_tokens: int = setting(16, "Tokens per prompt (at most the token store's block size).")
+    max_new_tokens: int = setting(112, "Tokens the teacher writes after each prompt; prompt + new tokens "
+                                  "must fit the teacher's positions.")
+    temperature: float = setting(1.0, "Sampling temperature; 0: greedy (argmax) decoding.")
+    top_p: float = setting(1.0, "Nucleus sampling: draw from the fewest most probable ids whose mass "
+                           "reaches P (1.0: the whole distribution).")
+    batch_size: int = setting(16, "Prompts decoded together (one resumable unit of the output).")
+    seed: int = setting(0, "Seed of the prompt draw and of each prompt's sampling (a resumed run writes "
+                        "the same rows).")
+    kv_cache: bool = setting(True, "Reuse past keys and values (one position per step); --no-kv-cache "
+                             "recomputes the whole sequence every step (same tokens, for comparison).")
+    device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, ...")
+
+    def __post_init__(self):
+        _check(self.prompts >= 1, f"prompts must be >= 1 (nothing to generate from {self.prompts} prompts).")
+        _check(self.prompt_tokens >= 1, f"prompt_tokens must be >= 1, got {self.prompt_tokens}.")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1.0: no nucleus), got {self.top_p}.")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
+
+
 # Student values that can follow a schedule (field NAME_schedule), with the range each must stay in.
 SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": ("> 0", lambda v: v > 0),
              "beta": (">= 0", lambda v: v >= 0), "gamma": (">= 0", lambda v: v >= 0)}
@@ -202,10 +258,11 @@ class StudentConfig(ModelShape, TrainSettings):
     temperature: float = setting(0.0, "KD temperature; the KD term is scaled by temperature^2. 0: the "
                                  "store's capture temperature (1 without a store), where cached targets are "
                                  "exact.")
-    tail_model: str = setting("power", "At a temperature other than the capture's, how the teacher's tail "
-                              "(the mass outside its cached top-k) is tempered: power (a decay continuing "
-                              "the cached log-probs, fitted per position to the tail mass), uniform (spread "
-                              "evenly over the other ids) or atom (one bucket, as if a single id).")
+    tail_model: str = setting("uniform", "At a temperature other than the capture's, how the teacher's tail "
+                              "(the mass outside its cached top-k) is tempered: uniform (spread evenly over "
+                              "the other ids; matches dense KD on a real teacher, BENCHMARKS.md), power (a "
+                              "decay continuing the cached log-probs, fitted per position to the tail mass) "
+                              "or atom (one bucket, as if a single id).")
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
                         "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
                         "renormalised over the top-k ids).")
@@ -283,6 +340,9 @@ class StudentConfig(ModelShape, TrainSettings):
                "adversarial_weight must be >= 0, discriminator_lr > 0 and discriminator_hidden >= 1.")
         _check(not self.adversarial or (self.alpha < 1 or bool(self.alpha_schedule)) and self.kd_signal != "sampled",
                "--adversarial is distillation from cached top-k: set alpha below 1 and kd_signal topk or auto.")
+        _check(not self.adversarial or self.gradient_accumulation_steps == 1,
+               "--adversarial steps its discriminator once per batch it sees, so micro-batches would change the "
+               "update: set gradient_accumulation_steps 1.")
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}.")
         _check(self.attention_loss in ATTENTION_LOSSES, f"attention_loss must be one of "
                f"{', '.join(ATTENTION_LOSSES)}, got {self.attention_loss!r}.")
@@ -328,4 +388,6 @@ class EvaluateConfig:
     reference: str = setting("teacher", "Name (from --model NAME=DIR) whose top-1 predictions the "
                              "others are compared with.")
     latency_rounds: int = setting(5, "Interleaved timing rounds for CPU latency per token.")
+    device: str = setting("auto", "Torch device the validation blocks are scored on: auto, cpu, cuda, ... "
+                          "(latency per token is always timed on CPU).")
 

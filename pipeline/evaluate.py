@@ -1,8 +1,9 @@
 """Held-out metrics for the teacher and the students, measured on the same validation blocks.
 
 Per model: validation loss and perplexity, top-1 agreement with a reference model (the teacher),
-expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size on disk,
-and CPU latency per token timed in interleaved rounds so that machine noise hits every model alike.
+expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size of the
+weight files, and CPU latency per token timed in interleaved rounds so that machine noise hits every
+model alike. Also, on request: a Markdown table of those metrics and SVG figures (pipeline/charts.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import runtime
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
@@ -44,28 +46,49 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(np.abs(gap).sum() / confidence.size)
 
 
-def dir_size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS):
+    """The reliability diagram behind the ECE: per non-empty bin (as in expected_calibration_error),
+    mean confidence, accuracy and count; three arrays of equal length."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    filled = counts > 0
+    mean_confidence = np.bincount(which, confidence, minlength=bins)[filled] / counts[filled]
+    accuracy = np.bincount(which, correct, minlength=bins)[filled] / counts[filled]
+    return mean_confidence, accuracy, counts[filled]
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files a user ships (model.safetensors, or its shards), not the rest of the
+    directory: a training checkpoint (optimizer state) or logs beside them do not count."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir()
+               if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
 @torch.inference_mode()
-def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL):
+def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL,
+          device: torch.device = torch.device("cpu")):
     """Per-position validation loss summed over blocks (L,), block count, top-1 ids (N, L) and the
     calibration of those predictions: top-1 probability (N, L) float32, top-1 correct (N, L) bool.
-    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block)."""
+    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block).
+    The model must be on `device`; results come back on the CPU."""
     loss_sum, top1, confidence, correct = None, [], [], []
     for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
-        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64))  # (B, T)
+        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64)).to(device)  # (B, T)
         labels, mask = task.labels(ids)
         labelled = mask[0]  # (T,) the same positions in every block
         logits = model(input_ids=ids).logits[:, labelled, :vocab_size].float()  # (B, L, V)
         labels = labels[:, labelled]  # (B, L)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)  # (L,)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0).cpu()  # (L,)
         loss_sum = nll if loss_sum is None else loss_sum + nll
         top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, L)
-        top1.append(top_id.numpy().astype(np.int32))
-        confidence.append(top_logprob.exp().numpy())
-        correct.append((top_id == labels).numpy())
+        top1.append(top_id.cpu().numpy().astype(np.int32))
+        confidence.append(top_logprob.exp().cpu().numpy())
+        correct.append((top_id == labels).cpu().numpy())
     return (loss_sum.numpy(), len(blocks), np.concatenate(top1), np.concatenate(confidence),
             np.concatenate(correct))
 
@@ -85,7 +108,17 @@ def latency_per_token(models: dict, block: torch.Tensor, rounds: int) -> dict[st
 
 
 def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, str], out: str,
-                 plot_path: str | None = None) -> dict:
+                 plot_path: str | None = None, table_path: str | None = None, figures_dir: str | None = None,
+                 curves: dict[str, list[str]] | None = None) -> dict:
+    """Score every model on the same validation blocks; write metrics JSON to `out`, and optionally the
+    loss-by-position CSV (`plot_path`), a Markdown table of the metrics (`table_path`) and SVG figures
+    (`figures_dir`: loss by position, reliability diagram, and the training and validation curves of
+    the `curves` logs, NAME -> CSVs written by the training loop's --log and --val-log).
+
+    val_loss is the mean next-token cross-entropy over the first max_batches × batch_size validation
+    blocks (all with max_batches 0): the quantity the training loop logs as val_loss, which uses the
+    first eval_batches × batch_size blocks, so the two agree when they cover the same blocks.
+    """
     tokens = TokenStore(tokens_dir)
     if config.reference and config.reference not in model_dirs:
         raise KdcacheError(f"reference model {config.reference!r} is not among --model names "
@@ -97,15 +130,23 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     blocks = tokens.blocks("validation")
     if config.max_batches:
         blocks = blocks[: config.max_batches * config.batch_size]
-    per_position, top1, metrics = {}, {}, {}
+    if curves:
+        missing = [f"{name}={path}" for name, paths in curves.items() for path in paths if not Path(path).is_file()]
+        if missing:
+            raise KdcacheError(f"--curve logs {missing} do not exist; give CSVs written by --log/--val-log.")
+    per_position, top1, metrics, calibration = {}, {}, {}, {}
+    device = runtime.resolve_device(config.device)
     for name, model in models.items():
+        model.to(device)
         loss_sum, n, top1[name], confidence, correct = score(model, blocks, tokens.vocab_size,
-                                                             config.batch_size, f"eval {name}")
+                                                             config.batch_size, f"eval {name}", device=device)
+        model.to("cpu")  # latency is timed on CPU, and one model at a time sits on the device
         per_position[name] = loss_sum / n
+        calibration[name] = calibration_bins(confidence, correct)
         val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
                          "ece": expected_calibration_error(confidence, correct),
-                         "params": param_count(model), "disk_bytes": dir_size_bytes(model_dirs[name])}
+                         "params": param_count(model), "disk_bytes": weights_bytes(model_dirs[name])}
     if config.reference:
         for name in models:
             metrics[name]["top1_agreement"] = float((top1[name] == top1[config.reference]).mean())
@@ -117,7 +158,71 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     Path(out).write_text(json.dumps(result, indent=2))
     if plot_path:
         write_position_plot(per_position, plot_path)
+    if table_path:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(markdown_table(result))
+    if figures_dir:
+        write_figures(figures_dir, per_position, calibration, curves or {})
     return result
+
+
+def read_log(path: str | Path) -> dict[str, list[float]]:
+    """A training-loop CSV (--log, --val-log) as columns of floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) if row[key] not in ("", None) else float("nan") for row in rows]
+            for key in (rows[0] if rows else {})}
+
+
+def write_figures(figures_dir: str | Path, per_position: dict, calibration: dict,
+                  curves: dict[str, list[str]]) -> list[Path]:
+    """SVG files: loss_by_position, reliability, and training_loss / validation_loss from the logs."""
+    from pipeline.charts import line_chart_svg
+
+    figures = Path(figures_dir)
+    figures.mkdir(parents=True, exist_ok=True)
+    charts = {
+        "loss_by_position.svg": line_chart_svg(
+            {name: (np.arange(1, len(loss) + 1), loss) for name, loss in per_position.items()},
+            "Validation loss by position in the block", "position", "cross-entropy (nats)"),
+        "reliability.svg": line_chart_svg(
+            {name: (bins[0], bins[1]) for name, bins in calibration.items()},
+            f"Reliability of the top-1 prediction ({ECE_BINS} confidence bins)", "mean confidence", "accuracy",
+            bounds=(0.0, 1.0, 0.0, 1.0), diagonal=True),
+    }
+    logs = [(name, read_log(path)) for name, paths in curves.items() for path in paths]
+    for column, file_name, title in (("loss", "training_loss.svg", "Training loss (objective)"),
+                                     ("val_loss", "validation_loss.svg", "Validation loss during training")):
+        series = {name: (log["step"], log[column]) for name, log in logs if column in log and "step" in log}
+        if series:
+            charts[file_name] = line_chart_svg(series, title, "step", column)
+    for file_name, svg in charts.items():
+        (figures / file_name).write_text(svg)
+    return [figures / file_name for file_name in charts]
+
+
+# (metrics key, column header, format) of the Markdown table, in reading order.
+TABLE_COLUMNS = (("val_loss", "val loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+                 ("top1_agreement", "top-1 agreement", "{:.3f}"), ("ece", "ECE", "{:.4f}"),
+                 ("params", "params", "{:,}"), ("disk_bytes", "weights (MB)", "{:.2f}"),
+                 ("latency_ms_per_token", "CPU ms/token", "{:.4f}"))
+
+
+def markdown_table(result: dict) -> str:
+    """The metrics as one row per model (what `dvc metrics show` prints as one wide row)."""
+    models = result["models"]
+    columns = [column for column in TABLE_COLUMNS if any(column[0] in m for m in models.values())]
+    lines = ["| model | " + " | ".join(header for _, header, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, metrics in models.items():
+        cells = []
+        for key, _, form in columns:
+            value = metrics.get(key)
+            value = value / 1e6 if key == "disk_bytes" and value is not None else value
+            cells.append("" if value is None else form.format(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return (f"Validation: {result['validation_blocks']} blocks of {result['block_size']} tokens.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def write_position_plot(per_position: dict[str, np.ndarray], path: str) -> None:

@@ -26,13 +26,27 @@ def padded(vocab_size: int, multiple: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def build_gpt2(shape: ModelShape, vocab_size: int, block_size: int, seed: int = 0):
-    """A fresh GPT-2-style causal LM with the given shape; deterministic in `seed`."""
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """bos/eos/pad ids of a tokenizer, as config.json and generation_config.json name them."""
+    return {name: getattr(tokenizer, name, None) for name in SPECIAL_IDS}
+
+
+def build_gpt2(shape: ModelShape, vocab_size: int, block_size: int, seed: int = 0,
+               special: dict[str, int | None] | None = None):
+    """A fresh GPT-2-style causal LM with the given shape; deterministic in `seed`.
+
+    special: bos/eos/pad ids (`special_ids(tokenizer)`), written to config.json and
+    generation_config.json so that `generate` stops at the tokenizer's end of text; None: unset.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    special = special or {}
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd,
                         n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                        attn_pdrop=0.0, **{name: special.get(name) for name in SPECIAL_IDS})
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
@@ -137,17 +151,31 @@ def fingerprint_model_dir(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same_tokenizer(model_dir: str, tokens, what: str = "the student") -> None:
-    """A model brought from elsewhere (--init) must share the token store's vocabulary, id for id."""
+# Files save_pretrained writes for a tokenizer (fast or slow); without them AutoTokenizer may build an
+# empty one from config.json alone.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_same_tokenizer(model_dir: str, tokens, what: str = "the student",
+                         fix: str = "the student must use the teacher's tokenizer") -> None:
+    """A model brought from elsewhere (--init, teacher --model) must share the token store's
+    vocabulary, id for id: the same size is not enough, every token must map to the same id."""
     from transformers import AutoTokenizer
 
+    local = Path(model_dir)
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        return  # no tokenizer saved beside the model: the size check is all we can do
     try:
         theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab()
     except Exception:  # no tokenizer saved beside the model: the size check is all we can do
         return
-    if theirs != tokens.load_tokenizer().get_vocab():
-        raise KdcacheError(f"{what}'s vocabulary ({model_dir}, {len(theirs)} ids) differs from the "
-                           f"teacher's ({tokens.vocab_size} ids); the student must use the teacher's tokenizer.")
+    ours = tokens.load_tokenizer().get_vocab()
+    if theirs != ours:
+        differing = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda item: item[1])
+        example = f"; e.g. {differing[0][0]!r} is id {theirs.get(differing[0][0])} in {model_dir}, " \
+                  f"{ours.get(differing[0][0])} in the token store" if differing else ""
+        raise KdcacheError(f"{what}'s vocabulary ({model_dir}, {len(theirs)} ids) differs from the token "
+                           f"store's ({tokens.path}, {len(ours)} ids){example}; {fix}.")
 
 
 def check_chunkable(model) -> None:
@@ -217,6 +245,12 @@ def value_projections(model) -> list[tuple[torch.nn.Module, slice | None]]:
                            f"(found {len(found)} of {num_layers(model)}); value relations need a v_proj or a "
                            f"GPT-2 c_attn per block. Capture with --value-relation-heads 0.")
     return found
+
+
+def value_width(model, block: int) -> int:
+    """D_v, the width of block `block`'s (1..L) attention values."""
+    module, part = value_projections(model)[block - 1]
+    return (part.stop - part.start) if part is not None else int(module.out_features)
 
 
 class ValueStates:

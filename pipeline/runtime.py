@@ -1,4 +1,4 @@
-"""Where code runs: the torch device, and under torchrun the process group, rank and world size.
+"""Where code runs: the torch device and dtype, and under torchrun the process group, rank and world size.
 
 `torchrun --nproc-per-node N -- $(which kdcache) student ...` sets WORLD_SIZE, RANK and LOCAL_RANK;
 the student and teacher stages call `start()` first. Outside torchrun every function here
@@ -58,6 +58,21 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / world_size()
 
 
+def from_main(value):
+    """Rank 0's `value` on every rank (a picklable object); itself when single-process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when single-process)."""
+    if active():
+        dist.barrier()
+
+
 def resolve_device(name: str) -> torch.device:
     """auto → cuda when available, else cpu; under torchrun "cuda" means this rank's GPU."""
     if name == "auto":
@@ -65,3 +80,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and active():
         return torch.device("cuda", torch.cuda.current_device())  # set by start() from LOCAL_RANK
     return torch.device(name)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (config.DTYPES)."""
+    from pipeline.errors import KdcacheError
+
+    if name not in TORCH_DTYPES:
+        raise KdcacheError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {name!r}.")
+    return TORCH_DTYPES[name]

@@ -4,6 +4,7 @@ import click
 
 from stages.cache import cache
 from stages.evaluate import evaluate
+from stages.generate import generate
 from stages.inspect import encodings, inspect, verify
 from stages.options import KdcacheGroup
 from stages.prepare import prepare
@@ -11,7 +12,17 @@ from stages.student import student
 from stages.teacher import teacher
 
 
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdcache")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed)"
+
+
 @click.group(cls=KdcacheGroup)
+@click.version_option(installed_version(), "--version", prog_name="kdcache")
 def cli():
     """kdcache: run a teacher once, cache its targets, train many students from the cache.
 
@@ -19,7 +30,7 @@ def cli():
     """
 
 
-for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings):
+for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings, generate):
     cli.add_command(command)
 
 

@@ -6,12 +6,12 @@ from pipeline.evaluate import run_evaluate
 from stages.options import build_config, config_options
 
 
-def _parse_models(pairs) -> dict[str, str]:
+def _parse_models(pairs, option: str = "--model", example: str = "teacher=models/teacher") -> dict[str, str]:
     models = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise KdcacheError(f"--model {pair!r} is not NAME=DIR, e.g. --model teacher=models/teacher.")
+            raise KdcacheError(f"{option} {pair!r} is not NAME=PATH, e.g. {option} {example}.")
         models[name] = path
     return models
 
@@ -21,10 +21,20 @@ def _parse_models(pairs) -> dict[str, str]:
 @click.option("--model", "models", multiple=True, required=True, help="NAME=DIR of a model to evaluate (repeat).")
 @click.option("--out", required=True, type=click.Path(), help="metrics JSON to write (DVC metrics).")
 @click.option("--plot", type=click.Path(), help="CSV of validation loss by position per model (a DVC plot).")
+@click.option("--table", type=click.Path(), help="Markdown table of the metrics, one row per model.")
+@click.option("--figures", type=click.Path(file_okay=False), help="Directory for SVG figures: loss by position, "
+              "reliability diagram, and the --curve logs' training and validation losses.")
+@click.option("--curve", "curves", multiple=True, help="NAME=CSV of a training log (--log or --val-log of teacher "
+              "or student) to draw in --figures (repeat).")
 @config_options(EvaluateConfig)
-def evaluate(tokens, models, out, plot, **options):
+def evaluate(tokens, models, out, plot, table, figures, curves, **options):
     """Validation loss, perplexity, top-1 agreement, calibration (ECE), size and CPU latency of each model."""
-    result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot)
+    curve_logs: dict[str, list[str]] = {}  # a model may have two logs (--log and --val-log)
+    for pair in curves:
+        (name, path), = _parse_models([pair], "--curve", "student=plots/student_loss.csv").items()
+        curve_logs.setdefault(name, []).append(path)
+    result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot, table,
+                          figures, curves=curve_logs)
     for name, m in result["models"].items():
         click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  ECE {m['ece']:.4f}  "
                    f"params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")

@@ -28,6 +28,9 @@ def inspect(store, as_json, plot):
         return
     click.echo(f"{summary['path']}: {'complete' if summary['complete'] else 'INCOMPLETE'} "
                f"({summary['shards_done']}/{summary['shards']} shards), format v{summary['format_version']}")
+    if summary["missing_arrays"]:
+        click.echo(f"  missing arrays (re-run `kdcache cache` with the same settings): "
+                   f"{', '.join(summary['missing_arrays'])}")
     click.echo(f"  {summary['rows']} rows, {summary['tokens']:,} tokens, split {summary['split']}, "
                f"vocab {summary['vocab_size']}, top-{summary['top_k']} {summary['encoding']}, "
                f"{summary['samples']} samples, "
@@ -55,9 +58,10 @@ def inspect(store, as_json, plot):
 @click.command()
 @click.argument("store", type=click.Path())
 def verify(store):
-    """Recompute every shard's checksum; exit non-zero naming each shard that does not match."""
+    """Recompute every shard's checksum; exit non-zero naming each shard that does not match, or if
+    the store was never marked complete."""
     targets = TargetsStore(store, require_complete=False)
-    targets.check_shards()
+    targets.verify()
     click.echo(f"{store}: all {len(targets.shard_ranges)} shards match their checksums")
 
 

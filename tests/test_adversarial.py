@@ -14,6 +14,7 @@ from pipeline.student import run_student
 from pipeline.student.adversarial import AdversarialTerm
 from pipeline.targets import format as fmt
 from pipeline.training.loop import TrainFiles
+from tests.test_resume import Killed, kill_at
 
 CONFIG = dict(n_layer=1, n_embd=16, n_head=2, batch_size=8, max_steps=5, warmup_steps=1, lr=3e-3, alpha=0.5,
               adversarial=True, adversarial_weight=0.5, discriminator_lr=1e-2, checkpoint_every=2, device="cpu")
@@ -53,25 +54,21 @@ def test_discriminator_steps_first_then_the_student_is_scored_by_it():
     torch.testing.assert_close(parts["weighted"].detach(), 0.5 * expected.detach())
 
 
+def test_discriminator_runs_in_float32_under_autocast():
+    """--dtype bfloat16: the student's forward is autocast, the discriminator (no gradient scaler) is not."""
+    targets = teacher_targets()
+    plain, autocast = (AdversarialTerm(4, StudentConfig(**CONFIG), "cpu") for _ in range(2))
+    logits = torch.randn(6, 20)
+    expected = plain(logits, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = autocast(logits.bfloat16(), targets)
+    assert parts["weighted"].dtype == torch.float32
+    torch.testing.assert_close(parts["disc_loss"], expected["disc_loss"], atol=2e-2, rtol=0)
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_at(batch_number):
-    seen = []
-
-    def hook(batch):
-        seen.append(1)
-        if len(seen) == batch_number:
-            raise Killed
-        return batch
-
-    return hook
 
 
 def test_adversarial_student_logs_and_resumes_exactly(small_tokens, small_targets, tmp_path):
@@ -96,6 +93,8 @@ def test_adversarial_student_logs_and_resumes_exactly(small_tokens, small_target
 def test_adversarial_refusals(small_tokens, small_targets, tmp_path):
     with pytest.raises(KdcacheError, match="set alpha below 1"):
         StudentConfig(**{**CONFIG, "alpha": 1.0})
+    with pytest.raises(KdcacheError, match="gradient_accumulation_steps 1"):
+        StudentConfig(**{**CONFIG, "gradient_accumulation_steps": 2})
     with pytest.raises(KdcacheError, match="pass --targets"):
         run_student(StudentConfig(**CONFIG), str(small_tokens), str(tmp_path / "m"), None)
     with pytest.raises(KdcacheError, match="without loss_chunk"):

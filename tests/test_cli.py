@@ -15,6 +15,7 @@ import pytest
 import yaml
 import zarr
 
+from pipeline.targets import format as fmt
 from pipeline.config import CacheConfig, EvaluateConfig, PrepareConfig, StudentConfig, TeacherConfig
 from stages.cli import cli
 from stages.options import build_config
@@ -99,6 +100,29 @@ def test_help_of_every_command_shows_every_config_option(kdcache, name):
         if field.metadata.get("help"):
             first_words = " ".join(field.metadata["help"].split()[:2])
             assert first_words in " ".join(result.output.split()), f"{name} --help lacks {field.name}'s help"
+
+
+def test_params_yaml_holds_the_cli_defaults_except_the_overrides_the_readme_lists():
+    """One place per default: params.yaml may differ from config.py only where the README says why."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The embedded default's settings")[1].split("\n## ")[0]
+    listed = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and "." in cells[0]:
+            listed[cells[0]] = cells[1]
+    assert listed, "the README's override table is missing"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    differ = {}
+    for stage, values in params.items():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(CONFIGS[stage])}
+        for key, value in values.items():
+            value = tuple(value) if isinstance(value, list) else value
+            if value != defaults[key]:
+                differ[f"{stage}.{key}"] = value
+    assert set(differ) == set(listed), f"params.yaml overrides {sorted(differ)}; README lists {sorted(listed)}"
+    assert all(str(differ[key]) == listed[key] for key in differ), (differ, listed)
 
 
 @pytest.mark.parametrize("params_file", PARAMS_FILES)
@@ -292,10 +316,11 @@ def test_interrupted_capture_is_refused_then_resumed(kdcache, small_tokens, smal
     store = tmp_path / "targets.zarr"
     shutil.copytree(small_targets, store)
     group = zarr.open_group(store, mode="r+")
-    shards = dict(group.attrs["shards"])
+    shards = sorted(group[fmt.RECORDS].group_keys())
     assert len(shards) >= 3 and group.attrs["complete"] is True
-    group.attrs["shards"] = {"0": shards["0"]}
     group.attrs["complete"] = False
+    for name in shards[1:]:  # only shard 0's record was written
+        del group[fmt.RECORDS][name]
 
     out = tmp_path / "student"
     result = kdcache("student", "--tokens", small_tokens, "--targets", store, "--out", out,
@@ -398,3 +423,64 @@ def test_online_baseline_trains_with_the_teacher_in_the_loop(kdcache, small_toke
     assert (out / "model.safetensors").exists()
     refused = kdcache("student", "--tokens", small_tokens, "--online", "--out", tmp_path / "x", "--max-steps", 1)
     assert_refused(refused, "mode online needs --teacher")
+
+
+# --- silent misconfigurations (a user's first week) ----------------------------------------------
+
+
+def test_teacher_model_with_another_tokenizer_of_the_same_size(kdcache, small_tokens, tmp_path):
+    """Same number of ids, other ids: the sizes match, so only comparing the vocabularies catches it."""
+    vocab = vocab_size_of(small_tokens)
+    model = save_gpt2(tmp_path / "hub_model", vocab)
+    save_word_tokenizer(model, vocab)
+    out = tmp_path / "teacher"
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", out, "--model", model)
+    assert_refused(result, "teacher --model", "vocabulary", str(model), "prepare --tokenizer")
+    assert_nothing_complete(out)
+
+
+def test_teacher_model_with_the_token_stores_tokenizer_is_accepted(kdcache, small_tokens, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = save_gpt2(tmp_path / "hub_model", vocab_size_of(small_tokens))
+    AutoTokenizer.from_pretrained(small_tokens / "tokenizer").save_pretrained(model)
+    result = kdcache("teacher", "--tokens", small_tokens, "--out", tmp_path / "teacher", "--model", model)
+    assert result.exit_code == 0, result.output
+
+
+def test_pipeline_models_take_special_ids_from_the_token_stores_tokenizer(kdcache, small_corpus, small_tokens,
+                                                                         tmp_path):
+    """A tokenizer whose end of text is not id 0: the teacher and student configs must say so."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_tokens / "tokenizer")
+    tokenizer.add_special_tokens({"eos_token": "<|end|>"})  # appended: id 300, while bos/pad stay 0
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 != tokenizer.bos_token_id
+    tokens = tmp_path / "tokens"
+    result = kdcache("prepare", "--out", tokens, "--corpus", small_corpus, "--tokenizer", tmp_path / "tokenizer",
+                     "--block-size", 32, "--val-fraction", 0.3)
+    assert result.exit_code == 0, result.output
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    result = kdcache("teacher", "--tokens", tokens, "--out", teacher, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--max-steps", 1,
+                     "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    result = kdcache("student", "--tokens", tokens, "--out", student, "--max-steps", 1, *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
+    for model_dir in (teacher, student):
+        config = json.loads((model_dir / "config.json").read_text())
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            assert config[key] == getattr(tokenizer, key), (model_dir, key)
+            assert generation[key] == getattr(tokenizer, key), (model_dir, key)
+
+
+@pytest.mark.parametrize("what", ["tokens", "teacher"])
+def test_inspect_names_what_a_directory_is(kdcache, small_tokens, small_teacher, what):
+    path = {"tokens": small_tokens, "teacher": small_teacher}[what]
+    result = kdcache("inspect", path)
+    assert_refused(result, {"tokens": "is a token store", "teacher": "is a model directory"}[what],
+                   "not a targets store")
+    assert "cache --out" in result.output and f"cache --out {path}" not in result.output

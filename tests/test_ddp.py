@@ -119,3 +119,36 @@ def test_default_teacher_trains_on_two_ranks(small_tokens, tmp_path):
     assert result.stdout.count("teacher default -> ") == 1
     _, info = load_teacher(tmp_path / "teacher")
     assert info["source"] == "default" and len(losses(tmp_path / "loss.csv")) == 3
+
+
+def test_two_ranks_capture_one_store_that_decodes_as_one_process_wrote_it(small_tokens, small_teacher,
+                                                                          small_targets, tmp_path):
+    """Rank r writes shards r, r + 2, ...; kill-and-resume under two ranks as well (shards 1 and 2's
+    records lost, `complete` not written)."""
+    import zarr
+
+    from pipeline.targets import format as fmt
+    from pipeline.targets.reader import TargetsStore
+
+    out = tmp_path / "two.zarr"
+    args = ("cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", out, "--top-k", 8,
+            "--batch-size", 64, "--rows-per-shard", 32, "--rows-per-chunk", 8, "--device", "cpu")
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
+
+    def same_as_one_process():
+        two, one = TargetsStore(out), TargetsStore(small_targets)
+        assert two.records == one.records and two.bad_shards() == []
+        for name in one.array_names():
+            assert np.array_equal(two.read_rows(0, one.rows, [name])[name], one.read_rows(0, one.rows, [name])[name])
+
+    same_as_one_process()
+    group = zarr.open_group(out, mode="r+")
+    group.update_attributes({"complete": False})
+    for index in (1, 2):
+        del group[fmt.RECORDS][fmt.record_name(index)]
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming: 3 of 5 shards done" in result.stdout + result.stderr
+    same_as_one_process()

@@ -53,6 +53,9 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     assert metrics["teacher"]["top1_agreement"] == 1.0
     for plot in ("teacher_loss", "student_loss", "student_ce_loss", "eval_loss_by_position"):
         assert (repo / "plots" / f"{plot}.csv").stat().st_size > 0
+    assert (repo / "metrics.md").read_text().count("| student") == 2  # student and student_ce rows
+    assert sorted(p.name for p in (repo / "figures").iterdir()) == [
+        "loss_by_position.svg", "reliability.svg", "training_loss.svg", "validation_loss.svg"]
 
 
 def test_student_loads_with_from_pretrained(project):
@@ -78,6 +81,18 @@ def test_exp_run_with_new_temperature_reuses_the_capture(project):
     repo, env, _ = project
     log = run(["dvc", "exp", "run", "-S", "student.temperature=3.0"], repo, env)
     assert "Running stage 'student'" in log and "Running stage 'evaluate'" in log
+    for stage in ("prepare", "teacher", "cache", "student_ce"):
+        assert f"Running stage '{stage}'" not in log
+
+
+def test_queued_grid_of_students_reuses_the_committed_capture(project):
+    """README's grid: with dvc.lock committed after the run (the fixture does as README says), each
+    queued experiment checks the capture out of the DVC cache instead of running the teacher again."""
+    repo, env, _ = project
+    run(["dvc", "exp", "run", "--queue", "-S", "student.alpha=0.1,0.9"], repo, env)  # smoke: alpha 0.5
+    log = run(["dvc", "exp", "run", "--run-all"], repo, env)
+    assert log.count("Running stage 'student'") == 2 and log.count("Running stage 'evaluate'") == 2
+    assert log.count("Stage 'cache' didn't change, skipping") == 2
     for stage in ("prepare", "teacher", "cache", "student_ce"):
         assert f"Running stage '{stage}'" not in log
 

@@ -168,11 +168,11 @@ def test_teacher_keeps_the_shortest_prefix_reaching_p(teacher_dir, tiny_tokens, 
     assert 1 < float(counts.float().mean()) < 8 or top_p > 0.99  # the cases do trim, and not to nothing
 
 
-def capture(teacher_dir, tokens, out, **settings):
+def capture(teacher_dir, tokens, out, overwrite=False, **settings):
     config = CacheConfig(**{"top_k": 8, "top_p": 0.6, "min_k": 2, "batch_size": 64, "rows_per_chunk": 16,
                             "rows_per_shard": 64, "capture_temperature": 0.02, "split": "validation",
                             "encoding": "fp32", "device": "cpu", **settings})
-    return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
+    return run_capture(config, str(teacher_dir), str(tokens.path), str(out), overwrite=overwrite)
 
 
 @pytest.mark.parametrize("encoding", ["fp32", "fp16", "q8d"])
@@ -211,7 +211,9 @@ def test_changing_top_p_rewrites_the_store_and_inspect_reports_kept_entries(teac
     out = tmp_path / "t.zarr"
     full = capture(teacher_dir, tiny_tokens, out, top_p=1.0)
     assert fmt.TOPK_COUNT not in full.topk_names() and summarize(full)["kept_mean"] == 8
-    trimmed = capture(teacher_dir, tiny_tokens, out, top_p=0.6)  # another identity: rewritten, not resumed
+    with pytest.raises(KdcacheError, match="top_p: 1.0 stored, 0.6 asked"):  # never deleted unasked
+        capture(teacher_dir, tiny_tokens, out, top_p=0.6)
+    trimmed = capture(teacher_dir, tiny_tokens, out, overwrite=True, top_p=0.6)  # rewritten, not resumed
     assert trimmed.attrs["top_p"] == 0.6 and fmt.TOPK_COUNT in zarr.open_group(out, mode="r")
     result = kdcache("inspect", out)
     assert result.exit_code == 0, result.output

@@ -2,7 +2,8 @@
 
 A source is one of:
   stdlib                       the .py files of the running interpreter's standard library (no tests)
-  PATH or GLOB                 .txt (one document per file), .jsonl / .parquet (a `text` field per record)
+  PATH or GLOB                 .txt (one document per file), .jsonl / .parquet (a `text` field per record,
+                               or the field given as text_field)
   hf:NAME[:CONFIG][:SPLIT]     a Hugging Face dataset (hub id, local dataset dir, or save_to_disk dir)
 """
 
@@ -28,7 +29,7 @@ def stdlib_files() -> list[Path]:
     return sorted(f for f in root.rglob("*.py") if not _STDLIB_SKIP & set(f.relative_to(root).parts))
 
 
-def _iter_file(path: Path) -> Iterator[str]:
+def _iter_file(path: Path, text_field: str = TEXT_FIELD) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".py", ".md"):
         yield path.read_text(encoding="utf-8", errors="replace")
@@ -37,22 +38,23 @@ def _iter_file(path: Path) -> Iterator[str]:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     record = json.loads(line)
-                    if TEXT_FIELD not in record:
-                        raise KdcacheError(f"{path}:{line_no} has no '{TEXT_FIELD}' field; "
-                                           f"every JSONL record needs one.")
-                    yield record[TEXT_FIELD]
+                    if text_field not in record:
+                        raise KdcacheError(f"{path}:{line_no} has no '{text_field}' field (fields: "
+                                           f"{sorted(record)}); every JSONL record needs one, or set "
+                                           f"--text-field.")
+                    yield record[text_field]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if TEXT_FIELD not in table.column_names:
-            raise KdcacheError(f"{path} has no '{TEXT_FIELD}' column (columns: {table.column_names}).")
-        yield from table.column(TEXT_FIELD).to_pylist()
+        columns = pq.read_schema(path).names
+        if text_field not in columns:
+            raise KdcacheError(f"{path} has no '{text_field}' column (columns: {columns}); set --text-field.")
+        yield from pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
     else:
         raise KdcacheError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet.")
 
 
-def _iter_hf(spec: str) -> Iterator[str]:
+def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
     import datasets
 
     parts = spec.split(":")
@@ -67,10 +69,11 @@ def _iter_hf(spec: str) -> Iterator[str]:
             ds = datasets.load_dataset(name, config, split=split)
         except Exception as e:  # the library raises many types; all mean "cannot load"
             raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
-    if TEXT_FIELD not in ds.column_names:
-        raise KdcacheError(f"dataset {spec!r} has no '{TEXT_FIELD}' column (columns: {ds.column_names}).")
+    if text_field not in ds.column_names:
+        raise KdcacheError(f"dataset {spec!r} has no '{text_field}' column (columns: {ds.column_names}); "
+                           f"set --text-field.")
     for record in ds:
-        yield record[TEXT_FIELD]
+        yield record[text_field]
 
 
 def resolve_files(source: str) -> list[Path]:
@@ -86,15 +89,15 @@ def resolve_files(source: str) -> list[Path]:
     return files
 
 
-def iter_documents(source: str) -> Iterator[str]:
-    """Yield non-empty documents of a source, in a deterministic order."""
+def iter_documents(source: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
+    """Yield non-empty documents of a source, in a deterministic order (text_field: see module doc)."""
     if source == "stdlib":
         files = stdlib_files()
         texts = (t for f in files for t in _iter_file(f))
     elif source.startswith("hf:"):
-        texts = _iter_hf(source[3:])
+        texts = _iter_hf(source[3:], text_field)
     else:
-        texts = (t for f in resolve_files(source) for t in _iter_file(f))
+        texts = (t for f in resolve_files(source) for t in _iter_file(f, text_field))
     for text in texts:
         if text and text.strip():
             yield text

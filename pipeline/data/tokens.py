@@ -1,7 +1,9 @@
 """The token store: packed blocks in Arrow IPC files, one per split, plus the tokenizer.
 
 Layout of a token store directory:
-  meta.json           fingerprint, vocab_size, block_size, rows per split (written last)
+  meta.json           fingerprint, vocab_size, block_size, rows per split, settings (written last);
+                      a store made from stores keeps its provenance there too (generate: `generated`,
+                      prepare --mix: settings.mix)
   {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
@@ -100,7 +102,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
     out = Path(out)
     texts = []
-    for text in progress(iterable=iter_documents(config.corpus), desc="read corpus", unit="doc"):
+    for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
             break
         texts.append(text)
@@ -146,6 +148,47 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
+    return _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> TokenStore:
+    """Move a finished OUT.partial into place: a token store that exists is complete."""
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return TokenStore(out)
+
+
+def same_tokenizer(a: TokenStore | str | Path, b: TokenStore | str | Path) -> bool:
+    """Whether two token stores (or tokenizer directories) map every string to the same ids."""
+    from transformers import AutoTokenizer
+
+    vocabularies = [AutoTokenizer.from_pretrained(x.tokenizer_path if isinstance(x, TokenStore) else x).get_vocab()
+                    for x in (a, b)]
+    return vocabularies[0] == vocabularies[1]
+
+
+def write_token_store(out: str | Path, source: TokenStore, splits: dict[str, np.ndarray], settings: dict,
+                      **meta) -> TokenStore:
+    """Write a token store from ready blocks (split -> (N, block_size) ids) with `source`'s tokenizer.
+
+    For stores made from other stores (generate, prepare --mix): `settings` and the extra `meta` keys
+    (provenance) go into meta.json and the fingerprint. Written to OUT.partial and renamed, so a store
+    that exists is complete.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copytree(source.tokenizer_path, tmp / "tokenizer")
+        for split in SPLITS:
+            _write_split(tmp / f"{split}.arrow", splits[split], source.vocab_size)
+        record = {"format": FORMAT, "fingerprint": _fingerprint(tmp, {**settings, **meta}),
+                  "vocab_size": source.vocab_size, "block_size": source.block_size,
+                  "eos_id": source.meta.get("eos_id"),
+                  "rows": {split: int(len(splits[split])) for split in SPLITS}, "settings": settings, **meta}
+        (tmp / "meta.json").write_text(json.dumps(record, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
+        raise
+    return _publish(tmp, out)

@@ -33,7 +33,7 @@ LOG_ZERO = -1e30
 #   power:   a decay continuing the cached ranking: p at rank n > K is p_K (n/K)^(−a), with a ≥ 0
 #            fitted per position so the tail's ids sum to P (continuous with the last cached
 #            log-prob, mass conserved). Heavy-tailed LM distributions look like this.
-TAIL_MODELS = ("power", "uniform", "atom")
+TAIL_MODELS = ("uniform", "power", "atom")
 
 
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -49,10 +49,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     return masked_mean(F.cross_entropy(logits.float(), labels, reduction="none"), mask)
 
 
-def _log_rank_sum(s: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """log Σ_{n=k+1}^{v} (n/k)^(−s), elementwise, by the midpoint integral k ∫ x^(−s) dx from
-    (k+½)/k to (v+½)/k (within a fraction of a percent of the sum for the k, v kdcache sees)."""
-    log_a, log_b = torch.log((k + 0.5) / k), torch.log((v + 0.5) / k)
+EXACT_TERMS = 64  # ranks K+1 .. K+64 are summed term by term, the rest as an integral
+
+
+def _log_integral(s: torch.Tensor, k: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """log of k ∫ x^(−s) dx from lower/k to upper/k (upper > lower > 0), stable for every s ≥ 0."""
+    log_a, log_b = torch.log(lower / k), torch.log(upper / k)
     u, width = 1.0 - s, log_b - log_a  # ∫ x^(u−1) dx = (b^u − a^u)/u = a^u (e^{u·width} − 1)/u
     x = u * width
     small = x.abs() < 1e-4
@@ -62,6 +64,20 @@ def _log_rank_sum(s: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
                             torch.log(-torch.expm1(safe_x)) - torch.log(-safe_x))
     log_ratio = torch.where(small, x / 2, log_ratio)
     return torch.log(k) + u * log_a + torch.log(width) + log_ratio
+
+
+def _log_rank_sum(s: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """log Σ_{n=k+1}^{v} (n/k)^(−s), elementwise: the first EXACT_TERMS ranks term by term, the rest by
+    the midpoint integral k ∫ x^(−s) dx from (k+E+½)/k to (v+½)/k (accurate there: the terms vary slowly)."""
+    j = torch.arange(1, EXACT_TERMS + 1, dtype=s.dtype, device=s.device)  # (E,)
+    ranks = k.unsqueeze(-1) + j  # (..., E)
+    terms = -s.unsqueeze(-1) * torch.log(ranks / k.unsqueeze(-1))
+    terms = terms.masked_fill(ranks > v.unsqueeze(-1), -torch.inf)
+    head = torch.logsumexp(terms, -1)
+    lower = k + EXACT_TERMS + 0.5
+    has_rest = v > k + EXACT_TERMS
+    rest = _log_integral(s, k, lower, torch.where(has_rest, v + 0.5, lower + 1.0))
+    return torch.where(has_rest, torch.logaddexp(head, rest), head)
 
 
 def tempered_tail(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, ratio: float,

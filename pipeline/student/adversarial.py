@@ -5,8 +5,10 @@ buckets (its top-k ids, most probable first, then the tail), as log-probs. "Real
 cached buckets, "fake" the student's on the same ids. Each training step alternates: the
 discriminator takes one step of its own AdamW on the batch (student outputs detached), then the
 student's loss gains weight · −log D(student buckets) (the non-saturating generator loss) against the
-updated discriminator. Discriminator weights and optimizer are saved in checkpoints, so --resume
-continues exactly; its loss and accuracy (before its update) are logged per step (disc_loss, disc_acc).
+updated discriminator, once per step on the whole batch (so gradient accumulation is refused). It
+runs in float32 whatever --dtype. Discriminator weights and optimizer are saved in checkpoints, so
+--resume continues exactly; its loss and accuracy (before its update) are logged per step (disc_loss,
+disc_acc).
 
 Shapes: N positions, K top-k, V vocabulary.
 """
@@ -53,6 +55,11 @@ class AdversarialTerm:
     def __call__(self, logits: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
         """logits (N, V); targets: the batch's top-k arrays flattened to N. Returns the weighted term
         ("weighted", added to the loss) and logged parts."""
+        # float32 under --dtype bfloat16/float16 too: the discriminator's own backward has no gradient scaler.
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.step(logits.float(), targets)
+
+    def step(self, logits: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
         ids, teacher_logprobs, tail = (targets[name] for name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS))
         real = losses.teacher_buckets(teacher_logprobs, tail)  # (N, K+1)
         fake = losses.student_buckets(logits, ids)  # (N, K+1), differentiable in the student

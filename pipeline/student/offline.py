@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import hidden_size, num_layers, use_eager_attention, value_projections
+from pipeline.models import hidden_size, num_layers, use_eager_attention, value_width
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -61,8 +61,7 @@ def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> 
                            f"blocks {captured}; {missing or bad_student} are not among them.")
     relation_heads = int(fmt.attribute(store.attrs, "value_relation_heads"))
     if config.attention_loss == "minilm" and relation_heads:
-        module, part = value_projections(model)[student_blocks - 1]
-        width = (part.stop - part.start) if part is not None else int(module.out_features)
+        width = value_width(model, student_blocks)
         if width % relation_heads:
             raise KdcacheError(f"the store's value relations have {relation_heads} relation heads, which do not "
                                f"divide the student's value width {width}; pick n_embd a multiple of "
@@ -123,13 +122,14 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`); none:
     plain CE training. Everything that can be refused (fingerprints, vocabulary, layers) is checked
-    before training. add_targets: called on every batch before its step (train_loop's hook).
+    before training. add_targets: called on every batch before its step (train_loop's hook; it may add the
+    teacher's targets, as the online baseline does).
     logit_terms, stateful: extra loss terms on the logits and their state (see adversarial.py).
     """
     tokens = TokenStore(tokens_dir)
     specs = parse_targets(targets)
     paths, weights = [path for path, _ in specs], tuple(weight for _, weight in specs) or (1.0,)
-    distill = distills(config) and bool(specs)
+    distill = distills(config) and (bool(specs) or add_targets is not None)  # the hook may supply targets
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
     model = build_student(config, tokens)
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0

@@ -13,7 +13,7 @@ from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.models import (build_gpt2, check_chunkable, check_model_fits, check_same_tokenizer, load_model,
-                             save_model)
+                             save_model, special_ids)
 from pipeline.training.objective import Objective
 
 
@@ -24,7 +24,8 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
         model = load_model(config.init, "student --init model")
         check_same_tokenizer(config.init, tokens)
     else:
-        model = build_gpt2(config, tokens.vocab_size, tokens.block_size, config.seed if seed is None else seed)
+        model = build_gpt2(config, tokens.vocab_size, tokens.block_size, config.seed if seed is None else seed,
+                           special_ids(tokens.load_tokenizer()))
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "student")
     if config.loss_chunk:
         if runtime.launched_world_size() > 1:

@@ -23,9 +23,18 @@ from pipeline.tasks import get_task
 
 FORMAT_NAME = "kdcache-targets"
 # 2 added bit-packed ids, the sqd encoding, top-p trimming, low-rank hidden states; 3 renamed the
-# attribute `temperature` to `capture_temperature`.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # older stores are newer ones with those features off
+# attribute `temperature` to `capture_temperature`; 4 moved the per-shard completion records out of
+# the group attributes into objects of their own (RECORDS).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # older stores are newer ones with those features off
+RECORDS_SINCE = 4  # versions before keep their records in the attributes `shards` and `shard_stats`
+
+RECORDS = "records"  # a zarr group beside the arrays: one child group per finished shard
+
+
+def record_name(index: int) -> str:
+    """The child of RECORDS whose attributes record shard `index`: {shard, rows, checksums, stats}."""
+    return f"shard_{index:06d}"
 
 TOPK_IDS = "topk_ids"            # (R, P, K) uint16, or bit-packed uint8 bytes above 65 536 ids (ids.py)
 TOPK_LOGPROBS = "topk_logprobs"  # (R, P, K) log p at the capture temperature, in the store's encoding

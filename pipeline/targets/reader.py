@@ -6,6 +6,7 @@ store, answers questions about it, and refuses stores that do not belong to the 
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +15,51 @@ import zarr
 
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.writer import bad_shards, bad_unsharded
+from pipeline.targets.location import Location
+from pipeline.targets.writer import bad_shards, bad_unsharded, read_records
+
+
+def not_a_store_message(path: Path) -> str:
+    """Why `path` is no targets store, naming what it is when kdcache wrote it (so that the fix is not
+    `cache --out` into another stage's output)."""
+    if (path / "meta.json").exists() and (path / "tokenizer").is_dir():
+        return (f"{path} is a token store (written by `kdcache prepare`), not a targets store; give the "
+                f"store `kdcache cache --out` wrote (data/targets.zarr in dvc.yaml).")
+    if (path / "kdcache.json").exists() or (path / "config.json").exists():
+        return (f"{path} is a model directory, not a targets store; give the store `kdcache cache --out` "
+                f"wrote (data/targets.zarr in dvc.yaml).")
+    if path.exists():
+        return (f"{path} is not a targets store (no zarr.json); give the store `kdcache cache --out` wrote "
+                f"(data/targets.zarr in dvc.yaml).")
+    return f"{path} does not exist; run `kdcache cache --out {path}` first."
 
 
 class TargetsStore:
-    def __init__(self, path: str | Path, require_complete: bool = True):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
-            raise KdcacheError(f"{self.path} is not a targets store (no zarr.json); "
+    def __init__(self, path: str | Path | Location, require_complete: bool = True):
+        """path: a local directory or an fsspec URL (s3://, memory://, ...)."""
+        self.location = path if isinstance(path, Location) else Location(path)
+        # A Path for a local store (callers join paths to it), the URL as given otherwise.
+        self.path = Path(self.location.text) if self.location.local else self.location.text
+        if not self.location.exists("zarr.json"):
+            raise KdcacheError(not_a_store_message(self.path) if self.location.local else
+                               f"{self.path} is not a targets store (no zarr.json); "
                                f"run `kdcache cache --out {self.path}` first.")
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = zarr.open_group(self.location.url, mode="r")
         self.attrs = dict(self.group.attrs)
         fmt.check_version(self.attrs, self.path)
         if require_complete and not self.attrs.get("complete"):
-            done, total = len(self.attrs.get("shards", {})), len(self.shard_ranges)
+            done, total = len(self.records), len(self.shard_ranges)
             raise KdcacheError(f"{self.path} is an unfinished capture ({done}/{total} shards); re-run "
                                f"`kdcache cache` with the same settings to resume it.")
+
+    @cached_property
+    def records(self) -> dict[str, dict]:
+        """Shard index (str) -> completion record (checksums, stats) of every finished shard."""
+        return read_records(self.group, self.attrs)
+
+    def missing_arrays(self) -> list[str]:
+        """Arrays of the schema absent from the store (a capture killed before creating them)."""
+        return [name for name in self.array_names() if name not in self.group]
 
     rows = property(lambda self: int(self.attrs["rows"]))
     top_k = property(lambda self: int(self.attrs["top_k"]))
@@ -93,7 +123,7 @@ class TargetsStore:
 
     def bad_shards(self, names=None) -> list[int]:
         """Shards unfinished or whose checksums do not match what is on disk now (names: only these arrays)."""
-        return bad_shards(self.group, self.shard_ranges, self.attrs.get("shards", {}), names)
+        return bad_shards(self.group, self.shard_ranges, self.records, names)
 
     def bad_unsharded(self) -> list[str]:
         """Arrays not indexed by row (hidden bases) whose checksums do not match what is on disk now."""
@@ -114,4 +144,13 @@ class TargetsStore:
             raise KdcacheError(f"{self.path} fails verification: bad shards {listed} are unfinished or no "
                                f"longer match the checksums recorded at capture. Re-run `kdcache cache` "
                                f"with the same settings to re-capture them, then `kdcache verify {self.path}`.")
+
+    def verify(self) -> None:
+        """check_shards, and refuse a store whose shards all match but that was never marked complete
+        (killed between its last record and `complete`): readers refuse it, so verify does too."""
+        self.check_shards()
+        if not self.attrs.get("complete"):
+            raise KdcacheError(f"{self.path}: every shard matches its checksums, but the capture was never "
+                               f"marked complete (interrupted before its last step). Re-run `kdcache cache` "
+                               f"with the same settings to finish it.")
 

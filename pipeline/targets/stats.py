@@ -15,7 +15,7 @@ TAIL_BINS = 20  # equal-width bins of the tail mass over [0, 1]
 
 
 def stored_bytes(store: TargetsStore, name: str) -> int:
-    return sum(f.stat().st_size for f in (store.path / name).rglob("*") if f.is_file())
+    return store.location.size(name)
 
 
 def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
@@ -23,14 +23,17 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
     attrs = store.attrs
     tokens = store.rows * int(attrs["block_size"])
     arrays, raw_total, stored_total = {}, 0, 0
+    missing = store.missing_arrays()
     for name in store.array_names() + list(attrs.get("unsharded", {})):  # + hidden bases
+        if name in missing or name not in store.group:
+            continue
         array = store.group[name]
         raw = int(np.prod(array.shape)) * array.dtype.itemsize
         stored = stored_bytes(store, name)
         arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
                         "bytes_per_token": stored / tokens, "compression_ratio": raw / max(stored, 1)}
         raw_total, stored_total = raw_total + raw, stored_total + stored
-    if store.top_k:
+    if store.top_k and not missing:
         tail = store.group[fmt.TAIL_LOGMASS][: min(store.rows, tail_sample_rows)]
         tail_mass = np.exp(tail.astype(np.float64)).ravel()
         # Kept entries per position: all K, unless top-p trimmed them (then `topk_count` holds them).
@@ -47,7 +50,7 @@ def summarize(store: TargetsStore, tail_sample_rows: int = 256) -> dict:
         "encoding": attrs["encoding"], "top_k": attrs["top_k"], "samples": attrs["samples"],
         "capture_temperature": store.capture_temperature,
         "layers": attrs["layers"], "vocab_size": store.vocab_size, "split": attrs["split"],
-        "shards_done": len(attrs.get("shards", {})), "shards": len(store.shard_ranges),
+        "missing_arrays": missing, "shards_done": len(store.records), "shards": len(store.shard_ranges),
         "tokens_fingerprint": attrs["tokens_fingerprint"], "teacher_fingerprint": attrs["teacher_fingerprint"],
         "tail_mass_percentiles": {str(p): float(np.percentile(tail_mass, p)) for p in TAIL_PERCENTILES},
         "tail_mass_mean": float(tail_mass.mean()),
@@ -68,7 +71,7 @@ def tail_mass_histogram(store: TargetsStore, bins: int = TAIL_BINS) -> dict | No
         return None
     edges = np.linspace(0.0, 1.0, bins + 1)
     counts = np.zeros(bins, dtype=np.int64)
-    done = store.attrs.get("shards", {})
+    done = store.records if fmt.TAIL_LOGMASS in store.group else {}
     for index, (start, stop) in enumerate(store.shard_ranges):
         if str(index) in done:  # unfinished shards hold fill values, not targets
             tail_mass = np.exp(store.group[fmt.TAIL_LOGMASS][start:stop].astype(np.float64))

@@ -17,15 +17,17 @@ from pipeline.config import CacheConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.models import (check_model_fits, hidden_size, num_heads, num_layers, use_eager_attention,
-                             value_projections)
-from pipeline.targets import codecs
+                             value_width)
 from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
 from pipeline.targets.ids import ids_dtype
+from pipeline.targets.location import Location
+from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher.load import check_layers, load_teacher
+from pipeline.teacher.load import check_layers, check_teacher_tokenizer, load_teacher
 from pipeline.teacher.signals import teacher_targets
 
 
@@ -61,8 +63,7 @@ def attention_identity(config: CacheConfig, model, block: int) -> dict:
     heads, relation_heads = num_heads(model), 0
     if config.value_relations:
         relation_heads = config.relation_heads or heads
-        module, part = value_projections(model)[0]
-        width = (part.stop - part.start) if part is not None else int(module.out_features)
+        width = value_width(model, 1)
         if width % relation_heads:
             raise KdcacheError(f"--relation-heads {relation_heads} does not divide the teacher's value width "
                                f"{width}; choose a divisor of {width}.")
@@ -148,8 +149,17 @@ def _variance_kept(shard_stats: dict) -> dict[str, float]:
     return {layer: kept / total if total > 0 else 1.0 for layer, (kept, total) in totals.items()}
 
 
-def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str) -> TargetsStore:
-    """Capture targets for every row of `config.split`; skips shards a previous run finished."""
+def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str, overwrite: bool = False,
+                force: bool = False) -> TargetsStore:
+    """Capture targets for every row of `config.split`; skips shards a previous run finished.
+
+    out: a local directory or an fsspec URL. overwrite: delete a store holding another capture instead
+    of refusing it. force: take over the store's lock whoever holds it. Under torchrun rank r of N
+    captures shards r, r + N, ...; rank 0 holds the lock, prepares the store and marks it complete.
+    """
+    location = Location(out)  # refuses an unknown URL protocol, or one whose package is missing, first
+    if location.is_file():
+        raise KdcacheError(f"--out {out} is a file; a targets store is a directory. Choose another --out.")
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
@@ -160,23 +170,67 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     if config.top_k > tokens.vocab_size:
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
     ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
-    if info.get("tokens_fingerprint") not in (None, tokens.fingerprint) and info.get("source") == "default":
-        raise KdcacheError(f"the default teacher in {teacher_dir} was trained on another token store; "
-                           f"re-run `kdcache teacher` on {tokens_dir}.")
+    # Any token store in the teacher's own tokenizer will do: the one it was trained on, or one written
+    # by `generate` or `prepare --mix` from it.
+    check_teacher_tokenizer(teacher_dir, tokens)
     identity = capture_identity(config, tokens, info, model)
-    writer = TargetsWriter(out, identity, fmt.array_specs(identity))
     device = runtime.resolve_device(config.device)
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     blocks = tokens.blocks(config.split)
-    bases = _hidden_bases(config, writer, model, blocks, device, autocast)
-    pending = writer.pending()
-    todo_rows = sum(writer.ranges[i][1] - writer.ranges[i][0] for i in pending)
-    if len(pending) < len(writer.ranges):
-        print(f"[cache] resuming: {len(writer.ranges) - len(pending)} of {len(writer.ranges)} shards done")
-    bar = progress(total=todo_rows * tokens.block_size, desc="capture", unit="tok", unit_scale=True)
+    rank, world_size, main = runtime.rank(), runtime.world_size(), runtime.is_main()
+    lock = WriterLock(location, force)
+    try:
+        writer, bases = _open_store(config, location, identity, lock, overwrite, model, blocks, device, autocast)
+        _capture_shards(config, writer, lock, bases, model, blocks, tokens.block_size, tokens.vocab_size,
+                        identity, device, autocast, rank, world_size)
+        runtime.barrier()  # every rank's records exist
+        if main:
+            lock.check()
+            writer.finish({"hidden_variance_kept": _variance_kept(writer.shard_stats)} if bases else None)
+    finally:
+        if main:
+            lock.release()
+    runtime.barrier()  # `complete` is written before any rank opens the store
+    return TargetsStore(out)
+
+
+def _open_store(config, location, identity, lock, overwrite, model, blocks, device, autocast):
+    """(writer, hidden bases) on every rank. Rank 0 takes the lock and creates, checks or repairs the
+    store (and fits a hidden basis) while the others wait; its error, if any, stops them all."""
+    specs, writer, bases, error = fmt.array_specs(identity), None, {}, None
+    if runtime.is_main():
+        try:
+            lock.acquire()
+            writer = TargetsWriter(location, identity, specs, overwrite=overwrite)
+            bases = _hidden_bases(config, writer, model, blocks, device, autocast)
+        except KdcacheError as failure:
+            error = failure
+    shared = runtime.from_main((str(error) if error else None, lock.mine))
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise KdcacheError(shared[0])
+    lock.mine = shared[1]  # every rank checks that rank 0 still holds the lock before each shard
+    if writer is None:
+        writer = TargetsWriter(location, identity, specs, create=False)
+        bases = _hidden_bases(config, writer, model, blocks, device, autocast)
+    return writer, bases
+
+
+def _capture_shards(config, writer, lock, bases, model, blocks, block_size, vocab_size, identity, device,
+                    autocast, rank, world_size) -> None:
+    """Run the teacher over this rank's pending shards, writing and recording each one."""
+    main = rank == 0
+    everyone = writer.pending(0, 1)  # every rank's pending shards: the progress bar's total
+    mine = writer.pending(rank, world_size)
+    if main and len(everyone) < len(writer.ranges):
+        print(f"[cache] resuming: {len(writer.ranges) - len(everyone)} of {len(writer.ranges)} shards done")
+    rows_of = lambda indices: sum(writer.ranges[i][1] - writer.ranges[i][0] for i in indices)  # noqa: E731
+    bar = progress(total=rows_of(everyone) * block_size, desc="capture", unit="tok", unit_scale=True,
+                   disable=not main)
     start_time = time.perf_counter()
-    for index in pending:
+    for index in mine:
         start, stop = writer.ranges[index]
         parts, energy = [], {}
         for lo in range(start, stop, config.batch_size):
@@ -185,17 +239,20 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
             # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
             generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
-                targets = teacher_targets(model, input_ids, tokens.vocab_size, config.top_k,
+                targets = teacher_targets(model, input_ids, vocab_size, config.top_k,
                                           config.capture_temperature, identity["layers"], config.samples,
                                           generator, top_p=config.top_p, min_k=config.min_k,
                                           attention_layers=identity["attention_layers"],
                                           value_relation_heads=identity["value_relation_heads"])
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))
-            bar.update((hi - lo) * tokens.block_size)
+            bar.update((hi - lo) * block_size)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
+        lock.check()
         writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
                            {"hidden_energy": energy} if bases else None)
+        if main and world_size > 1:  # count the other ranks' finished shards too
+            writer.refresh()
+            bar.n = max(bar.n, rows_of([i for i in everyone if str(i) in writer.done]) * block_size)
+            bar.refresh()
     bar.close()
-    writer.finish({"hidden_variance_kept": _variance_kept(writer.shard_stats)} if bases else None)
-    return TargetsStore(out)

@@ -9,16 +9,24 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline import runtime
 from pipeline.errors import KdcacheError
-from pipeline.models import (check_model_fits, fingerprint_model_dir, load_model, num_layers, read_info,
-                             save_model, write_info)
+from pipeline.models import (check_model_fits, check_same_tokenizer, fingerprint_model_dir, load_model,
+                             num_layers, read_info, save_model, write_info)
 
 
-def load_pretrained(name_or_path: str, tokens):
-    """The teacher --model: a path or hub id, checked against the token store before any work."""
+def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
+    """The teacher --model: a path or hub id, checked against the token store before any work.
+
+    Its own tokenizer (when saved beside it) must be the token store's, id for id: a teacher reading
+    ids from another tokenizer gives well-formed but meaningless targets.
+    """
+    check_same_tokenizer(name_or_path, tokens, "the teacher --model",
+                         f"prepare the tokens with the teacher's tokenizer (`kdcache prepare --tokenizer "
+                         f"{name_or_path}`), then re-run teacher and cache")
     model = load_model(name_or_path, "teacher --model")
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
-    return model
+    return model.to(runtime.torch_dtype(dtype))  # saved so: bfloat16 halves the teacher on disk
 
 
 def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss: float | None) -> dict:
@@ -32,9 +40,25 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
 
 
 def load_teacher(teacher_dir: str | Path):
-    """(model, info) of a teacher directory written by `kdcache teacher`."""
+    """(model, info) of a teacher directory written by `kdcache teacher`, or of a student directory
+    (self-distillation: a student teaches the next generation; its fingerprint is computed here)."""
     info = read_info(teacher_dir, "teacher")
+    if "fingerprint" not in info:
+        info = {**info, "fingerprint": fingerprint_model_dir(teacher_dir)}
     return load_model(str(teacher_dir), "teacher"), info
+
+
+def check_teacher_tokenizer(teacher_dir: str | Path, tokens) -> None:
+    """Refuse a token store whose tokenizer is not the one saved beside the teacher (id for id)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(teacher_dir) / "tokenizer_config.json").exists():
+        return  # no tokenizer saved beside the model: check_model_fits's size check is all we can do
+    theirs = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    if theirs != tokens.load_tokenizer().get_vocab():
+        raise KdcacheError(f"the teacher's tokenizer ({teacher_dir}, {len(theirs)} ids) differs from the token "
+                           f"store's ({tokens.path}, {tokens.vocab_size} ids); use a token store prepared with "
+                           f"the teacher's tokenizer (prepare --tokenizer {teacher_dir}) or its own teacher.")
 
 
 def check_layers(model, layers) -> None:

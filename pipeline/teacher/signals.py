@@ -78,9 +78,10 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     it also returns attention_layer_{l} (B, H, T, T) and, with value_relation_heads R > 0,
     value_relation_layer_{l} (B, R, T, T) (losses.value_relation of the block's values).
     """
+    # output_attentions only when asked: a teacher (or a stand-in) need not take the argument otherwise.
+    asked = {"output_attentions": True} if attention_layers else {}
     with ValueStates(model, attention_layers if value_relation_heads else ()) as values:
-        out = model(input_ids=input_ids, output_hidden_states=bool(layers),
-                    output_attentions=bool(attention_layers))
+        out = model(input_ids=input_ids, output_hidden_states=bool(layers), **asked)
     logits = task.target_logits(out.logits[..., :vocab_size])  # (B, P, V)
     logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
     result = {}

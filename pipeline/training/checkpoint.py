@@ -29,7 +29,8 @@ STATE, RUN = "state.pt", "run.json"
 # Settings a resume may change: they do not alter the batches or the updates already made. The step
 # budget may grow (extending a run re-plans the learning-rate schedule over the new total from the
 # resume step on), other schedule-free settings are free.
-MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "eval_every", "eval_batches", "device")
+MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "eval_every", "eval_batches", "device",
+              "gradient_accumulation_steps")  # the same update, in fewer or more pieces
 
 
 def rng_state() -> dict:

@@ -8,6 +8,7 @@ set of validation batches every eval_every steps.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -24,7 +25,8 @@ from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.progress import progress
 from pipeline.targets.reader import TargetsStore
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, precision
+from pipeline.training.tracking import Trackers
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.training.objective import Objective
 
@@ -60,6 +62,8 @@ class TrainFiles:
     val_log: str | None = None  # step, val_loss: one row per evaluation
     checkpoint_dir: str | None = None  # needed by checkpoint_every > 0 and by resume
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    live_dir: str | None = None  # DVCLive directory (metrics.json, plots/metrics/*.tsv); see tracking.py
+    tensorboard_dir: str | None = None  # TensorBoard event files (needs the tensorboard package)
 
 
 class TrainStep(torch.nn.Module):
@@ -110,12 +114,26 @@ def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[tor
 
 @torch.no_grad()
 def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device: torch.device) -> float:
-    """Mean cross-entropy on hard labels: comparable between teacher, students and the CE baseline."""
+    """Mean next-token cross-entropy on hard labels over every position of `batches`: comparable between
+    teacher, students and the CE baseline, and the val_loss `kdcache evaluate` reports on the same blocks.
+    Each batch weighs its rows (a short last batch counts for what it holds)."""
     model.eval()
     ce = Objective(vocab_size=vocab_size)
-    losses = [float(ce(model, {"input_ids": ids.to(device)})["loss"]) for ids in batches]
+    total = sum(float(ce(model, {"input_ids": ids.to(device)})["loss"]) * len(ids) for ids in batches)
     model.train()
-    return sum(losses) / len(losses)
+    return total / sum(len(ids) for ids in batches)
+
+
+def micro_batches(batch: dict, count: int) -> list[tuple[dict, float]]:
+    """`batch` cut along its rows into `count` micro-batches, each with its share of the rows.
+
+    Every loss of the objective is a mean over positions, and every row has the same positions, so
+    Σ share_i · loss(micro-batch i) is the loss of the whole batch and so is the sum of their gradients.
+    """
+    rows = next(iter(batch.values())).shape[0]
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [({key: value[lo:hi] for key, value in batch.items()}, (hi - lo) / rows)
+            for lo, hi in zip(bounds, bounds[1:])]
 
 
 def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: Objective,
@@ -141,6 +159,12 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     if (settings.checkpoint_every or files.resume) and not files.checkpoint_dir:
         raise KdcacheError("checkpoint_every and resume need a checkpoint directory (--checkpoint-dir).")
     local_batch, workers = settings.batch_size // world, settings.num_workers
+    accumulation = settings.gradient_accumulation_steps
+    if local_batch % accumulation:
+        raise KdcacheError(f"gradient_accumulation_steps {accumulation} must divide the {local_batch} blocks each "
+                           f"rank takes per step (batch_size {settings.batch_size} over {world} ranks); use a "
+                           f"divisor of {local_batch}.")
+    precision.check_dtype(settings.dtype, device)
     total = plan_steps(stream, settings, local_batch)
     identity = run_identity(stream, settings)
 
@@ -149,6 +173,8 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     trainer = TrainStep(model, extra_modules, objective).to(device)
     params = list(trainer.parameters())
     optimizer = torch.optim.AdamW(param_groups([model, *extra_modules], settings.weight_decay), lr=settings.lr)
+    scaler = precision.grad_scaler(settings.dtype, device)  # float16 only
+    max_grad_norm = settings.max_grad_norm or math.inf  # inf: measure the norm, never scale it
     history, val_history, step, epoch, done_in_epoch = [], [], 0, 0, 0
     if files.resume:  # before any training: a mismatch costs nothing
         state, saved = checkpoint.load_checkpoint(files.checkpoint_dir)
@@ -166,6 +192,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         ids = [device.index] if device.type == "cuda" else None
         trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
     val_batches = validation_batches(stream, settings) if settings.eval_every else []
+    val_blocks = sum(len(ids) for ids in val_batches)  # logged beside val_loss: which blocks it covers
 
     def save(position: tuple[int, int]) -> None:
         state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra_modules],
@@ -182,6 +209,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         if files.val_log:
             write_history(val_history, files.val_log)
 
+    trackers = Trackers(files.live_dir, files.tensorboard_dir, files.resume) if main else Trackers()
     loader = make_loader(stream, local_batch, workers, pin_memory=device.type == "cuda")
     tokens_per_step = settings.batch_size * TokenStore(stream.tokens_path).block_size
     bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not main)
@@ -199,32 +227,64 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             lr = lr_at(step, total, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = trainer(batch, progress=step / total)
             optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            parts = accumulate_gradients(trainer, micro_batches(batch, accumulation), step / total,
+                                         precision.autocast(settings.dtype, device), scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step when the gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             step, done_in_epoch = step + 1, done_in_epoch + 1
             names = list(parts)
-            values = runtime.mean_over_ranks(torch.stack([parts[k].detach().float() for k in names]))
-            row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist()))}
+            values = runtime.mean_over_ranks(torch.stack([parts[k] for k in names]))
+            row = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, values.tolist())),
+                   "grad_norm": float(grad_norm)}
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
-                    model, val_batches, objective.vocab_size, device)})
+                    model, val_batches, objective.vocab_size, device), "val_blocks": val_blocks})
+            evaluated = val_history and val_history[-1]["step"] == step
+            trackers.log_step(row, val_history[-1] if evaluated else None)
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):
                 save((epoch + 1, 0) if done_in_epoch == epoch_steps else (epoch, done_in_epoch))
             rate = (step - first_step) * tokens_per_step / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            shown = {"loss": f"{row['loss']:.3f}"}
+            if val_history:  # the last validation loss, until the next evaluation replaces it
+                shown["val_loss"] = f"{val_history[-1]['val_loss']:.3f}"
+            bar.set_postfix(**shown, tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if step >= total or done_in_epoch >= epoch_steps:
                 break
         if done_in_epoch >= epoch_steps:
             epoch, done_in_epoch = epoch + 1, 0
     bar.close()
+    trackers.close()
     if main:
         write_logs()
     return history
+
+
+def accumulate_gradients(trainer, micro: list[tuple[dict, float]], progress: float, autocast,
+                         scaler) -> dict[str, torch.Tensor]:
+    """Backward through each micro-batch's loss weighted by its share of rows; returns the weighted sum
+    of the logged parts (float32, detached): the whole batch's values. Under DDP the gradients are
+    all-reduced once, after the last micro-batch."""
+    totals: dict[str, torch.Tensor] = {}
+    for index, (batch, share) in enumerate(micro):
+        last = index == len(micro) - 1
+        sync = trainer.no_sync() if hasattr(trainer, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                parts = trainer(batch, progress=progress)
+            loss = parts["loss"].float() * share
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() * share
+    return totals
 
 
 def write_history(history: list[dict], path: str | Path) -> None:

@@ -75,16 +75,16 @@ class Objective:
         gamma = values["gamma"]
         output_attention = bool(self.attention_pairs and (gamma or "gamma" in self.schedules))  # and gamma
         value_layers = [self.attention_pairs[-1][0]] if output_attention and self.uses_value_relations() else []
+        asked = {"output_attentions": True} if output_attention else {}  # as the plain model call had it
         with ValueStates(model, value_layers) as value_states:
             flat = None  # the (N, V) logits, for logit_terms
             if self.loss_chunk:
                 out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False,
-                                       output_attentions=output_attention)
+                                       **asked)
                 parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
                                                   targets, temperature)
             else:
-                out = model(input_ids=input_ids, output_hidden_states=output_hidden,
-                            output_attentions=output_attention)
+                out = model(input_ids=input_ids, output_hidden_states=output_hidden, **asked)
                 flat = out.logits[..., : self.vocab_size].flatten(0, 1)  # (N, V)
                 parts = self.logit_losses(flat, labels, ce_mask, targets, temperature)
         loss = alpha * parts["ce"]

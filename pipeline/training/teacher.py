@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline import runtime
 from pipeline.config import TeacherConfig
 from pipeline.data.tokens import TokenStore
-from pipeline.models import build_gpt2, padded
+from pipeline.models import build_gpt2, padded, special_ids
 from pipeline.teacher.load import load_pretrained, save_teacher
 from pipeline.training.loader import BlockStream
 from pipeline.training.loop import TrainFiles, train_loop
@@ -21,8 +21,9 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
     """Load `config.model` or train the default teacher; save it to `out` with its fingerprint."""
     tokens = TokenStore(tokens_dir)
     if config.model:
-        return save_teacher(load_pretrained(config.model, tokens), tokens, out, config.model, config, None)
-    model = build_gpt2(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size, config.seed)
+        return save_teacher(load_pretrained(config.model, tokens, config.dtype), tokens, out, config.model, config, None)
+    model = build_gpt2(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size, config.seed,
+                       special_ids(tokens.load_tokenizer()))
     stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     history = train_loop(model, stream, config, Objective(vocab_size=tokens.vocab_size),
                          runtime.resolve_device(config.device), "train teacher", files)

@@ -1,0 +1,118 @@
+"""Where a targets store lives: a local directory or an fsspec URL (memory://, s3://, gs://, ...).
+
+Zarr opens both (a path, or its fsspec store for a URL); this file answers the questions zarr does
+not: does the store exist, how many bytes does an array take, delete it, and read/write the small
+plain objects beside the arrays (the writer's lock). `file://` URLs become local paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+
+from pipeline.errors import KdcacheError
+
+
+def check_protocol(protocol: str, text: str) -> None:
+    """Refuse a URL whose protocol fsspec does not know, or whose package is not installed."""
+    from fsspec.registry import known_implementations, registry
+
+    if protocol in registry:
+        return
+    known = known_implementations.get(protocol)
+    if known is None:
+        raise KdcacheError(f"{text}: unknown storage protocol {protocol!r}; use a local path or an fsspec "
+                           f"URL such as s3://bucket/store.zarr, gs://..., memory://...")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        hint = known.get("err") or f"install the fsspec package for {protocol}://"
+        raise KdcacheError(f"{text}: {hint}") from None
+
+
+class Location:
+    """A store's root: `text` as given, `url` for zarr (a local path or an fsspec URL)."""
+
+    def __init__(self, text: str | Path):
+        self.text = str(text)
+        protocol, _, rest = self.text.partition("://") if "://" in self.text else ("", "", self.text)
+        if protocol in ("file", "local"):
+            protocol, self.text = "", rest
+        self.local = protocol == ""
+        if self.local:
+            self.url, self.fs, self.root = self.text, None, self.text
+        else:
+            check_protocol(protocol, self.text)
+            self.fs, self.root = fsspec.core.url_to_fs(self.text)
+            self.url = self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def child(self, name: str) -> str:
+        return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
+
+    def exists(self, name: str = "") -> bool:
+        path = self.child(name) if name else self.root
+        return os.path.exists(path) if self.local else self.fs.exists(path)
+
+    def is_file(self) -> bool:
+        return os.path.isfile(self.root) if self.local else self.fs.isfile(self.root)
+
+    def names(self) -> list[str]:
+        """Entries directly under the root ([] when it does not exist)."""
+        if self.local:
+            return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+        if not self.fs.exists(self.root):
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+
+    def size(self, name: str) -> int:
+        """Bytes stored under `name` (an array's directory)."""
+        path = self.child(name)
+        if self.local:
+            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        return int(self.fs.du(path, total=True)) if self.fs.exists(path) else 0
+
+    def delete(self, name: str) -> None:
+        """Remove one entry under the root (a file or a whole directory), if present."""
+        path = self.child(name)
+        if self.local:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        elif self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def read_json(self, name: str) -> dict | None:
+        """A small JSON object under the root; None when absent or unreadable (a torn write)."""
+        try:
+            if self.local:
+                return json.loads(Path(self.child(name)).read_text())
+            return json.loads(self.fs.cat_file(self.child(name)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def create_json(self, name: str, value: dict) -> bool:
+        """Write `value` only if `name` does not exist; False when it did. Atomic on a local disk
+        (O_EXCL); on object storage a put then a read-back, which two writers starting in the same
+        instant can both pass (documented in docs/FORMAT.md)."""
+        data = json.dumps(value, sort_keys=True).encode()
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                fd = os.open(self.child(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.exists(self.child(name)):
+            return False
+        self.fs.pipe_file(self.child(name), data)
+        return self.read_json(name) == json.loads(data)
