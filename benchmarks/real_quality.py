@@ -147,6 +147,7 @@ def check_bars(metrics: dict, args) -> list[str]:
         for name in [n for n in metrics if f"a={alpha} " in n and n.split(" t=")[-1] in ("1", "2")]:
             lines.append(f"{'PASS' if val(name) < ce else 'MISS'}  {name} beats CE: {val(name):.4f} vs {ce:.4f}")
         pairs = [(f"topk/atom a={alpha} t=1", f"dense a={alpha} t=1", 0.01),
+                 (f"topk/uniform a={alpha} t=2", f"dense a={alpha} t=2", 0.02),
                  (f"topk/power a={alpha} t=2", f"dense a={alpha} t=2", 0.02),
                  (f"sampled a={alpha} t=1", f"dense a={alpha} t=1", 0.005)]
         for name, dense, bar in pairs:

@@ -151,6 +151,23 @@ def fingerprint_model_dir(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(spec: str) -> dict:
+    """A teacher as params.yaml names it (`teacher.model`): a local directory is hashed (so DVC's `inputs`
+    stage notices new weights); a hub id is remote and recorded as given; "" is the default teacher."""
+    if not spec:
+        return {"model": "", "note": "the default teacher, trained by the pipeline"}
+    path = Path(spec)
+    if path.is_dir():
+        return {"model": spec, "sha256": fingerprint_model_dir(path)}
+    if path.is_file():
+        h = hashlib.sha256()
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+        return {"model": spec, "sha256": h.hexdigest()[:16]}
+    return {"model": spec, "remote": True}
+
+
 # Files save_pretrained writes for a tokenizer (fast or slow); without them AutoTokenizer may build an
 # empty one from config.json alone.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

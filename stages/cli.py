@@ -5,6 +5,7 @@ import click
 from stages.cache import cache
 from stages.evaluate import evaluate
 from stages.generate import generate
+from stages.inputs import inputs
 from stages.inspect import encodings, inspect, verify
 from stages.options import KdcacheGroup
 from stages.prepare import prepare
@@ -26,11 +27,11 @@ def installed_version() -> str:
 def cli():
     """kdcache: run a teacher once, cache its targets, train many students from the cache.
 
-    Stages in order: prepare -> teacher -> cache -> student -> evaluate (see dvc.yaml).
+    Stages in order: inputs -> prepare -> teacher -> cache -> student -> evaluate (see dvc.yaml).
     """
 
 
-for command in (prepare, teacher, cache, student, evaluate, inspect, verify, encodings, generate):
+for command in (inputs, prepare, teacher, cache, student, evaluate, inspect, verify, encodings, generate):
     cli.add_command(command)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -19,15 +20,17 @@ def run(cmd, cwd, env):
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A copy of the project (code, dvc.yaml, DVC config) with the smoke params, after `dvc repro`."""
-    repo = tmp_path_factory.mktemp("e2e") / "project"
+def new_project(repo: Path, params: str = "") -> tuple[Path, dict]:
+    """A committed git repository holding the code, dvc.yaml, DVC config and the smoke params
+    (with `params` appended: YAML that overrides keys)."""
     repo.mkdir()
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo)
-    shutil.copy(ROOT / "params.smoke.yaml", repo / "params.yaml")
+    smoke = yaml.safe_load((ROOT / "params.smoke.yaml").read_text())
+    for section, values in (yaml.safe_load(params) or {}).items():
+        smoke[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(smoke))
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -36,6 +39,13 @@ def project(tmp_path_factory):
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "smoke"], repo, env)
+    return repo, env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project (code, dvc.yaml, DVC config) with the smoke params, after `dvc repro`."""
+    repo, env = new_project(tmp_path_factory.mktemp("e2e") / "project")
     log = run(["dvc", "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "repro"], repo, env)
@@ -54,6 +64,8 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     for plot in ("teacher_loss", "student_loss", "student_ce_loss", "eval_loss_by_position"):
         assert (repo / "plots" / f"{plot}.csv").stat().st_size > 0
     assert (repo / "metrics.md").read_text().count("| student") == 2  # student and student_ce rows
+    live = json.loads((repo / "dvclive" / "student" / "metrics.json").read_text())  # DVCLive, as dvc.yaml asks
+    assert live["step"] > 0 and live["loss"] > 0 and (repo / "dvclive/student/plots/metrics/loss.tsv").exists()
     assert sorted(p.name for p in (repo / "figures").iterdir()) == [
         "loss_by_position.svg", "reliability.svg", "training_loss.svg", "validation_loss.svg"]
 
@@ -107,3 +119,20 @@ def test_format_doc_example_reads_the_store_with_zarr_and_numpy_only(project):
     result = subprocess.run([sys.executable, "-c", guard + example + check], cwd=repo, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "read ok" in result.stdout, result.stderr
+
+
+def test_a_local_corpus_is_a_dependency_of_prepare(tmp_path):
+    """params.yaml names the corpus by path; the inputs stage makes its files a DVC dependency: a new
+    file shows prepare as changed and re-runs it, an unchanged corpus does not."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    repo, env = new_project(tmp_path / "project", f"prepare: {{corpus: {corpus}, vocab_size: 300, block_size: 32}}")
+    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo, env)
+    assert "Stage 'prepare' didn't change, skipping" in run(["dvc", "repro", "prepare"], repo, env)
+    (corpus / "doc3.txt").write_text("class A:\n    pass\n" * 40)
+    run(["dvc", "repro", "--single-item", "inputs"], repo, env)
+    status = run(["dvc", "status", "prepare"], repo, env)
+    assert "data/inputs/corpus.json" in status and "modified" in status
+    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo, env)

@@ -82,6 +82,8 @@ def test_every_stage_depends_on_every_module_it_imports():
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
+        if stage.get("always_changed"):
+            continue  # runs every time anyway (the inputs stage)
         command = stage["cmd"].split()[1]  # kdcache <command> ...
         deps = [Path(dep) for dep in stage["deps"]]
         needed = import_closure(Path("stages") / f"{command}.py")
