@@ -8,6 +8,7 @@ from and at what temperature:
                          tempered as one atom, spread uniformly, or continued as a power-law decay
                          (at tau = the capture's 1 the three are the same loss: one row)
   sampled                the cached sampled ids (random-sampling KD), tau = 1
+  topk_sampled           the cached top-k, the tail's shape from the sampled ids that fell in it, tau = 1
   dense tau=T            the teacher's full distribution over the vocabulary (computed once per row:
                          the teacher is frozen, so this is exactly online KD with the teacher in the loop)
 
@@ -133,7 +134,9 @@ def plan(args) -> list[tuple[str, float, float, str, str]]:
             rows += [(f"topk/{tail} a={alpha} t={tau:g}", alpha, tau, "topk", tail) for tail in tails]
             rows.append((f"dense a={alpha} t={tau:g}", alpha, tau, "dense", ""))
         rows.append((f"sampled a={alpha} t=1", alpha, 1.0, "sampled", ""))
-    return rows
+        rows.append((f"topk_sampled a={alpha} t=1", alpha, 1.0, "topk_sampled", ""))
+    suffix = f" s={args.seed}" if args.seed else ""  # another seed: another student of each row
+    return [(name + suffix, *rest) for name, *rest in rows]
 
 
 def check_bars(metrics: dict, args) -> list[str]:
@@ -147,6 +150,7 @@ def check_bars(metrics: dict, args) -> list[str]:
         for name in [n for n in metrics if f"a={alpha} " in n and n.split(" t=")[-1] in ("1", "2")]:
             lines.append(f"{'PASS' if val(name) < ce else 'MISS'}  {name} beats CE: {val(name):.4f} vs {ce:.4f}")
         pairs = [(f"topk/atom a={alpha} t=1", f"dense a={alpha} t=1", 0.01),
+                 (f"topk_sampled a={alpha} t=1", f"dense a={alpha} t=1", 0.01),
                  (f"topk/uniform a={alpha} t=2", f"dense a={alpha} t=2", 0.02),
                  (f"topk/power a={alpha} t=2", f"dense a={alpha} t=2", 0.02),
                  (f"sampled a={alpha} t=1", f"dense a={alpha} t=1", 0.005)]
@@ -176,6 +180,8 @@ def main():
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--tail-models", nargs="+", default=list(losses.TAIL_MODELS))
+    parser.add_argument("--seed", type=int, default=0, help="student seed (init and data order); not 0: rows "
+                        "named '... s=SEED', beside those of seed 0")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="train nothing: score the rows already trained under --work (e.g. by runs with other --alphas)")
     args = parser.parse_args()
@@ -205,9 +211,11 @@ def main():
     base = StudentConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, max_steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
                          seed=0, device="cpu", verify=False)
-    students = {"ce": work / "student_ce"}
-    if not (students["ce"] / "model.safetensors").exists():
-        run_student(replace(base, alpha=1.0), tokens, str(students["ce"]))
+    base = replace(base, seed=args.seed)
+    ce_name = f"ce s={args.seed}" if args.seed else "ce"
+    students = {ce_name: work / ("student_" + ce_name.replace(" ", "_"))}
+    if not (students[ce_name] / "model.safetensors").exists() and not args.evaluate_only:
+        run_student(replace(base, alpha=1.0), tokens, str(students[ce_name]))
     for name, alpha, tau, kind, tail in plan(args):
         out = work / ("student_" + name.replace("/", "_").replace(" ", "_"))
         if (out / "model.safetensors").exists():
@@ -217,7 +225,7 @@ def main():
             continue
         students[name] = out
         config = replace(base, alpha=alpha, temperature=tau, tail_model=tail or "atom",
-                         kd_signal="sampled" if kind == "sampled" else "topk")
+                         kd_signal=kind if kind in ("sampled", "topk_sampled") else "topk")
         started = time.perf_counter()
         if kind == "dense":
             train_dense(config, tokens, str(out), teacher_logprobs)
@@ -225,6 +233,8 @@ def main():
             run_student(config, tokens, str(out), str(store.path))
         print(f"[quality] {name}: {time.perf_counter() - started:.0f} s", flush=True)
 
+    if (work / "student_ce" / "model.safetensors").exists():
+        students.setdefault("ce", work / "student_ce")  # the baseline of every row, whatever the seed
     evaluation = EvaluateConfig(batch_size=16, reference="teacher", latency_rounds=1)
     models = {"teacher": teacher, **{name: str(path) for name, path in students.items()}}
     metrics = run_evaluate(evaluation, tokens, models, str(work / "metrics.json"))["models"]

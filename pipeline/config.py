@@ -245,7 +245,7 @@ class GenerateConfig:
 SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": ("> 0", lambda v: v > 0),
              "beta": (">= 0", lambda v: v >= 0), "gamma": (">= 0", lambda v: v >= 0)}
 MULTI_TEACHER = ("mixture", "sum")
-KD_SIGNALS = ("auto", "topk", "sampled")
+KD_SIGNALS = ("auto", "topk", "sampled", "topk_sampled")
 # How a student receives its teacher's targets: read from a cache, computed by the teacher in the
 # loop (the online-KD baseline), or from a second student (deep mutual learning, no teacher).
 MODES = ("offline", "online", "mutual")
@@ -266,8 +266,9 @@ class StudentConfig(ModelShape, TrainSettings):
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
                         "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
                         "renormalised over the top-k ids).")
-    kd_signal: str = setting("auto", "Which cached signal the KD term uses: topk, sampled, or auto "
-                             "(top-k when the store has them, else sampled).",
+    kd_signal: str = setting("auto", "Which cached signal the KD term uses: topk, sampled, topk_sampled "
+                             "(the top-k with the tail's shape from the sampled ids: needs both, trains at "
+                             "the capture temperature), or auto (top-k when the store has them, else sampled).",
                              aliases=("--kd-targets", "--kd_targets"))
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
     layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "

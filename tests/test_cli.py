@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = ("params.yaml", "params.smoke.yaml")
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "cache": CacheConfig,
            "student": StudentConfig, "evaluate": EvaluateConfig}
-COMMANDS = ("prepare", "teacher", "cache", "student", "evaluate", "inspect", "verify")
+COMMANDS = ("inputs", "prepare", "teacher", "cache", "student", "evaluate", "inspect", "verify", "generate")
 SMALL_STUDENT = ("--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "4")
 
 

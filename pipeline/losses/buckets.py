@@ -190,5 +190,38 @@ def topk_support(student_logits, topk_ids, topk_logprobs, tail_logmass=None, tem
     return p, q
 
 
+def sampled_tail_support(student_logits, topk_ids, topk_logprobs, tail_logmass, sampled_ids, sampled_counts,
+                         temperature: float = 1.0):
+    """The top-k ids, each sampled id outside them, and the rest: (N, K + S + 1) log-probs per side.
+
+    The teacher's tail mass P is spread over the sampled ids that fell in the tail, in proportion to
+    their counts: given C > 0 tail draws, E[P c_j / C] = p_j exactly (the draws that land in the tail
+    are draws from the tail), so the completed distribution is an unbiased estimate of the teacher's
+    whole one, exact on the top-k and carrying the tail's shape where the one-bucket tail carries only
+    its total. A position with no tail draw keeps its tail as one bucket. Samples are drawn at the
+    capture temperature and cannot be re-tempered: the caller trains at that temperature.
+    sampled_ids, sampled_counts (N, S) as `teacher.signals.sample_targets` writes them (padding: count 0).
+    """
+    ids, absent = present_ids(topk_ids, topk_logprobs)
+    in_topk = (sampled_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # (N, S)
+    tail_counts = torch.where(in_topk, 0, sampled_counts).float()
+    drawn = tail_counts.sum(-1, keepdim=True)  # C, tail draws per position
+    log_tail = tail_logmass.float().clamp(min=LOG_ZERO).unsqueeze(-1)
+    sampled_p = torch.where(tail_counts > 0, log_tail + torch.log(tail_counts) - torch.log(drawn.clamp(min=1.0)),
+                            LOG_ZERO)
+    rest_p = torch.where(drawn > 0, LOG_ZERO, log_tail)
+    p = torch.cat([topk_logprobs.float().clamp(min=LOG_ZERO), sampled_p, rest_p], dim=-1)
+
+    scaled = student_logits.float() / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    used = tail_counts > 0
+    sample_slots = torch.where(used, sampled_ids, ids[..., :1])  # unused slots point at a top-k id
+    q_topk = (scaled.gather(-1, ids) - log_norm).masked_fill(absent, LOG_ZERO)
+    q_sampled = (scaled.gather(-1, sample_slots) - log_norm).masked_fill(~used, LOG_ZERO)
+    complement = scaled.scatter(-1, ids, LOG_ZERO).scatter(-1, sample_slots, LOG_ZERO)
+    q_rest = (torch.logsumexp(complement, dim=-1, keepdim=True) - log_norm).clamp(min=LOG_ZERO)
+    return p, torch.cat([q_topk, q_sampled, q_rest], dim=-1)
+
+
 SUPPORTS = {"tail": tail_support, "topk": topk_support}
 

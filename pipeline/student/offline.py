@@ -27,12 +27,32 @@ def uniform_layer_map(captured: list[int], teacher_layers: int, student_layers: 
 def resolve_kd_signal(requested: str, store: TargetsStore) -> str:
     """"topk" or "sampled": what the KD term reads, refusing a kind the store does not hold."""
     has = {"topk": store.top_k > 0, "sampled": store.samples > 0}
+    has["topk_sampled"] = has["topk"] and has["sampled"]
     kind = requested if requested != "auto" else ("topk" if has["topk"] else "sampled")
     if not has[kind]:
+        other = "sampled" if kind == "topk" else "topk"
         raise KdcacheError(f"{store.path} holds no {kind} targets (top_k={store.top_k}, samples="
-                           f"{store.samples}); use --kd-signal {'sampled' if kind == 'topk' else 'topk'} "
-                           f"or re-run cache with them.")
+                           f"{store.samples}); use --kd-signal {other} or re-run cache with them "
+                           f"(--top-k K --samples S for topk_sampled).")
     return kind
+
+
+def signal_names(store: TargetsStore, kind: str) -> list[str]:
+    """The arrays of `store` that the KD signal `kind` reads."""
+    return {"topk": store.topk_names, "sampled": store.sampled_names,
+            "topk_sampled": lambda: store.topk_names() + store.sampled_names()}[kind]()
+
+
+def check_signal_settings(config, kind: str, capture_temperature: float) -> None:
+    """topk_sampled is the forward KL at the capture temperature: its draws cannot be re-tempered."""
+    if kind == "topk_sampled" and config.loss != "tail_kl":
+        raise KdcacheError(f"kd_signal topk_sampled computes the forward KL (loss tail_kl), not {config.loss}; "
+                           f"set loss tail_kl or use kd_signal topk.")
+    if kind == "topk_sampled" and (config.temperature not in (0.0, capture_temperature)
+                                   or config.temperature_schedule):
+        raise KdcacheError(f"kd_signal topk_sampled trains at the capture temperature ({capture_temperature:g}): "
+                           f"its sampled ids were drawn there. Set temperature 0 (or {capture_temperature:g}) "
+                           f"and no temperature_schedule, or use kd_signal topk with a tail_model.")
 
 
 def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> dict:
@@ -158,6 +178,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         layer_pairs = pairs if uses_hidden else []
         capture_temperature = store.capture_temperature
         kind = resolve_kd_signal(config.kd_signal, store)
+        check_signal_settings(config, kind, capture_temperature)
         for other in stores[1:]:
             resolve_kd_signal(kind, other)  # every teacher must hold the kind the first one gives
     # To the stored width: the teacher's D, or the rank P of a low-rank store (its coefficients).
@@ -168,7 +189,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     objective = make_objective(config, tokens, distill, capture_temperature, kd_signal=kind,
                                layer_pairs=layer_pairs, projections=projections, hidden_scale=hidden_scale,
                                teacher_weights=weights, logit_terms=list(logit_terms), **attention)
-    names = [(s.sampled_names() if kind == "sampled" else s.topk_names()) if distill else [] for s in stores]
+    names = [signal_names(s, kind) if distill else [] for s in stores]
     if layer_pairs:
         names[0] = names[0] + [fmt.hidden_array(t) for _, t in layer_pairs]
     if attention:

@@ -30,7 +30,7 @@ class Objective:
     temperature: float = 1.0
     capture_temperature: float = 1.0
     loss: str = "tail_kl"
-    kd_signal: str = "topk"  # or "sampled": the distilled term reads that kind of cached target
+    kd_signal: str = "topk"  # "sampled", "topk_sampled": the distilled term reads that kind of cached target
     tail_model: str = "atom"  # how the teacher's tail is tempered (losses.TAIL_MODELS)
     beta: float = 0.0
     layer_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
@@ -58,8 +58,8 @@ class Objective:
 
     def kd_keys(self) -> list[list[str]]:
         """Batch keys the KD term reads, one list per teacher (fmt.teacher_key)."""
-        names = ([fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS] if self.kd_signal == "sampled"
-                 else [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS])
+        topk, sampled = [fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TAIL_LOGMASS], [fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS]
+        names = {"topk": topk, "sampled": sampled, "topk_sampled": topk + sampled}[self.kd_signal]
         return [[fmt.teacher_key(name, i) for name in names] for i in range(len(self.teacher_weights))]
 
     def __call__(self, model, batch: dict, progress: float = 0.0) -> dict[str, torch.Tensor]:
@@ -135,6 +135,8 @@ class Objective:
         if self.kd_signal == "sampled":
             # Sampled KD is a cross-entropy, linear in the target: mixture and sum are the same loss.
             kd = sum(w * losses.sampled_kd(logits, ids, counts, tau) for w, (ids, counts) in zip(weights, teachers))
+        elif self.kd_signal == "topk_sampled":  # at tau = tau_c; linear in the target up to a constant, as above
+            kd = sum(w * losses.topk_sampled_kd(logits, *t, tau) for w, t in zip(weights, teachers))
         elif len(teachers) > 1 and self.multi_teacher == "mixture":
             kd = losses.mixture_kd(logits, teachers, weights, self.loss, tau, tau_c, tail_model=tail)
         else:
