@@ -54,7 +54,9 @@ def _iter_file(path: Path, text_field: str = TEXT_FIELD) -> Iterator[str]:
         raise KdcacheError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet.")
 
 
-def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
+def load_hf_dataset(spec: str):
+    """The split of a Hugging Face dataset that NAME[:CONFIG][:SPLIT] names (hub id, local dataset dir,
+    or save_to_disk dir; split train by default)."""
     import datasets
 
     parts = spec.split(":")
@@ -63,12 +65,15 @@ def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
     if (Path(name) / "dataset_info.json").exists() or (Path(name) / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(name)
-        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # the library raises many types; all mean "cannot load"
-            raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # the library raises many types; all mean "cannot load"
+        raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
+
+
+def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
+    ds = load_hf_dataset(spec)
     if text_field not in ds.column_names:
         raise KdcacheError(f"dataset {spec!r} has no '{text_field}' column (columns: {ds.column_names}); "
                            f"set --text-field.")

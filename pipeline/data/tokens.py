@@ -7,6 +7,10 @@ Layout of a token store directory:
   {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
+meta.json's `task` says what the rows are (absent: causal). A classification store (data/examples.py)
+has one example per row: its {split}.arrow also holds `attention_mask` (same shape, uint8) and
+`labels` (int32, an index into meta.json's `label_names`).
+
 Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
 """
 
@@ -48,6 +52,47 @@ class TokenStore:
     vocab_size = property(lambda self: self.meta["vocab_size"])
     block_size = property(lambda self: self.meta["block_size"])
     tokenizer_path = property(lambda self: self.path / "tokenizer")
+    task_name = property(lambda self: self.meta.get("task", "causal"))
+    label_names = property(lambda self: list(self.meta.get("label_names", [])))
+
+    @property
+    def task(self):
+        """The task of this store's rows (pipeline/tasks.py)."""
+        from pipeline.tasks import get_task
+
+        return get_task(self.task_name)
+
+    @property
+    def num_outputs(self) -> int:
+        """Size of a target distribution: the vocabulary, or the number of labels for classification."""
+        return len(self.label_names) if self.task_name == "classification" else self.vocab_size
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        """A column other than the ids (attention_mask (N, T), labels (N,)), memory-mapped."""
+        key = f"{split}/{name}"
+        if key not in self._arrays:
+            self.num_rows(split)
+            source = pa.memory_map(str(self.path / f"{split}.arrow"))
+            table = pa.ipc.open_file(source).read_all()
+            if name not in table.column_names:
+                raise KdcacheError(f"{self.path} ({self.task_name} rows) has no {name!r} column.")
+            column = table.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(column.type):
+                self._arrays[key] = column.values.to_numpy(zero_copy_only=True).reshape(-1, self.block_size)
+            else:
+                self._arrays[key] = column.to_numpy(zero_copy_only=True)
+        return self._arrays[key]
+
+    def rows(self, split: str, start: int, stop: int) -> dict:
+        """Rows [start, stop) as tensors: input_ids (R, T) int64, and for classification attention_mask
+        (R, T) int64 and labels (R,) int64: what a model and its task need of a row."""
+        import torch
+
+        rows = {"input_ids": torch.from_numpy(self.blocks(split)[start:stop].astype(np.int64))}
+        if self.task_name == "classification":
+            for name in ("attention_mask", "labels"):
+                rows[name] = torch.from_numpy(self.column(split, name)[start:stop].astype(np.int64))
+        return rows
 
     def num_rows(self, split: str) -> int:
         if split not in self.meta["rows"]:
@@ -69,13 +114,14 @@ class TokenStore:
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
 
-def train_bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE trained on `texts`, wrapped so save_pretrained/AutoTokenizer work."""
+def train_bpe_tokenizer(texts, vocab_size: int, extra_specials=()):
+    """A byte-level BPE trained on `texts`, wrapped so save_pretrained/AutoTokenizer work.
+    extra_specials: more special tokens (ids after EOS's 0), e.g. an encoder's [CLS] and [PAD]."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, *extra_specials],
                             show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
                                    unk_token=EOS, pad_token=EOS)
@@ -98,8 +144,25 @@ def _fingerprint(directory: Path, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+fingerprint_dir = _fingerprint
+
+
+def load_named_tokenizer(name: str):
+    """AutoTokenizer.from_pretrained(name) with an error that names it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
+        raise KdcacheError(f"cannot load tokenizer {name!r}: {e}") from e
+
+
 def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
+    if config.task == "classification":  # one labelled example per row
+        from pipeline.data.examples import prepare_examples
+
+        return prepare_examples(config, out)
     out = Path(out)
     texts = []
     for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
@@ -115,12 +178,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
                            f"to hold one out for validation.")
 
     if config.tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
-            raise KdcacheError(f"cannot load tokenizer {config.tokenizer!r}: {e}") from e
+        tokenizer = load_named_tokenizer(config.tokenizer)
     else:
         tokenizer = train_bpe_tokenizer(documents["train"], config.vocab_size)
     vocab_size = len(tokenizer)

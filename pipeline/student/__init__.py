@@ -28,7 +28,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
     add_targets: offline only, a hook on every batch before its step (see train_loop).
     """
     targets = [targets] if isinstance(targets, str) else list(targets or [])
-    unused = {"offline": ("--teacher", teacher_dir), "online": ("--targets", targets),
+    unused = {"offline": ("--teacher", None if config.init_from_teacher else teacher_dir), "online": ("--targets", targets),
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]
     if unused[1]:
         print(f"[student] mode {config.mode} does not read {unused[0]}")
@@ -38,9 +38,9 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
     if config.adversarial:
         if config.mode != "offline" or not targets:
             raise KdcacheError("--adversarial trains an offline student: use mode offline and pass --targets.")
-        return run_adversarial(config, tokens_dir, out, targets, files, add_targets)
+        return run_adversarial(config, tokens_dir, out, targets, files, add_targets, teacher_dir)
     if config.mode == "offline":
-        return run_offline(config, tokens_dir, out, targets or None, files, add_targets)
+        return run_offline(config, tokens_dir, out, targets or None, files, add_targets, teacher_dir)
     if config.mode == "online":
         if not teacher_dir:
             raise KdcacheError("mode online needs --teacher DIR (the teacher that runs in the loop).")

@@ -87,9 +87,10 @@ class AdversarialTerm:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def run_adversarial(config: StudentConfig, tokens_dir: str, out: str, targets, files=None, add_targets=None) -> dict:
+def run_adversarial(config: StudentConfig, tokens_dir: str, out: str, targets, files=None, add_targets=None,
+                    teacher_dir: str | None = None) -> dict:
     """Offline KD from one top-k store plus the adversarial term; refused before training when the
-    store, the loss settings or the launch cannot carry it."""
+    store, the loss settings or the launch cannot carry it. teacher_dir: as run_offline's."""
     specs = parse_targets(targets)
     if len(specs) != 1:
         raise KdcacheError("--adversarial trains against one teacher: pass exactly one --targets store.")
@@ -101,5 +102,5 @@ def run_adversarial(config: StudentConfig, tokens_dir: str, out: str, targets, f
         raise KdcacheError("--adversarial runs on one process without loss_chunk; set loss_chunk 0 and "
                            "launch without torchrun.")
     term = AdversarialTerm(store.top_k, config, runtime.resolve_device(config.device))
-    return run_offline(config, tokens_dir, out, targets, files, add_targets, logit_terms=[term],
+    return run_offline(config, tokens_dir, out, targets, files, add_targets, teacher_dir, logit_terms=[term],
                        stateful=[term])

@@ -83,13 +83,13 @@ IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fing
                  "rows", "block_size", "vocab_size", "capture_temperature", "top_k", "top_p", "min_k",
                  "encoding", "ids_dtype", "layers", "hidden_size", "hidden_dtype", "hidden_rank",
                  "hidden_fit_rows", "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed",
-                 "attention_layers", "attention_encoding", "attention_top_k", "attention_heads",
+                 "task", "attention_layers", "attention_encoding", "attention_top_k", "attention_heads",
                  "value_relation_heads")
 
 # Identity keys added after format version 1, with the value that means "off": an older store (or an
 # identity) without them holds that value.
-IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0, "attention_layers": [],
-                     "attention_encoding": "", "attention_top_k": 0, "attention_heads": 0,
+IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0, "task": "causal",
+                     "attention_layers": [], "attention_encoding": "", "attention_top_k": 0, "attention_heads": 0,
                      "value_relation_heads": 0}
 # Attributes renamed since: new name -> the name older stores use.
 RENAMED = {"capture_temperature": "temperature"}
