@@ -37,8 +37,14 @@ class PrepareConfig:
     block_size: int = setting(128, "Tokens per packed block (one row of the token store).")
     val_fraction: float = setting(0.05, "Fraction of documents held out for validation.")
     max_documents: int = setting(0, "Use at most this many documents (0: all).")
-    task: str = setting("causal", "What the models learn: causal (next token, packed blocks) or "
-                        "classification (one example per row, padded to block_size, with its label).")
+    task: str = setting("causal", "What the models learn: causal (next token, packed blocks), masked (masked "
+                        "LM: packed blocks with masks fixed here, BERT's 80/10/10) or classification (one "
+                        "example per row, padded to block_size, with its label).")
+    mask_rate: float = setting(0.15, "With --task masked: the share of each block's positions masked "
+                               "(exactly round(rate x block_size) per block).")
+    mask_views: int = setting(1, "With --task masked: differently masked copies of every train block (an "
+                              "offline stand-in for dynamic masking); validation has one.")
+    mask_seed: int = setting(0, "With --task masked: seed of the masks (the same seed writes the same masks).")
     text_field: str = setting("text", "The field (column) holding each document's (or, with --task "
                               "classification, each record's) text in .jsonl and .parquet files and hf: datasets.")
     label_field: str = setting("label", "With --task classification: the field or column holding each "
@@ -49,8 +55,10 @@ class PrepareConfig:
                          "block size; the corpus settings are ignored. Causal LM stores only.")
 
     def __post_init__(self):
-        _check(self.task in ("causal", "classification"),
-               f"task must be causal or classification, got {self.task!r}.")
+        _check(self.task in ("causal", "masked", "classification"),
+               f"task must be causal, masked or classification, got {self.task!r}.")
+        _check(0.0 < self.mask_rate < 1.0, f"mask_rate must be in (0, 1), got {self.mask_rate}.")
+        _check(self.mask_views >= 1, f"mask_views must be >= 1, got {self.mask_views}.")
         _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
         _check(0.0 < self.val_fraction < 1.0,
                f"val_fraction must be in (0, 1), got {self.val_fraction}.")
@@ -58,7 +66,7 @@ class PrepareConfig:
         _check(self.max_documents >= 0, "max_documents must be >= 0 (0 means all).")
         _check(bool(self.text_field), "text_field must name a field, e.g. text.")
         _check(not (self.mix and self.task != "causal"),
-               "--mix mixes causal LM token stores; a classification store is prepared from its corpus.")
+               f"--mix mixes causal LM token stores; a {self.task} store is prepared from its corpus.")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -128,8 +136,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TeacherConfig(ModelShape, TrainSettings):
-    model: str = setting("", "Path or hub id of an AutoModelForCausalLM to use as teacher. "
-                         "Empty: train the small default teacher on the token store.")
+    model: str = setting("", "Path or hub id of the teacher: an AutoModelForCausalLM, AutoModelForMaskedLM or "
+                         "AutoModelForSequenceClassification, as the token store's task. Empty: train the small "
+                         "default teacher on the token store.")
     n_layer: int = setting(4, "Layers of the default teacher.")
     n_embd: int = setting(256, "Width of the default teacher.")
     vocab_multiple: int = setting(64, "Pad the default teacher's vocabulary to a multiple of this "
@@ -280,6 +289,9 @@ class StudentConfig(ModelShape, TrainSettings):
                              "the capture temperature), or auto (top-k when the store has them, else sampled).",
                              aliases=("--kd-targets", "--kd_targets"))
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
+    cosine: float = setting(0.0, "Weight of DistilBERT's cosine loss: 1 - cos(student's last hidden state, "
+                            "teacher's last layer) per position (needs the teacher's last layer captured; "
+                            "through a learned projection when the widths differ). 0: off.")
     layer_map: tuple = setting((), "Hidden-state pairs STUDENT:TEACHER (e.g. 2:4); empty with beta > 0 "
                                "maps captured layers uniformly onto the student.")
     init: str = setting("", "Start from this pretrained causal LM (path or hub id) instead of a "
@@ -313,7 +325,7 @@ class StudentConfig(ModelShape, TrainSettings):
                                      "every_other, first:N or layers:A,B,... (0 = the first block), embeddings "
                                      "and heads included. Empty: a fresh student.")
     arch: str = setting("transformer", "Student architecture: transformer (GPT-2 for causal LM, BERT for "
-                        "classification, of n_layer/n_embd/n_head) or lstm (a BiLSTM classifier of "
+                        "masked LM and classification, of n_layer/n_embd/n_head) or lstm (a BiLSTM classifier of "
                         "n_layer layers and width n_embd; classification only).")
     verify: bool = setting(True, "Before training, recompute the checksums of every targets shard the "
                            "student will read and refuse a store that fails (--no-verify skips this "
@@ -344,6 +356,7 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.temperature >= 0, f"temperature must be > 0 (or 0: the capture temperature), "
                f"got {self.temperature}.")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        _check(self.cosine >= 0, f"cosine must be >= 0 (0: off), got {self.cosine}.")
         _check(self.kd_signal in KD_SIGNALS,
                f"kd_signal must be one of {', '.join(KD_SIGNALS)}, got {self.kd_signal!r}.")
         _check(self.tail_model in TAIL_MODELS,

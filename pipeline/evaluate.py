@@ -1,6 +1,7 @@
 """Held-out metrics for the teacher and the students, measured on the same validation blocks.
 
-Per model: validation loss and perplexity, top-1 agreement with a reference model (the teacher),
+Per model: validation loss and perplexity (for masked LM: at the masked positions, with the accuracy
+of predicting the original id there), top-1 agreement with a reference model (the teacher),
 expected calibration error (ECE) of its top-1 next-token prediction, parameter count, size of the
 weight files, and CPU latency per token timed in interleaved rounds so that machine noise hits every
 model alike. Also, on request: a Markdown table of those metrics and SVG figures (pipeline/charts.py).
@@ -22,9 +23,9 @@ from pipeline import runtime
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
+from pipeline.evaluate_classes import check_model_task
 from pipeline.models import check_model_fits, load_model, param_count
 from pipeline.progress import progress
-from pipeline.tasks import CAUSAL
 
 
 ECE_BINS = 15
@@ -70,26 +71,27 @@ def weights_bytes(model_dir: str | Path) -> int:
 
 
 @torch.inference_mode()
-def score(model, blocks: np.ndarray, vocab_size: int, batch_size: int, desc: str, task=CAUSAL,
+def score(model, tokens: TokenStore, count: int, batch_size: int, desc: str,
           device: torch.device = torch.device("cpu")):
-    """Per-position validation loss summed over blocks (L,), block count, top-1 ids (N, L) and the
-    calibration of those predictions: top-1 probability (N, L) float32, top-1 correct (N, L) bool.
-    L: the positions that carry a label (the task's; T − 1 for causal LM, the same in every block).
-    The model must be on `device`; results come back on the CPU."""
-    loss_sum, top1, confidence, correct = None, [], [], []
-    for lo in progress(iterable=range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
-        ids = torch.from_numpy(blocks[lo:lo + batch_size].astype(np.int64)).to(device)  # (B, T)
-        labels, mask = task.labels(ids)
-        labelled = mask[0]  # (T,) the same positions in every block
-        logits = model(input_ids=ids).logits[:, labelled, :vocab_size].float()  # (B, L, V)
-        labels = labels[:, labelled]  # (B, L)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0).cpu()  # (L,)
-        loss_sum = nll if loss_sum is None else loss_sum + nll
-        top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, L)
-        top1.append(top_id.cpu().numpy().astype(np.int32))
-        confidence.append(top_logprob.exp().cpu().numpy())
-        correct.append((top_id == labels).cpu().numpy())
-    return (loss_sum.numpy(), len(blocks), np.concatenate(top1), np.concatenate(confidence),
+    """Validation loss per target position summed over rows (P,), labelled rows per position (P,), and
+    per labelled target, in row order: top-1 ids, top-1 probability (float32), top-1 correct (bool).
+    P: the task's target positions (T for causal LM, whose last one has no label; M masked positions
+    for masked LM). Scores the first `count` validation rows; the model must be on `device`; results
+    come back on the CPU."""
+    task, vocab_size = tokens.task, tokens.vocab_size
+    loss_sum, labelled, top1, confidence, correct = 0, 0, [], [], []
+    for lo in progress(iterable=range(0, count, batch_size), desc=desc, unit="batch", leave=False):
+        batch = {k: v.to(device) for k, v in tokens.rows("validation", lo, min(lo + batch_size, count)).items()}
+        logits = task.target_logits(model(**task.model_inputs(batch)).logits[..., :vocab_size], batch).float()
+        labels, mask = task.batch_labels(batch)  # (B, P)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, P)
+        loss_sum = loss_sum + (nll * mask).sum(0).cpu()
+        labelled = labelled + mask.sum(0).cpu()
+        top_logprob, top_id = torch.log_softmax(logits, -1).max(-1)  # (B, P)
+        top1.append(top_id[mask].cpu().numpy().astype(np.int32))
+        confidence.append(top_logprob[mask].exp().cpu().numpy())
+        correct.append((top_id == labels)[mask].cpu().numpy())
+    return (loss_sum.numpy(), labelled.numpy(), np.concatenate(top1), np.concatenate(confidence),
             np.concatenate(correct))
 
 
@@ -135,31 +137,36 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
         return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
     models = {}
     for name, path in model_dirs.items():
-        models[name] = load_model(path, f"model {name}").eval()
+        check_model_task(path, name, tokens.task_name)
+        models[name] = load_model(path, f"model {name}", task=tokens.task).eval()
         check_model_fits(models[name], tokens.vocab_size, tokens.block_size, f"model {name}")
-    blocks = tokens.blocks("validation")
+    count = tokens.num_rows("validation")
     if config.max_batches:
-        blocks = blocks[: config.max_batches * config.batch_size]
+        count = min(count, config.max_batches * config.batch_size)
     per_position, top1, metrics, calibration = {}, {}, {}, {}
     device = runtime.resolve_device(config.device)
     for name, model in models.items():
         model.to(device)
-        loss_sum, n, top1[name], confidence, correct = score(model, blocks, tokens.vocab_size,
-                                                             config.batch_size, f"eval {name}", device=device)
+        loss_sum, labelled, top1[name], confidence, correct = score(model, tokens, count, config.batch_size,
+                                                                    f"eval {name}", device)
         model.to("cpu")  # latency is timed on CPU, and one model at a time sits on the device
-        per_position[name] = loss_sum / n
+        per_position[name] = loss_sum[labelled > 0] / labelled[labelled > 0]
         calibration[name] = calibration_bins(confidence, correct)
-        val_loss = float(loss_sum.sum() / (n * loss_sum.shape[0]))
+        val_loss = float(loss_sum.sum() / labelled.sum())
         metrics[name] = {"val_loss": val_loss, "perplexity": float(np.exp(val_loss)),
                          "ece": expected_calibration_error(confidence, correct),
                          "params": param_count(model), "disk_bytes": weights_bytes(model_dirs[name])}
+        if tokens.task_name == "masked":  # the masked-token loss above; accuracy of the original id
+            metrics[name]["accuracy"] = float(correct.mean())
     if config.reference:
         for name in models:
             metrics[name]["top1_agreement"] = float((top1[name] == top1[config.reference]).mean())
-    block = torch.from_numpy(blocks[:1].astype(np.int64))
+    block = tokens.rows("validation", 0, 1)["input_ids"]
     for name, seconds in latency_per_token(models, block, config.latency_rounds).items():
         metrics[name]["latency_ms_per_token"] = seconds * 1e3
-    result = {"models": metrics, "validation_blocks": int(len(blocks)), "block_size": tokens.block_size}
+    result = {"models": metrics, "validation_blocks": int(count), "block_size": tokens.block_size}
+    if tokens.task_name == "masked":
+        result.update(task="masked", mask_count=int(tokens.meta["mask_count"]))
     return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
 
 
@@ -173,8 +180,8 @@ def write_results(result: dict, out: str, per_position: dict, calibration: dict,
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(markdown_table(result))
-    if figures_dir:  # no loss-by-position figure for classification: one position per row
-        by_position = {} if result.get("task") == "classification" else per_position
+    if figures_dir:  # no loss-by-position figure unless targets sit at fixed block positions (causal LM)
+        by_position = {} if result.get("task") in ("classification", "masked") else per_position
         write_figures(figures_dir, by_position, calibration, curves or {})
     return result
 

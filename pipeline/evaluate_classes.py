@@ -63,14 +63,14 @@ def latency_per_example(models: dict, example: dict, rounds: int) -> dict[str, f
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def check_model_task(path: str, name: str) -> None:
+def check_model_task(path: str, name: str, expected: str = "classification") -> None:
     """A kdcache model directory records its task: refuse one trained for another (its head differs)."""
     info_path = Path(path) / INFO_FILE
     if info_path.exists():
         task = json.loads(info_path.read_text()).get("task", "causal")
-        if task != "classification":
-            raise KdcacheError(f"model {name} ({path}) is a {task} model but the token store holds classification "
-                               f"examples; evaluate it on the token store it was trained on.")
+        if task != expected:
+            raise KdcacheError(f"model {name} ({path}) is a {task} model but the token store holds {expected} "
+                               f"rows; evaluate it on the token store it was trained on.")
 
 
 def evaluate_classifiers(config: EvaluateConfig, tokens, model_dirs: dict[str, str]) -> tuple[dict, dict]:

@@ -56,18 +56,33 @@ def _label_maps(label_names) -> dict:
     return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
+def _bert_config(shape: ModelShape, vocab_size: int, block_size: int, pad_id: int | None, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+                      num_attention_heads=shape.n_head, intermediate_size=4 * shape.n_embd,
+                      max_position_embeddings=block_size, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, pad_token_id=pad_id or 0, **extra)
+
+
 def build_bert_classifier(shape: ModelShape, vocab_size: int, block_size: int, label_names, pad_id: int,
                           seed: int = 0):
     """A fresh BERT-style sequence classifier (C = len(label_names) labels); deterministic in `seed`."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    config = BertConfig(vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
-                        num_attention_heads=shape.n_head, intermediate_size=4 * shape.n_embd,
-                        max_position_embeddings=block_size, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=pad_id, num_labels=len(label_names),
-                        **_label_maps(label_names))
+    config = _bert_config(shape, vocab_size, block_size, pad_id, num_labels=len(label_names),
+                          **_label_maps(label_names))
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
+
+
+def build_bert_mlm(shape: ModelShape, vocab_size: int, block_size: int, pad_id: int | None, seed: int = 0):
+    """A fresh BERT-style masked LM (output layer tied to the input embeddings); deterministic in `seed`."""
+    from transformers import BertForMaskedLM
+
+    config = _bert_config(shape, vocab_size, block_size, pad_id)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
 
 
 def build_lstm_classifier(shape: ModelShape, vocab_size: int, block_size: int, label_names, pad_id: int,

@@ -40,5 +40,6 @@ def evaluate(tokens, models, out, plot, table, figures, curves, **options):
             click.echo(f"{name:>12}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
                        f"params {m['params']:,}  {m['latency_ms_per_example']:.3f} ms/example")
             continue
-        click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  ECE {m['ece']:.4f}  "
-                   f"params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")
+        accuracy = f"  accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""  # masked LM: of the masked ids
+        click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}{accuracy}  "
+                   f"ECE {m['ece']:.4f}  params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")

@@ -40,3 +40,16 @@ def make_project(repo: Path, params: str | dict, files: dict[str, str] | None = 
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "smoke"], repo, env)
     return env
+
+
+PIPELINE_STAGES = ("prepare", "teacher", "cache", "student", "student_ce", "evaluate")
+
+
+def repro_profile(repo: Path, params_file: str) -> dict:
+    """A project with `params_file` as params.yaml, after `dvc repro`: every stage ran. Returns metrics.json."""
+    import json
+
+    log = run(["dvc", "repro"], repo, make_project(repo, params_file))
+    for stage in PIPELINE_STAGES:
+        assert f"Running stage '{stage}'" in log
+    return json.loads((repo / "metrics.json").read_text())

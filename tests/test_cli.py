@@ -22,7 +22,7 @@ from stages.options import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = ("params.yaml", "params.smoke.yaml", "params.classification.yaml",
-                "params.classification.smoke.yaml")
+                "params.classification.smoke.yaml", "params.masked.yaml", "params.masked.smoke.yaml")
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "cache": CacheConfig,
            "student": StudentConfig, "evaluate": EvaluateConfig}
 COMMANDS = ("inputs", "prepare", "teacher", "cache", "student", "evaluate", "inspect", "verify", "generate")

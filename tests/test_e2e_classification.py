@@ -1,21 +1,15 @@
 """The classification smoke profile through real DVC: prepare → teacher → cache → students → evaluate."""
 
-import json
-
 import pytest
 
-from tests.dvc_project import make_project, run
+from tests.dvc_project import repro_profile
 
 pytestmark = pytest.mark.e2e
 
 
 def test_classification_profile_repro_runs_every_stage(tmp_path):
     repo = tmp_path / "project"
-    env = make_project(repo, "params.classification.smoke.yaml")
-    log = run(["dvc", "repro"], repo, env)
-    for stage in ("prepare", "teacher", "cache", "student", "student_ce", "evaluate"):
-        assert f"Running stage '{stage}'" in log
-    result = json.loads((repo / "metrics.json").read_text())
+    result = repro_profile(repo, "params.classification.smoke.yaml")
     assert result["task"] == "classification" and set(result["models"]) == {"teacher", "student", "student_ce"}
     for m in result["models"].values():
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 and m["latency_ms_per_example"] > 0

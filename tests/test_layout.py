@@ -29,10 +29,12 @@ def test_stages_hold_no_training_or_tensor_code():
 def test_ce_baseline_gets_every_student_setting_except_the_kd_ones():
     import yaml
 
-    kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "layer_map", "tail_model", "mode"}
+    # The baseline reads no teacher: neither its targets nor its layers (init_from_teacher).
+    kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "layer_map", "tail_model", "mode", "cosine",
+               "init_from_teacher"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for params_file in ("params.yaml", "params.smoke.yaml", "params.classification.yaml",
-                        "params.classification.smoke.yaml"):
+                        "params.classification.smoke.yaml", "params.masked.yaml", "params.masked.smoke.yaml"):
         student = yaml.safe_load((ROOT / params_file).read_text())["student"]
         for key in set(student) - kd_only:
             assert f"${{student.{key}}}" in stages["student_ce"]["cmd"], (params_file, key)

@@ -146,14 +146,9 @@ def encoder_tokenizer(texts, vocab_size: int):
 
 def write_example_split(path: Path, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, vocab_size: int) -> None:
     """One Arrow IPC file: input_ids and attention_mask (fixed-size lists of T) and labels (int32)."""
-    dtype = np.uint16 if vocab_size <= 2**16 else np.int32
-    block = ids.shape[1]
-    table = pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.astype(dtype).reshape(-1)), block),
-        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), block),
-        "labels": pa.array(labels.astype(np.int32))})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=4096)
+    from pipeline.data.tokens import _write_split
+
+    _write_split(path, ids, vocab_size, {"attention_mask": mask, "labels": labels.astype(np.int32)})
 
 
 def prepare_examples(config: PrepareConfig, out: str | Path):

@@ -9,7 +9,11 @@ Layout of a token store directory:
 
 meta.json's `task` says what the rows are (absent: causal). A classification store (data/examples.py)
 has one example per row: its {split}.arrow also holds `attention_mask` (same shape, uint8) and
-`labels` (int32, an index into meta.json's `label_names`).
+`labels` (int32, an index into meta.json's `label_names`). A masked-LM store (data/masking.py) holds
+masked blocks in `input_ids` and, beside them, `mask_positions` (fixed_size_list<uint16>[M], sorted)
+and `mask_labels` (fixed_size_list<ids>[M], the original ids); meta.json has mask_count (M),
+mask_rate, mask_views, mask_id and pad_id. Its train split holds mask_views differently masked copies
+of every block, view-major (rows v·B .. (v+1)·B − 1 are view v); validation holds one.
 
 Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
 """
@@ -28,6 +32,7 @@ from pipeline.progress import progress
 
 from pipeline.config import PrepareConfig
 from pipeline.data.corpus import iter_documents, pack_blocks, split_documents
+from pipeline.data.masking import mask_blocks, mask_count
 from pipeline.errors import KdcacheError
 
 FORMAT = "kdcache-tokens/1"
@@ -68,7 +73,8 @@ class TokenStore:
         return len(self.label_names) if self.task_name == "classification" else self.vocab_size
 
     def column(self, split: str, name: str) -> np.ndarray:
-        """A column other than the ids (attention_mask (N, T), labels (N,)), memory-mapped."""
+        """A column other than the ids (attention_mask (N, T), labels (N,), mask_positions (N, M), ...),
+        memory-mapped."""
         key = f"{split}/{name}"
         if key not in self._arrays:
             self.num_rows(split)
@@ -78,20 +84,20 @@ class TokenStore:
                 raise KdcacheError(f"{self.path} ({self.task_name} rows) has no {name!r} column.")
             column = table.column(name).combine_chunks()
             if pa.types.is_fixed_size_list(column.type):
-                self._arrays[key] = column.values.to_numpy(zero_copy_only=True).reshape(-1, self.block_size)
+                self._arrays[key] = column.values.to_numpy(zero_copy_only=True).reshape(-1, column.type.list_size)
             else:
                 self._arrays[key] = column.to_numpy(zero_copy_only=True)
         return self._arrays[key]
 
     def rows(self, split: str, start: int, stop: int) -> dict:
-        """Rows [start, stop) as tensors: input_ids (R, T) int64, and for classification attention_mask
-        (R, T) int64 and labels (R,) int64: what a model and its task need of a row."""
+        """Rows [start, stop) as tensors: input_ids (R, T) int64 and the task's columns as int64
+        (classification: attention_mask (R, T), labels (R,); masked LM: mask_positions and mask_labels
+        (R, M)): what a model and its task need of a row."""
         import torch
 
         rows = {"input_ids": torch.from_numpy(self.blocks(split)[start:stop].astype(np.int64))}
-        if self.task_name == "classification":
-            for name in ("attention_mask", "labels"):
-                rows[name] = torch.from_numpy(self.column(split, name)[start:stop].astype(np.int64))
+        for name in self.task.columns:
+            rows[name] = torch.from_numpy(self.column(split, name)[start:stop].astype(np.int64))
         return rows
 
     def num_rows(self, split: str) -> int:
@@ -127,11 +133,16 @@ def train_bpe_tokenizer(texts, vocab_size: int, extra_specials=()):
                                    unk_token=EOS, pad_token=EOS)
 
 
-def _write_split(path: Path, blocks: np.ndarray, vocab_size: int) -> None:
-    dtype = np.uint16 if vocab_size <= 2**16 else np.int32
-    flat = pa.array(blocks.astype(dtype).reshape(-1))
-    column = pa.FixedSizeListArray.from_arrays(flat, blocks.shape[1])
-    table = pa.table({"input_ids": column})
+def ids_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.int32
+
+
+def _write_split(path: Path, blocks: np.ndarray, vocab_size: int, columns: dict | None = None) -> None:
+    """One Arrow IPC file: input_ids as fixed-size lists, and `columns` (name -> (N, W) array: a
+    fixed-size list of W per row; (N,): a plain column) beside them, each in its own dtype."""
+    table = {"input_ids": blocks.astype(ids_dtype(vocab_size)), **(columns or {})}
+    table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+                      if array.ndim == 2 else pa.array(array) for name, array in table.items()})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=4096)
 
@@ -164,6 +175,11 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
 
         return prepare_examples(config, out)
     out = Path(out)
+    tokenizer = load_named_tokenizer(config.tokenizer) if config.tokenizer else None
+    if config.task == "masked" and tokenizer is not None and tokenizer.mask_token is None:
+        raise KdcacheError(f"tokenizer {config.tokenizer!r} has no mask token, which --task masked needs; use "
+                           f"the masked-LM teacher's tokenizer (e.g. a BERT's) or leave --tokenizer empty for the "
+                           f"default BPE, which gains [MASK]/[CLS]/[SEP]/[PAD].")
     texts = []
     for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
@@ -177,31 +193,45 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         raise KdcacheError(f"corpus {config.corpus!r} has a single document; at least two are needed "
                            f"to hold one out for validation.")
 
-    if config.tokenizer:
-        tokenizer = load_named_tokenizer(config.tokenizer)
-    else:
+    if tokenizer is None and config.task == "masked":
+        from pipeline.data.examples import encoder_tokenizer
+
+        tokenizer = encoder_tokenizer(documents["train"], config.vocab_size)
+    elif tokenizer is None:
         tokenizer = train_bpe_tokenizer(documents["train"], config.vocab_size)
     vocab_size = len(tokenizer)
+    # Between documents: end of text, or [SEP] for an encoder tokenizer that has no end-of-text token.
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
-        rows = {}
-        for split in SPLITS:
+        rows, columns = {}, None
+        for index, split in enumerate(SPLITS):
             encoded = tokenizer(documents[split], add_special_tokens=False)["input_ids"]
             blocks = pack_blocks(progress(iterable=encoded, desc=f"pack {split}", unit="doc"), config.block_size,
-                                 tokenizer.eos_token_id)
+                                 separator)
             if len(blocks) == 0:
                 raise KdcacheError(f"the {split} split is shorter than one block of {config.block_size} "
                                    f"tokens; use a larger corpus or a smaller block_size.")
-            _write_split(tmp / f"{split}.arrow", blocks, vocab_size)
+            if config.task == "masked":  # validation: one view (the same masks for every model and run)
+                columns = mask_blocks(blocks, config.mask_rate, config.mask_views if split == "train" else 1,
+                                      config.mask_seed, index, tokenizer.mask_token_id, tokenizer.all_special_ids,
+                                      vocab_size)
+                blocks = columns.pop("input_ids")
+                columns["mask_labels"] = columns["mask_labels"].astype(ids_dtype(vocab_size))
+            _write_split(tmp / f"{split}.arrow", blocks, vocab_size, columns)
             rows[split] = len(blocks)
         settings = {**asdict(config), "vocab_size": vocab_size}
         meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
                 "settings": settings}
+        if config.task == "masked":
+            meta.update(task="masked", mask_count=mask_count(config.block_size, config.mask_rate),
+                        mask_rate=config.mask_rate, mask_views=config.mask_views, mask_id=tokenizer.mask_token_id,
+                        pad_id=tokenizer.pad_token_id)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind

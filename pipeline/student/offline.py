@@ -55,6 +55,22 @@ def check_signal_settings(config, kind: str, capture_temperature: float) -> None
                            f"and no temperature_schedule, or use kd_signal topk with a tail_model.")
 
 
+def check_cosine(config: StudentConfig, stores: list[TargetsStore], model) -> tuple[int, int] | None:
+    """(student's last layer, teacher's last layer) for --cosine, or None without it; refuses a run
+    whose first store lacks the teacher's last layer at full width."""
+    if not config.cosine:
+        return None
+    if not stores:
+        raise KdcacheError("--cosine compares the student's last hidden state with the teacher's: give --targets "
+                           "a store captured with the teacher's last layer, or set cosine 0.")
+    store, last = stores[0], int(stores[0].attrs["teacher_num_layers"])
+    if last not in store.layers or store.hidden_rank:
+        raise KdcacheError(f"--cosine needs the teacher's last layer ({last}) at full width, but {store.path} holds "
+                           f"layers {store.layers} (hidden_rank {store.hidden_rank}); re-run cache with --layer "
+                           f"{last} and hidden_rank 0, or set cosine 0.")
+    return num_layers(model), last
+
+
 def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> dict:
     """Objective fields of the attention term (gamma that ever rises above 0), refused before training
     when no store holds the attention it needs or the student cannot compute it; {} without gamma."""
@@ -182,17 +198,22 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         check_signal_settings(config, kind, capture_temperature)
         for other in stores[1:]:
             resolve_kd_signal(kind, other)  # every teacher must hold the kind the first one gives
+    cosine_pair = check_cosine(config, stores, model)
     # To the stored width: the teacher's D, or the rank P of a low-rank store (its coefficients).
     projections = torch.nn.ModuleDict({
         str(s): torch.nn.Linear(hidden_size(model), store.hidden_width, bias=False)
         for s, _ in layer_pairs})
+    if cosine_pair and hidden_size(model) != store.hidden_width:
+        projections["cosine"] = torch.nn.Linear(hidden_size(model), store.hidden_width, bias=False)
     hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = make_objective(config, tokens, distill, capture_temperature, kd_signal=kind,
                                layer_pairs=layer_pairs, projections=projections, hidden_scale=hidden_scale,
-                               teacher_weights=weights, logit_terms=list(logit_terms), **attention)
+                               teacher_weights=weights, cosine_pair=cosine_pair or (0, 0),
+                               logit_terms=list(logit_terms), **attention)
     names = [signal_names(s, kind) if distill else [] for s in stores]
-    if layer_pairs:
-        names[0] = names[0] + [fmt.hidden_array(t) for _, t in layer_pairs]
+    hidden_layers = [t for _, t in layer_pairs] + ([cosine_pair[1]] if cosine_pair else [])
+    if hidden_layers:
+        names[0] = names[0] + [fmt.hidden_array(t) for t in dict.fromkeys(hidden_layers)]
     if attention:
         names[0] = names[0] + attention_names(stores[0], attention)
     if config.verify:

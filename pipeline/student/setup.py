@@ -12,8 +12,8 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import (build_bert_classifier, build_gpt2, build_lstm_classifier, check_chunkable, check_fits,
-                             check_same_tokenizer, load_model, save_model, special_ids)
+from pipeline.models import (build_bert_classifier, build_bert_mlm, build_gpt2, build_lstm_classifier, check_chunkable,
+                             check_fits, check_same_tokenizer, load_model, save_model, special_ids)
 from pipeline.training.objective import Objective
 
 
@@ -25,9 +25,9 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
     if config.arch == "lstm" and not classify:
         raise KdcacheError(f"--arch lstm is a sequence classifier; the token store {tokens.path} holds "
                            f"{tokens.task_name} rows. Use --arch transformer, or prepare --task classification.")
-    if classify and (config.mode != "offline" or config.loss_chunk):
-        raise KdcacheError("a classification student trains offline (mode offline) with loss_chunk 0; online, "
-                           "mutual and chunked losses are causal-LM only for now.")
+    if tokens.task_name != "causal" and (config.mode != "offline" or config.loss_chunk):
+        raise KdcacheError(f"a {tokens.task_name} student trains offline (mode offline) with loss_chunk 0; online, "
+                           f"mutual and chunked losses are causal-LM only for now.")
     if config.init_from_teacher:
         model = _from_teacher(config, tokens, teacher_dir)
     elif config.init:
@@ -36,6 +36,8 @@ def build_student(config: StudentConfig, tokens: TokenStore, seed: int | None = 
     elif classify:
         build = build_lstm_classifier if config.arch == "lstm" else build_bert_classifier
         model = build(config, tokens.vocab_size, tokens.block_size, tokens.label_names, tokens.meta["pad_id"], seed)
+    elif tokens.task_name == "masked":
+        model = build_bert_mlm(config, tokens.vocab_size, tokens.block_size, tokens.meta["pad_id"], seed)
     else:
         model = build_gpt2(config, tokens.vocab_size, tokens.block_size, seed, special_ids(tokens.load_tokenizer()))
     check_fits(model, tokens, "student")
@@ -73,6 +75,7 @@ def make_objective(config: StudentConfig, tokens: TokenStore, distill: bool, cap
     # Without KD, alpha and temperature stay out of the loss (and the log).
     schedules = {name: s for name, s in config.schedules().items() if distill or name in ("beta", "gamma")}
     return Objective(vocab_size=tokens.num_outputs, task=tokens.task, alpha=config.alpha if distill else 1.0,
+                     cosine=config.cosine,
                      temperature=config.temperature or capture_temperature,
                      capture_temperature=capture_temperature, loss=config.loss, tail_model=config.tail_model,
                      beta=config.beta, schedules=schedules, loss_chunk=config.loss_chunk,

@@ -43,6 +43,7 @@ TOPK_COUNT = "topk_count"        # (R, P) uint8 | uint16, kept entries per posit
 SAMPLED_IDS = "sampled_ids"      # (R, P, N) ids drawn from the teacher, distinct ids first, then id 0 padding
 SAMPLED_COUNTS = "sampled_counts"  # (R, P, N) uint8 draw counts of those ids (0 for padding); sum N
 HIDDEN_PREFIX = "hidden_layer_"
+TARGET_POSITIONS = "target_positions"  # (R, P) uint16: masked LM, the block positions the targets are at
 ATTENTION_KINDS = ("attention", "value_relation")  # attention_layer_L, value_relation_layer_L
 
 
@@ -83,14 +84,14 @@ IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fing
                  "rows", "block_size", "vocab_size", "capture_temperature", "top_k", "top_p", "min_k",
                  "encoding", "ids_dtype", "layers", "hidden_size", "hidden_dtype", "hidden_rank",
                  "hidden_fit_rows", "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed",
-                 "task", "attention_layers", "attention_encoding", "attention_top_k", "attention_heads",
-                 "value_relation_heads")
+                 "task", "mask_count", "attention_layers", "attention_encoding", "attention_top_k",
+                 "attention_heads", "value_relation_heads")
 
 # Identity keys added after format version 1, with the value that means "off": an older store (or an
 # identity) without them holds that value.
 IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0, "task": "causal",
-                     "attention_layers": [], "attention_encoding": "", "attention_top_k": 0, "attention_heads": 0,
-                     "value_relation_heads": 0}
+                     "mask_count": 0, "attention_layers": [], "attention_encoding": "", "attention_top_k": 0,
+                     "attention_heads": 0, "value_relation_heads": 0}
 # Attributes renamed since: new name -> the name older stores use.
 RENAMED = {"capture_temperature": "temperature"}
 
@@ -109,7 +110,7 @@ def identity_of(attrs: dict) -> dict:
 
 def positions(identity: dict) -> int:
     """P, target positions per row: the task's (every position of the block for causal LM)."""
-    return get_task(identity.get("task", "causal")).positions(int(identity["block_size"]))
+    return get_task(identity.get("task", "causal")).positions(identity)
 
 
 def compressor_for(dtype) -> BloscCodec:
@@ -240,6 +241,31 @@ class Hidden:
         return name.startswith(HIDDEN_PREFIX)
 
 
+class Positions:
+    """Masked LM: the block positions of a row's P = M targets (the token store's mask_positions), kept
+    so that a reader can check that its tokens carry the masks the teacher saw."""
+
+    def present(self, identity: dict) -> bool:
+        return attribute(identity, "task") == "masked"
+
+    def names(self, identity: dict) -> list[str]:
+        return [TARGET_POSITIONS]
+
+    def arrays(self, identity: dict) -> dict[str, tuple[tuple, str]]:
+        return {TARGET_POSITIONS: ((positions(identity),), "uint16" if int(identity["block_size"]) <= 2**16
+                                   else "int32")}
+
+    def encode(self, targets, identity):
+        dtype = self.arrays(identity)[TARGET_POSITIONS][1]
+        return {TARGET_POSITIONS: targets[TARGET_POSITIONS].cpu().numpy().astype(dtype)}
+
+    def decode(self, stored, attrs):
+        return {name: torch.from_numpy(array.astype(np.int64)) for name, array in stored.items()}
+
+    def owns(self, name: str) -> bool:
+        return name == TARGET_POSITIONS
+
+
 class Attention:
     """Attention matrices of the captured teacher blocks (all heads), and their value relations."""
 
@@ -279,7 +305,8 @@ class Attention:
         return name.startswith(tuple(f"{kind}_layer_" for kind in ATTENTION_KINDS))
 
 
-SIGNALS = {"topk": TopK(), "sampled": Sampled(), "hidden": Hidden(), "attention": Attention()}
+SIGNALS = {"topk": TopK(), "sampled": Sampled(), "hidden": Hidden(), "positions": Positions(),
+           "attention": Attention()}
 
 
 def array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
@@ -294,7 +321,8 @@ def array_names(attrs: dict) -> list[str]:
 
 
 def signal_names(attrs: dict, signal: str) -> list[str]:
-    """Arrays that hold one signal ("topk", "sampled", "hidden", "attention") of a store; [] if not captured."""
+    """Arrays that hold one signal ("topk", "sampled", "hidden", "positions", "attention") of a store; [] if
+    not captured."""
     chosen = SIGNALS[signal]
     return chosen.names(attrs) if chosen.present(attrs) else []
 

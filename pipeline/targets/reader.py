@@ -117,6 +117,11 @@ class TargetsStore:
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise KdcacheError(f"student vocabulary has {vocab_size} ids but the teacher's targets cover "
                                f"{self.vocab_size}; the student must use the teacher's tokenizer.")
+        if task == "masked":  # the fingerprint covers the masks; this says so in words if they differ
+            stored = self.group[fmt.TARGET_POSITIONS][...]
+            if not np.array_equal(stored, tokens.column(split, "mask_positions")):
+                raise KdcacheError(f"{self.path} was captured at other masked positions than the token store "
+                                   f"{tokens.path} holds; re-run `kdcache cache` on these tokens.")
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise KdcacheError(f"teacher layers {missing} are mapped but were not captured (captured: "

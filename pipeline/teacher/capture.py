@@ -44,7 +44,7 @@ def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
-        "task": tokens.task_name,
+        "task": tokens.task_name, "mask_count": int(tokens.meta.get("mask_count", 0)),
         **attention_identity(config, model, tokens),
     }
 
@@ -252,8 +252,7 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
                 targets = teacher_targets(model, batch["input_ids"], tokens.num_outputs, identity["top_k"],
                                           config.capture_temperature, identity["layers"], config.samples,
                                           generator, top_p=config.top_p, min_k=config.min_k,
-                                          task=tokens.task, attention_mask=batch.get("attention_mask"),
-                                          attention_layers=identity["attention_layers"],
+                                          task=tokens.task, rows=batch, attention_layers=identity["attention_layers"],
                                           value_relation_heads=identity["value_relation_heads"])
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))

@@ -1,4 +1,5 @@
-"""The per-batch training objective: α·CE(hard labels) + (1−α)·τ²·KD + β·hidden + γ·attention (DESIGN §4).
+"""The per-batch training objective: α·CE(hard labels) + (1−α)·τ²·KD + β·hidden + γ·attention (DESIGN §4),
+plus, optionally, DistilBERT's cosine loss on the last hidden state (weight `cosine`).
 
 Shapes: B batch, T block, N = B·T positions, V vocab, K top-k, D hidden width. Logits are cut to the
 token store's V, so padded output layers are fine. α, τ and β may follow schedules over training
@@ -50,6 +51,8 @@ class Objective:
     # Extra terms on the logits, e.g. the adversarial student's: term(logits (N, V), targets) → parts,
     # whose "weighted" entry is added to the loss and the rest logged. Not with loss_chunk.
     logit_terms: list = field(default_factory=list)
+    cosine: float = 0.0  # weight of 1 − cos(student's last hidden state, teacher's cached last layer)
+    cosine_pair: tuple[int, int] = (0, 0)  # (student layer, teacher layer); projections["cosine"] if widths differ
 
     def values_at(self, progress: float) -> dict[str, float]:
         """alpha, temperature, beta and gamma at this fraction of training (a schedule overrides the field)."""
@@ -72,6 +75,7 @@ class Objective:
         with_kd = alpha < 1.0 or "alpha" in self.schedules
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
         output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
+        output_hidden = output_hidden or self.cosine > 0
         gamma = values["gamma"]
         output_attention = bool(self.attention_pairs and (gamma or "gamma" in self.schedules))  # and gamma
         value_layers = [self.attention_pairs[-1][0]] if output_attention and self.uses_value_relations() else []
@@ -94,7 +98,15 @@ class Objective:
             extra = term(flat, targets)
             loss = loss + extra.pop("weighted")
             parts.update(extra)
-        if output_hidden:
+        if self.cosine:
+            s, t = self.cosine_pair
+            student_hidden = out.hidden_states[s]  # (B, T, D_s)
+            if self.projections is not None and "cosine" in self.projections:
+                student_hidden = self.projections["cosine"](student_hidden)
+            parts["cosine"] = losses.hidden_cosine(student_hidden.flatten(0, 1),
+                                                   batch[fmt.hidden_array(t)].flatten(0, 1))
+            loss = loss + self.cosine * parts["cosine"]
+        if self.layer_pairs and (beta or "beta" in self.schedules):
             hidden = []
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)
