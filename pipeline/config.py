@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import KdcacheError
-from pipeline.losses import KD_LOSSES, TAIL_MODELS
+from pipeline.losses import ATTENTION_LOSSES, KD_LOSSES, TAIL_MODELS
 from pipeline.schedules import Schedule, make_schedule
-from pipeline.targets.codecs import ENCODINGS, HIDDEN_DTYPES
+from pipeline.targets.codecs import ATTENTION_ENCODINGS, ENCODINGS, HIDDEN_DTYPES
 
 
 def setting(default, help: str, **extra):
@@ -186,6 +186,20 @@ class CacheConfig:
                                "store); 0: full width.")
     hidden_fit_rows: int = setting(256, "Rows (from the first) the hidden-state basis is fitted on, with "
                                    "--hidden-rank.")
+    attention_layers: tuple = setting((), "Teacher block (1..L) whose attention, all heads, is captured "
+                                      "(TinyBERT / MiniLM); repeat for several. The teacher then runs with "
+                                      "eager attention.", type=int, aliases=("--attention-layer",))
+    attention_encoding: str = setting("topk", "Attention encoding: " + ", ".join(ATTENTION_ENCODINGS)
+                                      + " (see docs/FORMAT.md and BENCHMARKS.md for bytes and fidelity).")
+    attention_top_k: int = setting(0, "With the topk attention encoding: keys kept per query row; 0: as "
+                                   "many as --attention-budget holds.")
+    attention_budget: int = setting(1024, "Most bytes per token per captured attention layer (attention and "
+                                    "value relations together, before compression); a capture that needs "
+                                    "more is refused. 0: no limit.")
+    value_relations: bool = setting(True, "With --attention-layer: also store each layer's value relations "
+                                    "softmax(V Vᵀ/√d) (MiniLM's second term).")
+    relation_heads: int = setting(0, "Relation heads of the stored value relations; 0: the teacher's "
+                                  "attention heads.")
 
     def __post_init__(self):
         _check(self.hidden_rank >= 0, f"hidden_rank must be >= 0 (0: full width), got {self.hidden_rank}.")
@@ -210,6 +224,12 @@ class CacheConfig:
                f"rows_per_shard ({self.rows_per_shard}) must be a positive multiple of "
                f"rows_per_chunk ({self.rows_per_chunk}).")
         _check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}.")
+        _check(all(layer >= 1 for layer in self.attention_layers),
+               f"attention layers are blocks 1..L, got {self.attention_layers}.")
+        _check(self.attention_encoding in ATTENTION_ENCODINGS, f"unknown attention_encoding "
+               f"{self.attention_encoding!r}; choose one of {', '.join(ATTENTION_ENCODINGS)}.")
+        _check(min(self.attention_top_k, self.attention_budget, self.relation_heads) >= 0,
+               "attention_top_k, attention_budget and relation_heads must be >= 0 (0: automatic / no limit).")
 
 
 @dataclass(frozen=True)
@@ -240,7 +260,7 @@ class GenerateConfig:
 
 # Student values that can follow a schedule (field NAME_schedule), with the range each must stay in.
 SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": ("> 0", lambda v: v > 0),
-             "beta": (">= 0", lambda v: v >= 0)}
+             "beta": (">= 0", lambda v: v >= 0), "gamma": (">= 0", lambda v: v >= 0)}
 MULTI_TEACHER = ("mixture", "sum")
 KD_SIGNALS = ("auto", "topk", "sampled", "topk_sampled")
 # How a student receives its teacher's targets: read from a cache, computed by the teacher in the
@@ -310,6 +330,21 @@ class StudentConfig(ModelShape, TrainSettings):
     verify: bool = setting(True, "Before training, recompute the checksums of every targets shard the "
                            "student will read and refuse a store that fails (--no-verify skips this "
                            "full read, e.g. for huge stores).")
+    gamma: float = setting(0.0, "Weight of the attention loss (needs --attention-layer captured by `cache`).")
+    gamma_schedule: str = setting("", "Schedule gamma, as --alpha-schedule. Empty: --gamma throughout.")
+    attention_loss: str = setting("minilm", "Attention loss: minilm (the student's last block against the "
+                                  "last captured teacher block: attention KL + value-relation KL; any head "
+                                  "count or width) or tinybert (per-head attention MSE over "
+                                  "--attention-layer-map pairs).")
+    adversarial: bool = setting(False, "Adversarial distillation: a discriminator learns to tell the teacher's "
+                                "cached top-k + tail distribution from the student's (its own optimizer, "
+                                "alternating steps, saved in checkpoints); the student also minimises "
+                                "--adversarial-weight · −log D(student). Offline mode, one top-k store.")
+    adversarial_weight: float = setting(0.1, "Weight of the adversarial (generator) term.")
+    discriminator_lr: float = setting(2e-4, "Learning rate of the discriminator's AdamW.")
+    discriminator_hidden: int = setting(64, "Hidden width of the discriminator MLP.")
+    attention_layer_map: tuple = setting((), "tinybert pairs of blocks STUDENT:TEACHER (1-based, e.g. 2:4); "
+                                         "empty: captured teacher blocks mapped uniformly onto the student.")
 
     def __post_init__(self):
         ModelShape.__post_init__(self)
@@ -331,16 +366,31 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.online_top_k >= 0, f"online_top_k must be >= 0 (0: full vocabulary), got {self.online_top_k}.")
         _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
         self.layer_pairs()  # refuses a malformed layer_map
+        self.attention_pairs()
+        _check(self.adversarial_weight >= 0 and self.discriminator_lr > 0 and self.discriminator_hidden >= 1,
+               "adversarial_weight must be >= 0, discriminator_lr > 0 and discriminator_hidden >= 1.")
+        _check(not self.adversarial or (self.alpha < 1 or bool(self.alpha_schedule)) and self.kd_signal != "sampled",
+               "--adversarial is distillation from cached top-k: set alpha below 1 and kd_signal topk or auto.")
+        _check(not self.adversarial or self.gradient_accumulation_steps == 1,
+               "--adversarial steps its discriminator once per batch it sees, so micro-batches would change the "
+               "update: set gradient_accumulation_steps 1.")
+        _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}.")
+        _check(self.attention_loss in ATTENTION_LOSSES, f"attention_loss must be one of "
+               f"{', '.join(ATTENTION_LOSSES)}, got {self.attention_loss!r}.")
         for name, schedule in self.schedules().items():  # make_schedule refuses a malformed spec
             allowed, ok = SCHEDULED[name]
             _check(all(ok(value) for value in schedule.bounds()),
                    f"{name}_schedule {getattr(self, name + '_schedule')!r} leaves the range of {name}, "
                    f"which must stay {allowed}; change its endpoints.")
 
-    def layer_pairs(self) -> list[tuple[int, int]]:
+    def attention_pairs(self) -> list[tuple[int, int]]:
+        """attention_layer_map as (student block, teacher block) pairs."""
+        return self.layer_pairs(self.attention_layer_map)
+
+    def layer_pairs(self, layer_map=None) -> list[tuple[int, int]]:
         """layer_map as (student layer, teacher layer) pairs."""
         pairs = []
-        for pair in self.layer_map:
+        for pair in self.layer_map if layer_map is None else layer_map:
             parts = str(pair).split(":")
             _check(len(parts) == 2 and all(p.isdigit() for p in parts),
                    f"layer_map entry {pair!r} is not STUDENT:TEACHER, e.g. 2:4.")
@@ -348,7 +398,7 @@ class StudentConfig(ModelShape, TrainSettings):
         return pairs
 
     def schedule(self, name: str) -> Schedule:
-        """alpha, temperature or beta over training: its schedule, or constant at the plain field."""
+        """alpha, temperature, beta or gamma over training: its schedule, or constant at the plain field."""
         spec = getattr(self, f"{name}_schedule")
         if not spec:
             return Schedule("constant", getattr(self, name), getattr(self, name))

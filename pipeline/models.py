@@ -287,3 +287,76 @@ def check_chunkable(model) -> None:
         raise KdcacheError(f"loss_chunk assumes logits = output embeddings applied to the final hidden state, "
                            f"but {name} computes its logits otherwise (scaling or soft-capping, say). "
                            f"Set loss_chunk 0 for this model.")
+
+
+# --- Attention weights and value states (attention distillation) ------------------------------------
+
+
+def num_heads(model) -> int:
+    return int(model.config.num_attention_heads)
+
+
+def use_eager_attention(model, what: str) -> None:
+    """Switch to the attention implementation that returns its weights (fused kernels return none);
+    refuse, before any work, a model that cannot. Called only when attention is asked for."""
+    name = type(model).__name__
+    try:
+        model.set_attn_implementation("eager")
+    except Exception as e:  # ValueError / NotImplementedError: the architecture has no eager path
+        raise KdcacheError(f"the {what} ({name}) cannot return attention weights: "
+                           f"{str(e).splitlines()[0]}. Capture without --attention-layer.") from e
+    length = min(4, max_positions(model) or 4)
+    ids = torch.zeros(1, length, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    if not attentions or len(attentions) != num_layers(model) or attentions[0] is None:
+        raise KdcacheError(f"the {what} ({name}) returns no attention weights even in eager mode; "
+                           f"attention distillation needs a model that does.")
+
+
+def value_projections(model) -> list[tuple[torch.nn.Module, slice | None]]:
+    """Per block (1..L, listed from 0), the module whose output holds its attention values and the
+    slice of its last axis that is them: GPT-2's fused c_attn (the last third), or a v_proj."""
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith(".v_proj"):
+            found.append((module, None))
+        elif name.endswith(".c_attn") and not name.endswith("crossattention.c_attn"):
+            width = int(model.config.hidden_size)
+            found.append((module, slice(2 * width, 3 * width)))
+    if len(found) != num_layers(model):
+        raise KdcacheError(f"cannot find the value projection of every block of {type(model).__name__} "
+                           f"(found {len(found)} of {num_layers(model)}); value relations need a v_proj or a "
+                           f"GPT-2 c_attn per block. Capture with --value-relation-heads 0.")
+    return found
+
+
+def value_width(model, block: int) -> int:
+    """D_v, the width of block `block`'s (1..L) attention values."""
+    module, part = value_projections(model)[block - 1]
+    return (part.stop - part.start) if part is not None else int(module.out_features)
+
+
+class ValueStates:
+    """Context manager: while open, every forward pass records blocks' value states.
+
+    with ValueStates(model, [3]) as values: model(...); values[3] is (B, T, D_v), keeping its graph.
+    """
+
+    def __init__(self, model, layers):
+        self.model, self.layers, self.values, self.handles = model, sorted(set(layers)), {}, []
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        projections = value_projections(self.model) if self.layers else []
+        for layer in self.layers:
+            module, part = projections[layer - 1]
+
+            def keep(_module, _inputs, output, layer=layer, part=part):
+                self.values[layer] = output if part is None else output[..., part]
+
+            self.handles.append(module.register_forward_hook(keep))
+        return self.values
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -281,6 +281,16 @@ def test_capture_refuses_a_teacher_of_another_task(cls_tokens, tiny_tokens, tmp_
         run_capture(CacheConfig(), str(tmp_path / "lm"), str(cls_tokens.path), str(tmp_path / "t.zarr"))
 
 
+def test_attention_capture_is_refused_for_classification(cls_tokens, cls_teacher, tmp_path):
+    """The attention encodings are causal (query q over keys 0..q); a classifier attends both ways."""
+    from pipeline.teacher.capture import run_capture
+
+    with pytest.raises(KdcacheError, match="captures causal attention"):
+        run_capture(CacheConfig(top_k=2, attention_layers=(1,)), str(cls_teacher), str(cls_tokens.path),
+                    str(tmp_path / "t.zarr"))
+    assert not (tmp_path / "t.zarr").exists()
+
+
 @pytest.mark.parametrize("spec, chosen", [("every_other", [0, 2]), ("first:2", [0, 1]), ("layers:3,1", [3, 1])])
 def test_init_from_teacher_copies_exactly_the_chosen_layers(cls_tokens, spec, chosen):
     from pipeline.models import build_bert_classifier

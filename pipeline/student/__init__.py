@@ -3,6 +3,7 @@
 offline.py  read from cached stores (the product)
 online.py   the teacher runs in the loop (baseline)
 mutual.py   two students teach each other, no teacher (baseline)
+adversarial.py  offline, plus a discriminator between teacher and student outputs (--adversarial)
 setup.py    what the three share
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
+from pipeline.student.adversarial import run_adversarial
 from pipeline.student.mutual import mutual_peer_dir, run_mutual
 from pipeline.student.offline import run_offline
 from pipeline.student.online import run_online
@@ -30,6 +32,13 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]
     if unused[1]:
         print(f"[student] mode {config.mode} does not read {unused[0]}")
+    if config.mode != "offline" and config.schedule("gamma").bounds()[1] > 0:
+        raise KdcacheError(f"gamma > 0 distils cached attention, which mode {config.mode} does not read; "
+                           f"use mode offline with --targets captured with --attention-layer, or set gamma 0.")
+    if config.adversarial:
+        if config.mode != "offline" or not targets:
+            raise KdcacheError("--adversarial trains an offline student: use mode offline and pass --targets.")
+        return run_adversarial(config, tokens_dir, out, targets, files, add_targets, teacher_dir)
     if config.mode == "offline":
         return run_offline(config, tokens_dir, out, targets or None, files, add_targets, teacher_dir)
     if config.mode == "online":

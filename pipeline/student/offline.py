@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import hidden_size, num_layers
+from pipeline.models import hidden_size, num_layers, use_eager_attention, value_width
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -71,6 +71,50 @@ def check_cosine(config: StudentConfig, stores: list[TargetsStore], model) -> tu
     return num_layers(model), last
 
 
+def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> dict:
+    """Objective fields of the attention term (gamma that ever rises above 0), refused before training
+    when no store holds the attention it needs or the student cannot compute it; {} without gamma."""
+    if config.schedule("gamma").bounds()[1] <= 0:
+        return {}
+    if len(stores) != 1:
+        raise KdcacheError("gamma > 0 distils attention from one targets store; pass exactly one --targets "
+                           "captured with --attention-layer, or set gamma 0 (and no gamma_schedule).")
+    store, student_blocks = stores[0], num_layers(model)
+    captured = list(fmt.attribute(store.attrs, "attention_layers"))
+    if not captured:
+        raise KdcacheError(f"gamma > 0 asks for the attention loss, but {store.path} holds no attention; re-run "
+                           f"cache with --attention-layer L, or set gamma 0 (and no gamma_schedule).")
+    teacher_blocks = int(store.attrs["teacher_num_layers"])
+    if config.attention_loss == "minilm":
+        pairs = [(student_blocks, max(captured))]  # last block to the deepest captured one
+    else:
+        pairs = config.attention_pairs() or [(max(1, round(t * student_blocks / teacher_blocks)), t)
+                                             for t in captured]
+    missing = sorted({t for _, t in pairs} - set(captured))
+    bad_student = sorted({s for s, _ in pairs if not 1 <= s <= student_blocks})
+    if missing or bad_student:
+        raise KdcacheError(f"attention_layer_map pairs student blocks 1..{student_blocks} with captured teacher "
+                           f"blocks {captured}; {missing or bad_student} are not among them.")
+    relation_heads = int(fmt.attribute(store.attrs, "value_relation_heads"))
+    if config.attention_loss == "minilm" and relation_heads:
+        width = value_width(model, student_blocks)
+        if width % relation_heads:
+            raise KdcacheError(f"the store's value relations have {relation_heads} relation heads, which do not "
+                               f"divide the student's value width {width}; pick n_embd a multiple of "
+                               f"{relation_heads}, or re-capture with --relation-heads dividing {width}.")
+    use_eager_attention(model, "student")
+    return {"gamma": config.gamma, "attention_loss": config.attention_loss, "attention_pairs": pairs,
+            "relation_heads": relation_heads if config.attention_loss == "minilm" else 0}
+
+
+def attention_names(store: TargetsStore, fields: dict) -> list[str]:
+    """Stored arrays the attention term reads (each matrix's `_keys` / `_probs`)."""
+    matrices = {fmt.attention_array(t) for _, t in fields.get("attention_pairs", [])}
+    if fields.get("relation_heads"):
+        matrices |= {fmt.attention_array(t, "value_relation") for _, t in fields["attention_pairs"][-1:]}
+    return [name for name in store.array_names() if name.rpartition("_")[0] in matrices]
+
+
 def parse_targets(specs) -> list[tuple[str, float]]:
     """--targets values PATH or PATH:WEIGHT → [(path, weight)], weights normalised to sum 1.
 
@@ -109,13 +153,15 @@ def check_same_layout(stores: list[TargetsStore]) -> None:
 
 
 def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str | list[str] | None = None,
-                files: TrainFiles | str | None = None, add_targets=None, teacher_dir: str | None = None) -> dict:
+                files: TrainFiles | str | None = None, add_targets=None, teacher_dir: str | None = None,
+                logit_terms=(), stateful=()) -> dict:
     """Train one student from a token store (+ targets stores) and save it with save_pretrained.
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`); none:
     plain CE training. Everything that can be refused (fingerprints, vocabulary, layers) is checked
     before training. add_targets: called on every batch before its step (train_loop's hook; it may add the
     teacher's targets, as the online baseline does).
+    logit_terms, stateful: extra loss terms on the logits and their state (see adversarial.py).
     """
     tokens = TokenStore(tokens_dir)
     specs = parse_targets(targets)
@@ -124,6 +170,10 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
     model = build_student(config, tokens, teacher_dir=teacher_dir)  # the teacher only with --init-from-teacher
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0
+    if config.schedule("gamma").bounds()[1] > 0 and not stores:
+        raise KdcacheError("gamma > 0 asks for the attention loss: pass --targets captured with "
+                           "--attention-layer, or set gamma 0 (and no gamma_schedule).")
+    attention = attention_plan(config, stores, model) if stores else {}
     if stores:
         store = stores[0]
         if uses_hidden and len(stores) > 1:
@@ -158,11 +208,14 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     hidden_scale = store.hidden_width / int(store.attrs["hidden_size"]) if layer_pairs else 1.0
     objective = make_objective(config, tokens, distill, capture_temperature, kd_signal=kind,
                                layer_pairs=layer_pairs, projections=projections, hidden_scale=hidden_scale,
-                               teacher_weights=weights, cosine_pair=cosine_pair or (0, 0))
+                               teacher_weights=weights, cosine_pair=cosine_pair or (0, 0),
+                               logit_terms=list(logit_terms), **attention)
     names = [signal_names(s, kind) if distill else [] for s in stores]
     hidden_layers = [t for _, t in layer_pairs] + ([cosine_pair[1]] if cosine_pair else [])
     if hidden_layers:
         names[0] = names[0] + [fmt.hidden_array(t) for t in dict.fromkeys(hidden_layers)]
+    if attention:
+        names[0] = names[0] + attention_names(stores[0], attention)
     if config.verify:
         for each, its_names in zip(stores, names):
             if its_names:
@@ -173,6 +226,6 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     device = runtime.resolve_device(config.device)
     projections.to(device)
     history = train_loop(model, stream, config, objective, device, f"student {Path(out).name}",
-                         files, [projections], add_targets)
+                         files, [projections], add_targets, stateful)
     save_student(model, tokens, out, config, history, targets=paths, target_weights=list(weights))
     return history[-1]

@@ -73,7 +73,7 @@ def make_objective(config: StudentConfig, tokens: TokenStore, distill: bool, cap
     """The student's objective from its config; `fields` set the Objective fields a mode decides
     (targets kind, layer pairs, teacher weights...). temperature 0 means the capture temperature."""
     # Without KD, alpha and temperature stay out of the loss (and the log).
-    schedules = {name: s for name, s in config.schedules().items() if distill or name == "beta"}
+    schedules = {name: s for name, s in config.schedules().items() if distill or name in ("beta", "gamma")}
     return Objective(vocab_size=tokens.num_outputs, task=tokens.task, alpha=config.alpha if distill else 1.0,
                      cosine=config.cosine,
                      temperature=config.temperature or capture_temperature,

@@ -296,3 +296,79 @@ def encode_hidden(hidden: torch.Tensor, hidden_dtype: str = "float16") -> np.nda
 def decode_hidden(stored: np.ndarray, hidden_dtype: str = "float16") -> torch.Tensor:
     values = from_bfloat16_bits(stored) if hidden_dtype == "bfloat16" else np.asarray(stored, dtype=np.float32)
     return torch.from_numpy(values)
+
+
+# --- Attention rows: (R, H, T, T) row-stochastic, causal matrices ⇄ stored arrays -------------------
+# Roles: KEYS (which keys a row keeps, topk only) and PROBS. Every encoding decodes the same way: the
+# stored probabilities are placed, the mass they miss (1 − Σ stored) is spread evenly over the row's
+# causal keys that got nothing, and the row is renormalised, so a decoded row is a distribution over
+# keys 0..q (never 0 where the teacher had mass, so its KL is finite).
+
+KEYS, PROBS = "keys", "probs"
+ATTENTION_ENCODINGS = {
+    "topk": "per query row the K most attended keys (uint16) and their probabilities (float16)",
+    "q8": "every causal entry as 8 bits of sqrt(probability) (uint8, the upper triangle all zero)",
+    "fp16": "every entry as float16 (the reference; T values per row)",
+}
+
+
+def check_attention_encoding(name: str) -> None:
+    if name not in ATTENTION_ENCODINGS:
+        raise KdcacheError(f"unknown attention encoding {name!r}; choose one of {', '.join(ATTENTION_ENCODINGS)}.")
+
+
+def attention_arrays(encoding: str, heads: int, block: int, top_k: int) -> dict[str, tuple[tuple, str]]:
+    """role -> (per-row shape, dtype) of one attention matrix in `encoding` (H heads, T = block)."""
+    check_attention_encoding(encoding)
+    if encoding == "topk":
+        return {KEYS: ((heads, block, top_k), "uint16"), PROBS: ((heads, block, top_k), "float16")}
+    return {PROBS: ((heads, block, block), "uint8" if encoding == "q8" else "float16")}
+
+
+def attention_bytes_per_token(encoding: str, heads: int, block: int, top_k: int) -> float:
+    """Raw (uncompressed) bytes per token of one attention matrix in `encoding`."""
+    specs = attention_arrays(encoding, heads, block, top_k).values()
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs) / block
+
+
+def encode_attention(probs: torch.Tensor, encoding: str, top_k: int = 0) -> dict[str, np.ndarray]:
+    """(R, H, T, T) attention probabilities (rows sum to 1, zero above the diagonal) → arrays by role."""
+    check_attention_encoding(encoding)
+    probs = probs.float()
+    if encoding == "topk":
+        kept, keys = probs.topk(min(top_k, probs.shape[-1]), dim=-1, sorted=True)  # (R, H, T, K)
+        # Rows with fewer than K causal keys pick zero-probability keys above the diagonal: harmless,
+        # a zero places nothing.
+        return {KEYS: keys.cpu().numpy().astype(np.uint16), PROBS: kept.cpu().numpy().astype(np.float16)}
+    if encoding == "q8":
+        # sqrt spreads the 255 levels towards small probabilities (the ones KL is sensitive to).
+        codes = torch.round(probs.clamp(0, 1).sqrt() * 255)
+        return {PROBS: codes.cpu().numpy().astype(np.uint8)}
+    return {PROBS: probs.cpu().numpy().astype(np.float16)}
+
+
+def decode_attention(stored: dict[str, np.ndarray], encoding: str) -> torch.Tensor:
+    """Arrays by role → (R, H, T, T) float32 causal rows that each sum to 1 (see above)."""
+    check_attention_encoding(encoding)
+    if encoding == "topk":
+        keys = torch.from_numpy(stored[KEYS].astype(np.int64))
+        kept = torch.from_numpy(stored[PROBS].astype(np.float32))
+        block = kept.shape[-2]
+        dense = torch.zeros((*kept.shape[:-1], block)).scatter_(-1, keys, kept)
+    elif encoding == "q8":
+        dense = (torch.from_numpy(stored[PROBS].astype(np.float32)) / 255).square()
+    else:
+        dense = torch.from_numpy(stored[PROBS].astype(np.float32))
+    return fill_rows(dense)
+
+
+def fill_rows(dense: torch.Tensor) -> torch.Tensor:
+    """(..., T, T) partial causal rows → rows summing to 1: the missing mass spread evenly over the
+    causal keys that hold nothing, then renormalised."""
+    block = dense.shape[-1]
+    causal = torch.ones(block, block, dtype=torch.bool).tril()
+    dense = dense.clamp(min=0) * causal
+    empty = causal & (dense == 0)  # (..., T, T)
+    missing = (1 - dense.sum(-1, keepdim=True)).clamp(min=0)  # (..., T, 1)
+    dense = dense + empty * missing / empty.sum(-1, keepdim=True).clamp(min=1)
+    return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)

@@ -44,6 +44,7 @@ SAMPLED_IDS = "sampled_ids"      # (R, P, N) ids drawn from the teacher, distinc
 SAMPLED_COUNTS = "sampled_counts"  # (R, P, N) uint8 draw counts of those ids (0 for padding); sum N
 HIDDEN_PREFIX = "hidden_layer_"
 TARGET_POSITIONS = "target_positions"  # (R, P) uint16: masked LM, the block positions the targets are at
+ATTENTION_KINDS = ("attention", "value_relation")  # attention_layer_L, value_relation_layer_L
 
 
 def hidden_array(layer: int) -> str:
@@ -54,6 +55,16 @@ def hidden_array(layer: int) -> str:
 def hidden_basis_arrays(layer: int) -> tuple[str, str]:
     """With hidden_rank P > 0: the layer's basis (D, P) float32 and mean (D,) float32, written once."""
     return f"hidden_basis_layer_{layer}", f"hidden_mean_layer_{layer}"
+
+
+def attention_array(layer: int, kind: str = "attention") -> str:
+    """Decoded attention of teacher block `layer` (1..L): (R, H, T, T) float32, rows summing to 1.
+
+    kind "attention": softmax(QKᵀ/√d) of each head; "value_relation": softmax(VVᵀ/√d) causal, of each
+    of the store's `value_relation_heads` relation heads (MiniLM). Stored as `{this}_{role}` arrays
+    (codecs.attention_arrays: `_probs`, and `_keys` for the topk encoding).
+    """
+    return f"{kind}_layer_{layer}"
 
 
 def params_array(encoding: str) -> str:
@@ -73,12 +84,14 @@ IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fing
                  "rows", "block_size", "vocab_size", "capture_temperature", "top_k", "top_p", "min_k",
                  "encoding", "ids_dtype", "layers", "hidden_size", "hidden_dtype", "hidden_rank",
                  "hidden_fit_rows", "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed",
-                 "task", "mask_count")
+                 "task", "mask_count", "attention_layers", "attention_encoding", "attention_top_k",
+                 "attention_heads", "value_relation_heads")
 
 # Identity keys added after format version 1, with the value that means "off": an older store (or an
 # identity) without them holds that value.
 IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0, "task": "causal",
-                     "mask_count": 0}
+                     "mask_count": 0, "attention_layers": [], "attention_encoding": "", "attention_top_k": 0,
+                     "attention_heads": 0, "value_relation_heads": 0}
 # Attributes renamed since: new name -> the name older stores use.
 RENAMED = {"capture_temperature": "temperature"}
 
@@ -253,7 +266,47 @@ class Positions:
         return name == TARGET_POSITIONS
 
 
-SIGNALS = {"topk": TopK(), "sampled": Sampled(), "hidden": Hidden(), "positions": Positions()}
+class Attention:
+    """Attention matrices of the captured teacher blocks (all heads), and their value relations."""
+
+    def present(self, identity: dict) -> bool:
+        return bool(attribute(identity, "attention_layers"))
+
+    def matrices(self, identity: dict) -> dict[str, int]:
+        """Decoded name (attention_array) -> its head count, for every stored matrix."""
+        heads = {"attention": int(attribute(identity, "attention_heads")),
+                 "value_relation": int(attribute(identity, "value_relation_heads"))}
+        return {attention_array(layer, kind): heads[kind] for layer in attribute(identity, "attention_layers")
+                for kind in ATTENTION_KINDS if heads[kind]}
+
+    def names(self, identity: dict) -> list[str]:
+        return list(self.arrays(identity))
+
+    def arrays(self, identity: dict) -> dict[str, tuple[tuple, str]]:
+        encoding, top_k = attribute(identity, "attention_encoding"), int(attribute(identity, "attention_top_k"))
+        block = int(identity["block_size"])
+        return {f"{matrix}_{role}": spec for matrix, heads in self.matrices(identity).items()
+                for role, spec in codecs.attention_arrays(encoding, heads, block, top_k).items()}
+
+    def encode(self, targets, identity):
+        encoding, top_k = attribute(identity, "attention_encoding"), int(attribute(identity, "attention_top_k"))
+        return {f"{matrix}_{role}": array for matrix in self.matrices(identity)
+                for role, array in codecs.encode_attention(targets[matrix], encoding, top_k).items()}
+
+    def decode(self, stored, attrs):
+        by_matrix: dict[str, dict] = {}
+        for name, array in stored.items():
+            matrix, _, role = name.rpartition("_")
+            by_matrix.setdefault(matrix, {})[role] = array
+        encoding = attribute(attrs, "attention_encoding")
+        return {matrix: codecs.decode_attention(roles, encoding) for matrix, roles in by_matrix.items()}
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(tuple(f"{kind}_layer_" for kind in ATTENTION_KINDS))
+
+
+SIGNALS = {"topk": TopK(), "sampled": Sampled(), "hidden": Hidden(), "positions": Positions(),
+           "attention": Attention()}
 
 
 def array_specs(identity: dict) -> dict[str, tuple[tuple, str]]:
@@ -268,7 +321,8 @@ def array_names(attrs: dict) -> list[str]:
 
 
 def signal_names(attrs: dict, signal: str) -> list[str]:
-    """Arrays that hold one signal ("topk", "sampled", "hidden", "positions") of a store; [] if not captured."""
+    """Arrays that hold one signal ("topk", "sampled", "hidden", "positions", "attention") of a store; [] if
+    not captured."""
     chosen = SIGNALS[signal]
     return chosen.names(attrs) if chosen.present(attrs) else []
 

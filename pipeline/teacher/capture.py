@@ -16,9 +16,10 @@ from pipeline import runtime
 from pipeline.config import CacheConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import check_fits, hidden_size, num_layers
+from pipeline.models import check_fits, hidden_size, num_heads, num_layers, use_eager_attention, value_width
 from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
 from pipeline.targets.ids import ids_dtype
 from pipeline.targets.location import Location
@@ -44,7 +45,57 @@ def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
         "task": tokens.task_name, "mask_count": int(tokens.meta.get("mask_count", 0)),
+        **attention_identity(config, model, tokens),
     }
+
+
+def attention_identity(config: CacheConfig, model, tokens: TokenStore) -> dict:
+    """The attention fields of a capture's identity, refusing (before the teacher runs) a layer the
+    teacher lacks, value relations it cannot compute, or an encoding over --attention-budget."""
+    layers, block = sorted(set(config.attention_layers)), tokens.block_size
+    if not layers:
+        return {"attention_layers": [], "attention_encoding": "", "attention_top_k": 0, "attention_heads": 0,
+                "value_relation_heads": 0}
+    if tokens.task_name != "causal":  # the encodings and value relations assume causal rows (keys 0..q)
+        raise KdcacheError(f"--attention-layer captures causal attention (each query over keys 0..q); the "
+                           f"{tokens.task_name} token store's teacher attends both ways. Capture without "
+                           f"--attention-layer.")
+    blocks = num_layers(model)
+    bad = [layer for layer in layers if layer > blocks]
+    if bad:
+        raise KdcacheError(f"teacher has attention in blocks 1..{blocks}; --attention-layer {bad} does not exist.")
+    heads, relation_heads = num_heads(model), 0
+    if config.value_relations:
+        relation_heads = config.relation_heads or heads
+        width = value_width(model, 1)
+        if width % relation_heads:
+            raise KdcacheError(f"--relation-heads {relation_heads} does not divide the teacher's value width "
+                               f"{width}; choose a divisor of {width}.")
+    encoding, budget = config.attention_encoding, config.attention_budget
+    if encoding == "topk" and block > 65536:
+        raise KdcacheError(f"the topk attention encoding stores keys as uint16 and cannot index {block} "
+                           f"positions; use --attention-encoding q8.")
+    size = lambda k: sum(codecs.attention_bytes_per_token(encoding, h, block, k)  # noqa: E731
+                         for h in (heads, relation_heads) if h)
+    top_k = 0
+    if encoding == "topk":
+        top_k = min(config.attention_top_k or block, block)
+        if not config.attention_top_k and budget:
+            top_k = min(block, int(budget // size(1)))  # as many keys as the budget holds
+            if top_k < 1:
+                raise KdcacheError(f"--attention-budget {budget} bytes/token/layer cannot hold one key per "
+                                   f"row of {heads + relation_heads} matrices ({size(1):g} bytes); raise it to "
+                                   f"{size(1):g}, or capture --no-value-relations.")
+    if budget and size(top_k) > budget:
+        per_key = sum(codecs.attention_bytes_per_token("topk", h, block, 1) for h in (heads, relation_heads) if h)
+        raise KdcacheError(f"attention encoding {encoding}"
+                           + (f" with {top_k} keys per row" if encoding == "topk" else "")
+                           + f" needs {size(top_k):g} bytes/token/layer, over --attention-budget {budget}; "
+                           f"raise the budget, or use --attention-encoding topk with --attention-top-k "
+                           f"{min(int(budget // per_key), block)} or less.")
+    use_eager_attention(model, "teacher")
+    return {"attention_layers": layers, "attention_encoding": encoding, "attention_top_k": top_k,
+            "attention_heads": heads, "value_relation_heads": relation_heads}
 
 
 def capture_top_k(config: CacheConfig, tokens: TokenStore) -> int:
@@ -201,7 +252,8 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
                 targets = teacher_targets(model, batch["input_ids"], tokens.num_outputs, identity["top_k"],
                                           config.capture_temperature, identity["layers"], config.samples,
                                           generator, top_p=config.top_p, min_k=config.min_k,
-                                          task=tokens.task, rows=batch)
+                                          task=tokens.task, rows=batch, attention_layers=identity["attention_layers"],
+                                          value_relation_heads=identity["value_relation_heads"])
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))
             bar.update((hi - lo) * block_size)

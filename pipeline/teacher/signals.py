@@ -1,4 +1,4 @@
-"""What a teacher contributes per position: top-k log-probs + tail mass, samples, hidden states.
+"""What a teacher contributes per position: top-k log-probs + tail mass, samples, hidden states, attention.
 
 `teacher_targets` is the single definition; the capture stores its output, and the online-KD and
 mutual-learning baselines compute it inside the training loop. Shapes: B rows, T tokens per row,
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import KdcacheError
+from pipeline.losses.attention import value_relation
+from pipeline.models import ValueStates
 from pipeline.targets import format as fmt
 from pipeline.tasks import CAUSAL
 
@@ -61,7 +63,8 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
                     capture_temperature: float = 1.0, layers=(), num_samples: int = 0,
                     generator: torch.Generator | None = None, top_p: float = 1.0,
                     min_k: int = 1, task=CAUSAL, attention_mask: torch.Tensor | None = None,
-                    rows: dict | None = None) -> dict[str, torch.Tensor]:
+                    rows: dict | None = None, attention_layers=(),
+                    value_relation_heads: int = 0) -> dict[str, torch.Tensor]:
     """What the teacher contributes for a batch (B, T) of token ids.
 
     Returns topk_ids (B, P, K) int64 sorted by probability, topk_logprobs (B, P, K) float32 at
@@ -75,10 +78,16 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     For classification, vocab_size is the number of labels C, P = 1 and attention_mask (B, T) is given.
     rows: the batch as TokenStore.rows gives it (ids and the task's columns), instead of input_ids and
     attention_mask; for masked LM P = M, the rows' mask_positions, returned as target_positions (B, M).
+    With attention_layers (blocks 1..L; the model must be in eager attention, models.use_eager_attention)
+    it also returns attention_layer_{l} (B, H, T, T) and, with value_relation_heads R > 0,
+    value_relation_layer_{l} (B, R, T, T) (losses.value_relation of the block's values).
     """
     if rows is None:
         rows = {"input_ids": input_ids, **({} if attention_mask is None else {"attention_mask": attention_mask})}
-    out = model(**task.model_inputs(rows), output_hidden_states=bool(layers))
+    # output_attentions only when asked: a teacher (or a stand-in) need not take the argument otherwise.
+    asked = {"output_attentions": True} if attention_layers else {}
+    with ValueStates(model, attention_layers if value_relation_heads else ()) as values:
+        out = model(**task.model_inputs(rows), output_hidden_states=bool(layers), **asked)
     logits = task.target_logits(out.logits[..., :vocab_size], rows)  # (B, P, V)
     logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
     result = {}
@@ -96,6 +105,11 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
         result[fmt.TARGET_POSITIONS] = rows["mask_positions"]
     for layer in layers:
         result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
+    for layer in attention_layers:
+        result[fmt.attention_array(layer)] = out.attentions[layer - 1].float()
+        if value_relation_heads:
+            relation = value_relation(values[layer], value_relation_heads)
+            result[fmt.attention_array(layer, "value_relation")] = relation
     if num_samples > 0:
         result[fmt.SAMPLED_IDS], result[fmt.SAMPLED_COUNTS] = sample_targets(logprobs, num_samples, generator)
     return result

@@ -143,12 +143,14 @@ def micro_batches(batch: dict, count: int) -> list[tuple[dict, float]]:
 def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: Objective,
                device: torch.device, desc: str, files: TrainFiles | str | Path | None = None,
                extra_modules: list[torch.nn.Module] = (),
-               add_targets: Callable[[dict], dict] | None = None) -> list[dict]:
+               add_targets: Callable[[dict], dict] | None = None, stateful=()) -> list[dict]:
     """Train until max_steps or epochs is reached. Returns the per-step history (also CSV at files.log).
 
     files: a TrainFiles, or just the path of the loss CSV.
     add_targets: fills a batch's targets on the fly (the online-KD baseline); None reads them from the stream.
     Under torchrun every rank calls this with its own stream; rank 0 alone writes files.
+    stateful: objects with state_dict / load_state_dict that train beside the model on their own (the
+    adversarial student's discriminator and its optimizer): saved in checkpoints, restored on resume.
     """
     files = files if isinstance(files, TrainFiles) else TrainFiles(log=files)
     world, main = runtime.world_size(), runtime.is_main()
@@ -185,6 +187,8 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         for module, module_state in zip(extra_modules, state["extra"]):
             module.load_state_dict(module_state)
         optimizer.load_state_dict(state["optimizer"])
+        for each, each_state in zip(stateful, state.get("stateful", [])):
+            each.load_state_dict(each_state)
         history, val_history = state["history"], state["val_history"]
         step, epoch, done_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
         checkpoint.set_rng_state(state["rng"])
@@ -197,7 +201,8 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
     def save(position: tuple[int, int]) -> None:
         state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra_modules],
                  "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                 "history": history, "val_history": val_history}
+                 "history": history, "val_history": val_history,
+                 "stateful": [each.state_dict() for each in stateful]}
         run = {**identity, "step": step, "epoch": position[0], "batches_in_epoch": position[1]}
         checkpoint.save_checkpoint(files.checkpoint_dir, state, run)
         write_logs()

@@ -1,4 +1,4 @@
-"""The per-batch training objective: α·CE(hard labels) + (1−α)·τ²·KD + β·hidden loss (DESIGN §4),
+"""The per-batch training objective: α·CE(hard labels) + (1−α)·τ²·KD + β·hidden + γ·attention (DESIGN §4),
 plus, optionally, DistilBERT's cosine loss on the last hidden state (weight `cosine`).
 
 Shapes: B batch, T block, N = B·T positions, V vocab, K top-k, D hidden width. Logits are cut to the
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline import losses
 from pipeline.config import SCHEDULED
+from pipeline.models import ValueStates
 from pipeline.schedules import Schedule
 from pipeline.targets import format as fmt
 from pipeline.tasks import CAUSAL
@@ -43,11 +44,18 @@ class Objective:
     teacher_weights: tuple[float, ...] = (1.0,)  # one per targets store, summing to 1
     multi_teacher: str = "mixture"  # or "sum" (see StudentConfig.multi_teacher)
     task: object = CAUSAL
+    gamma: float = 0.0
+    attention_loss: str = "minilm"  # or "tinybert" (losses.ATTENTION_LOSSES)
+    attention_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student block, teacher block), 1..L
+    relation_heads: int = 0  # R of the store's value relations (minilm); 0: attention KL alone
+    # Extra terms on the logits, e.g. the adversarial student's: term(logits (N, V), targets) → parts,
+    # whose "weighted" entry is added to the loss and the rest logged. Not with loss_chunk.
+    logit_terms: list = field(default_factory=list)
     cosine: float = 0.0  # weight of 1 − cos(student's last hidden state, teacher's cached last layer)
     cosine_pair: tuple[int, int] = (0, 0)  # (student layer, teacher layer); projections["cosine"] if widths differ
 
     def values_at(self, progress: float) -> dict[str, float]:
-        """alpha, temperature and beta at this fraction of training (a schedule overrides the field)."""
+        """alpha, temperature, beta and gamma at this fraction of training (a schedule overrides the field)."""
         return {name: self.schedules[name].at(progress) if name in self.schedules else getattr(self, name)
                 for name in SCHEDULED}
 
@@ -68,17 +76,28 @@ class Objective:
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
         output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
         output_hidden = output_hidden or self.cosine > 0
-        if self.loss_chunk:
-            out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False)
-            parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
-                                              targets, temperature)
-        else:
-            out = model(**self.task.model_inputs(batch), output_hidden_states=output_hidden)
-            flat = self.task.target_logits(out.logits[..., : self.vocab_size], batch).flatten(0, 1)  # (N, V)
-            parts = self.logit_losses(flat, labels, ce_mask, targets, temperature)
+        gamma = values["gamma"]
+        output_attention = bool(self.attention_pairs and (gamma or "gamma" in self.schedules))  # and gamma
+        value_layers = [self.attention_pairs[-1][0]] if output_attention and self.uses_value_relations() else []
+        asked = {"output_attentions": True} if output_attention else {}  # as the plain model call had it
+        with ValueStates(model, value_layers) as value_states:
+            flat = None  # the (N, V) logits, for logit_terms
+            if self.loss_chunk:
+                out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False,
+                                       **asked)
+                parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
+                                                  targets, temperature)
+            else:
+                out = model(**self.task.model_inputs(batch), output_hidden_states=output_hidden, **asked)
+                flat = self.task.target_logits(out.logits[..., : self.vocab_size], batch).flatten(0, 1)  # (N, V)
+                parts = self.logit_losses(flat, labels, ce_mask, targets, temperature)
         loss = alpha * parts["ce"]
         if "kd" in parts:
             loss = loss + (1 - alpha) * temperature**2 * parts["kd"]
+        for term in self.logit_terms:
+            extra = term(flat, targets)
+            loss = loss + extra.pop("weighted")
+            parts.update(extra)
         if self.cosine:
             s, t = self.cosine_pair
             student_hidden = out.hidden_states[s]  # (B, T, D_s)
@@ -94,9 +113,25 @@ class Objective:
                 hidden.append(losses.hidden_mse(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
             parts["hidden"] = self.hidden_scale * torch.stack(hidden).mean()
             loss = loss + beta * parts["hidden"]
+        if output_attention:
+            parts["attention"] = self.attention_term(out.attentions, value_states, batch)
+            loss = loss + gamma * parts["attention"]
         parts["loss"] = loss
         parts.update({name: torch.tensor(values[name]) for name in self.schedules})  # logged per step
         return parts
+
+    def uses_value_relations(self) -> bool:
+        return self.attention_loss == "minilm" and self.relation_heads > 0
+
+    def attention_term(self, attentions, value_states: dict, batch: dict) -> torch.Tensor:
+        """tinybert: mean attention MSE over the block pairs; minilm: the last pair's attention KL
+        (+ value-relation KL). attentions: the student's, one (B, H, T, T) per block."""
+        if self.attention_loss == "tinybert":
+            return torch.stack([losses.attention_mse(attentions[s - 1], batch[fmt.attention_array(t)])
+                                for s, t in self.attention_pairs]).mean()
+        s, t = self.attention_pairs[-1]
+        relation = batch[fmt.attention_array(t, "value_relation")] if self.uses_value_relations() else None
+        return losses.minilm_loss(attentions[s - 1], batch[fmt.attention_array(t)], value_states.get(s), relation)
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""

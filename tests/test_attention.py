@@ -1,0 +1,209 @@
+"""Attention targets: capture round-trips to the model's own attention; TinyBERT / MiniLM losses
+against their dense definitions; refusals before any work; a student trained with gamma."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import losses
+from pipeline.config import CacheConfig, ModelShape, StudentConfig, TeacherConfig
+from pipeline.data.tokens import TokenStore
+from pipeline.errors import KdcacheError
+from pipeline.models import build_gpt2, use_eager_attention
+from pipeline.student import run_student
+from pipeline.targets import codecs
+from pipeline.targets import format as fmt
+from pipeline.teacher.capture import run_capture
+from pipeline.teacher.load import load_teacher
+from pipeline.training.teacher import materialise_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(small_tokens):
+    return TokenStore(small_tokens)  # about 100 rows of 32 tokens: captures take seconds
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_tokens, tmp_path_factory):
+    """A default teacher of 2 blocks, 2 heads, width 32 (a few steps)."""
+    out = tmp_path_factory.mktemp("attention") / "teacher"
+    config = TeacherConfig(n_layer=2, n_embd=32, n_head=2, max_steps=2, batch_size=4, device="cpu")
+    materialise_teacher(config, str(tiny_tokens.path), str(out))
+    return out
+
+
+def capture(teacher_dir, tokens, out, **settings):
+    config = CacheConfig(**{"top_k": 4, "batch_size": 32, "rows_per_chunk": 8, "rows_per_shard": 32,
+                            "attention_layers": (1, 2), "attention_budget": 0, **settings})
+    return run_capture(config, str(teacher_dir), str(tokens.path), str(out))
+
+
+def own_attention(teacher_dir, tokens, rows):
+    """The teacher's own eager attentions and (by hand) its value relations for `rows`."""
+    model, _ = load_teacher(teacher_dir)
+    model.set_attn_implementation("eager")
+    ids = torch.from_numpy(tokens.blocks("train")[rows].astype(np.int64))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+        relations, D = [], model.config.n_embd
+        for layer, block in enumerate(model.transformer.h):  # GPT-2: values are the last third of c_attn(ln_1(h))
+            values = block.attn.c_attn(block.ln_1(out.hidden_states[layer]))[..., 2 * D:]  # (B, T, D)
+            heads = values.reshape(*values.shape[:2], 2, D // 2).transpose(1, 2)  # (B, 2, T, D/2)
+            scores = heads @ heads.transpose(-1, -2) / math.sqrt(D // 2)
+            T = scores.shape[-1]
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            relations.append(torch.softmax(scores, -1))
+    return out.attentions, relations
+
+
+@pytest.mark.parametrize("encoding, tolerance", [("fp16", 2e-3), ("topk", 2e-3), ("q8", 2e-2)])
+def test_capture_round_trips_to_the_models_own_attention(teacher_dir, tiny_tokens, tmp_path, encoding, tolerance):
+    block = tiny_tokens.block_size
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", attention_encoding=encoding,
+                    attention_top_k=block)  # topk keeping every key: lossless up to float16
+    assert fmt.attribute(store.attrs, "attention_layers") == [1, 2]
+    assert fmt.attribute(store.attrs, "value_relation_heads") == 2
+    rows = slice(17, 20)
+    decoded = store.decode(store.read_rows(rows.start, rows.stop))
+    attentions, relations = own_attention(teacher_dir, tiny_tokens, rows)
+    for layer in (1, 2):
+        got = decoded[fmt.attention_array(layer)]
+        assert got.shape == (3, 2, block, block)
+        torch.testing.assert_close(got.sum(-1), torch.ones(3, 2, block))
+        torch.testing.assert_close(got, attentions[layer - 1], atol=tolerance, rtol=0)
+        torch.testing.assert_close(decoded[fmt.attention_array(layer, "value_relation")], relations[layer - 1],
+                                   atol=tolerance, rtol=0)
+
+
+def test_topk_rows_keep_the_missing_mass_on_the_other_causal_keys():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # one query row q = 3 of a 4-token block
+    dense = torch.zeros(1, 1, 4, 4)
+    dense[0, 0] = torch.tril(torch.ones(4, 4)) / torch.arange(1, 5).unsqueeze(1)
+    dense[0, 0, 3] = probs
+    decoded = codecs.decode_attention(codecs.encode_attention(dense, "topk", top_k=2), "topk")
+    torch.testing.assert_close(decoded[0, 0, 3], torch.tensor([0.5, 0.3, 0.1, 0.1]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(decoded[0, 0, 0], torch.tensor([1.0, 0, 0, 0]))  # the first row is exact
+
+
+def test_capture_refusals_come_before_the_teacher_runs(teacher_dir, tiny_tokens, tmp_path):
+    out = tmp_path / "t.zarr"
+    with pytest.raises(KdcacheError, match=r"blocks 1..2; --attention-layer \[3\] does not exist"):
+        capture(teacher_dir, tiny_tokens, out, attention_layers=(3,))
+    with pytest.raises(KdcacheError, match="needs 128 bytes/token/layer, over --attention-budget 100.*"
+                                           "--attention-top-k 6 or less"):
+        capture(teacher_dir, tiny_tokens, out, attention_encoding="q8", attention_budget=100)
+    with pytest.raises(KdcacheError, match="cannot hold one key"):
+        capture(teacher_dir, tiny_tokens, out, attention_budget=8)
+    assert not out.exists()  # nothing half-written
+    store = capture(teacher_dir, tiny_tokens, out, attention_budget=100)  # topk: as many keys as fit
+    assert fmt.attribute(store.attrs, "attention_top_k") == 6
+
+
+class NoAttentionGPT2(__import__("transformers").GPT2LMHeadModel):
+    """A real GPT-2 whose outputs drop the attention weights, as models without an eager path do."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.attentions = None
+        return out
+
+
+def test_a_model_that_returns_no_attention_is_refused():
+    model = build_gpt2(ModelShape(n_layer=1, n_embd=16, n_head=2), 50, 8)
+    use_eager_attention(model, "teacher")  # a GPT-2 can
+    silent = NoAttentionGPT2(model.config)
+    with pytest.raises(KdcacheError, match="returns no attention weights"):
+        use_eager_attention(silent, "teacher")
+
+
+def dense_kl(t, s):
+    return sum(t[i] * (math.log(t[i]) - math.log(s[i])) for i in range(len(t)) if t[i] > 0)
+
+
+def test_minilm_with_equal_heads_is_its_dense_definition():
+    torch.manual_seed(0)
+    B, H, T, D = 2, 2, 5, 8
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    rows = lambda x: torch.softmax(x.masked_fill(~causal, float("-inf")), -1)  # noqa: E731
+    teacher_attention, student_attention = rows(torch.randn(B, H, T, T)), rows(torch.randn(B, H, T, T))
+    teacher_values, student_values = torch.randn(B, T, D), torch.randn(B, T, D)
+    teacher_relation = losses.value_relation(teacher_values, H)
+    loss = losses.minilm_loss(student_attention, teacher_attention, student_values, teacher_relation)
+
+    expected = 0.0
+    for b in range(B):
+        for h in range(H):
+            vt = teacher_values[b, :, h * 4:(h + 1) * 4].double()
+            vs = student_values[b, :, h * 4:(h + 1) * 4].double()
+            for q in range(T):
+                # softmax over keys 0..q of v_q · v_k / sqrt(d), per relation head
+                rel_t = torch.softmax(vt[:q + 1] @ vt[q] / 2.0, 0).tolist()
+                rel_s = torch.softmax(vs[:q + 1] @ vs[q] / 2.0, 0).tolist()
+                expected += dense_kl(teacher_attention[b, h, q, :q + 1].tolist(),
+                                     student_attention[b, h, q, :q + 1].tolist())
+                expected += dense_kl(rel_t, rel_s)
+    assert float(loss) == pytest.approx(expected / (B * H * T), rel=1e-5)
+    assert float(losses.minilm_loss(teacher_attention, teacher_attention, teacher_values, teacher_relation)) \
+        == pytest.approx(0.0, abs=1e-6)
+
+
+def test_minilm_and_tinybert_take_other_head_counts_and_widths():
+    torch.manual_seed(1)
+    T = 6
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    rows = lambda x: torch.softmax(x.masked_fill(~causal, float("-inf")), -1)  # noqa: E731
+    teacher = rows(torch.randn(1, 4, T, T))
+    student = teacher.reshape(1, 2, 2, T, T).mean(2)  # 2 heads, each the mean of 2 teacher heads
+    assert float(losses.attention_kl(student, teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.attention_mse(student, teacher)) == pytest.approx(0.0, abs=1e-12)
+    other = rows(torch.randn(1, 3, T, T))  # 3 heads against 4: both sides collapse to their mean
+    mse = losses.attention_mse(other, teacher)
+    assert float(mse) == pytest.approx(float((other.mean(1) - teacher.mean(1)).pow(2).sum(-1).mean()))
+    relation = losses.value_relation(torch.randn(1, T, 16), 4)  # teacher width 16, student width 8
+    value_loss = losses.minilm_loss(student, teacher, torch.randn(1, T, 8, requires_grad=True), relation)
+    assert torch.isfinite(value_loss) and value_loss > 0
+
+
+def test_student_distils_attention_and_refuses_stores_without_it(teacher_dir, tiny_tokens, tmp_path):
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", attention_budget=256)
+    common = dict(n_layer=1, n_embd=16, n_head=4, batch_size=4, max_steps=2, device="cpu", alpha=0.5)
+    for loss_name in ("minilm", "tinybert"):
+        last = run_student(StudentConfig(**common, gamma=1.0, gamma_schedule="linear:1:0",
+                                         attention_loss=loss_name), str(tiny_tokens.path),
+                           str(tmp_path / loss_name), str(store.path))
+        assert last["attention"] > 0 and "gamma" in last
+    plain = capture(teacher_dir, tiny_tokens, tmp_path / "plain.zarr", attention_layers=())
+    with pytest.raises(KdcacheError, match="holds no attention; re-run cache with --attention-layer"):
+        run_student(StudentConfig(**common, gamma=0.5), str(tiny_tokens.path), str(tmp_path / "x"), str(plain.path))
+    with pytest.raises(KdcacheError, match="relation heads, which do not divide the student's value width 9"):
+        run_student(StudentConfig(**{**common, "n_embd": 9, "n_head": 3}, gamma=0.5), str(tiny_tokens.path),
+                    str(tmp_path / "y"), str(store.path))
+
+
+@pytest.mark.parametrize("encoding", ["topk", "q8", "fp16"])
+def test_format_md_numpy_reader_agrees_with_decode(encoding, tmp_path):
+    import re
+    from pathlib import Path
+
+    import zarr
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    scope = {"np": np}
+    exec(re.search(r"```python\n(def read_attention.*?)```", text, re.S).group(1), scope)
+    torch.manual_seed(2)
+    T = 6
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attention = torch.softmax(torch.randn(2, 3, T, T).masked_fill(~causal, float("-inf")), -1)
+    identity = {"block_size": T, "attention_layers": [1], "attention_encoding": encoding,
+                "attention_top_k": 3 if encoding == "topk" else 0, "attention_heads": 3, "value_relation_heads": 0}
+    stored = fmt.encode_targets({fmt.attention_array(1): attention}, identity)
+    assert set(stored) == set(fmt.array_specs(identity))
+    group = zarr.open_group(tmp_path / "a.zarr", mode="w", attributes=identity)
+    for name, array in stored.items():
+        assert array.shape[1:] == fmt.array_specs(identity)[name][0]
+        group.create_array(name, data=array)
+    expected = fmt.decode_rows(stored, identity)[fmt.attention_array(1)]
+    got = scope["read_attention"](group, "attention_layer_1", slice(None))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
