@@ -192,7 +192,7 @@ def check_same_tokenizer(model_dir: str, tokens, what: str = "the student",
         example = f"; e.g. {differing[0][0]!r} is id {theirs.get(differing[0][0])} in {model_dir}, " \
                   f"{ours.get(differing[0][0])} in the token store" if differing else ""
         raise KdcacheError(f"{what}'s vocabulary ({model_dir}, {len(theirs)} ids) differs from the token "
-                           f"store's ({tokens.path}, {len(ours)} ids){example}; {fix}.")
+                           f"store's ({tokens.name}, {len(ours)} ids){example}; {fix}.")
 
 
 def check_chunkable(model) -> None:

@@ -4,9 +4,11 @@ chosen requests (the server freezes there, the process gets SIGKILL) and resumed
 the uninterrupted local capture, array for array and checksum for checksum."""
 
 import itertools
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,25 +125,40 @@ def cache(kdcache, small_teacher, small_tokens):
     return run
 
 
-def test_capture_verify_inspect_and_student_on_s3(kdcache, cache, bucket, small_tokens, small_targets, tmp_path):
-    url = f"{bucket}/runs/targets.zarr"
-    result = cache(url)
+def test_prepare_capture_verify_inspect_and_student_on_s3(kdcache, bucket, small_corpus, small_tokens,
+                                                         small_teacher, small_targets, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))  # local copies of token stores at URLs
+    monkeypatch.chdir(tmp_path)
+    tokens, url = f"{bucket}/runs/tokens", f"{bucket}/runs/targets.zarr"
+    result = kdcache("prepare", "--out", tokens, "--corpus", small_corpus, "--vocab-size", 300,
+                     "--block-size", 32, "--val-fraction", 0.3)  # as small_tokens
+    assert result.exit_code == 0, result.output
+    fingerprint = json.loads((small_tokens / "meta.json").read_text())["fingerprint"]
+    assert fingerprint in result.output and (tmp_path / "cache" / "tokens" / fingerprint / "train.arrow").exists()
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", tokens, "--out", url, *SETTINGS)
     assert result.exit_code == 0, result.output
     assert_same_store(url, small_targets)
-    assert not (Path.cwd() / "s3:").exists()
+    assert os.listdir(tmp_path) == ["cache"]  # nothing written to local `s3:` directories
     assert kdcache("verify", url).exit_code == 0
     shown = kdcache("inspect", url)
     assert shown.exit_code == 0 and "complete (5/5 shards)" in shown.output and "bytes/token" in shown.output
     plot = tmp_path / "tail.svg"
     assert kdcache("inspect", url, "--plot", plot).exit_code == 0 and plot.read_text().startswith("<svg")
-    result = kdcache("student", "--tokens", small_tokens, "--targets", url, "--out", tmp_path / "student",
+    shutil.rmtree(tmp_path / "cache")  # the student copies the token store again
+    result = kdcache("student", "--tokens", tokens, "--targets", url, "--out", tmp_path / "student",
                      "--max-steps", 2, *SMALL_STUDENT)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "student" / "model.safetensors").exists()
     # A second capture of the same settings finds the store complete and leaves it so.
-    result = cache(url)
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", tokens, "--out", url, *SETTINGS)
     assert result.exit_code == 0, result.output
     assert_same_store(url, small_targets)
+
+
+def test_a_token_store_url_without_meta_json_is_no_token_store(kdcache, bucket, small_teacher, tmp_path):
+    result = kdcache("cache", "--teacher", small_teacher, "--tokens", f"{bucket}/nothing", "--out", tmp_path / "t.zarr")
+    assert result.exit_code == 1
+    assert f"{bucket}/nothing is not a finished token store (no meta.json); run `kdcache prepare" in result.output
 
 
 def capture_process(small_teacher, small_tokens, out) -> subprocess.Popen:

@@ -8,13 +8,19 @@ Layout of a token store directory:
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
 Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
+
+A token store may live at an fsspec URL (s3://, gs://, ...): it is written locally and uploaded,
+meta.json last; a reader copies it once into the local cache (`cache_dir()`, keyed by fingerprint) and
+memory-maps it from there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,22 +31,62 @@ from pipeline.progress import progress
 from pipeline.config import PrepareConfig
 from pipeline.data.corpus import iter_documents, pack_blocks, split_documents
 from pipeline.errors import KdcacheError
+from pipeline.location import Location
 
 FORMAT = "kdcache-tokens/1"
 SPLITS = ("train", "validation")
 EOS = "<|endoftext|>"
 
 
+def cache_dir() -> Path:
+    """Local copies of token stores read from URLs: $KDCACHE_CACHE, else $XDG_CACHE_HOME/kdcache, else
+    ~/.cache/kdcache."""
+    if os.environ.get("KDCACHE_CACHE"):
+        return Path(os.environ["KDCACHE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdcache"
+
+
+def _local_copy(location: Location) -> Path:
+    """The local copy of the token store at a URL, downloaded unless the cache holds its fingerprint."""
+    meta = location.read_json("meta.json")
+    if meta is None:
+        raise KdcacheError(f"{location} is not a finished token store (no meta.json); "
+                           f"run `kdcache prepare --out {location}` first.")
+    copy = cache_dir() / "tokens" / str(meta.get("fingerprint"))
+    if not (copy / "meta.json").exists():
+        print(f"[tokens] copying {location} to {copy}")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=copy.name + ".", dir=copy.parent))
+        try:
+            location.download(tmp)
+            _move_into_place(tmp, copy)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return copy
+
+
+def _move_into_place(tmp: Path, copy: Path) -> None:
+    """Rename a finished local copy into the cache; another process (a loader worker) may have done so first."""
+    try:
+        tmp.rename(copy)
+    except OSError:
+        if not (copy / "meta.json").exists():
+            raise
+
+
 class TokenStore:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        """path: a local directory or an fsspec URL (read through a local copy, see cache_dir)."""
+        location = Location(path)
+        self.name = location.text  # as given: for messages and provenance
+        self.path = Path(location.text) if location.local else _local_copy(location)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise KdcacheError(f"{self.path} is not a finished token store (no meta.json); "
                                f"run `kdcache prepare --out {self.path}` first.")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise KdcacheError(f"{self.path}: token store format {self.meta.get('format')!r}, "
+            raise KdcacheError(f"{self.name}: token store format {self.meta.get('format')!r}, "
                                f"expected {FORMAT!r}; re-run `kdcache prepare`.")
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -100,7 +146,6 @@ def _fingerprint(directory: Path, settings: dict) -> str:
 
 def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
-    out = Path(out)
     texts = []
     for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
@@ -125,9 +170,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         tokenizer = train_bpe_tokenizer(documents["train"], config.vocab_size)
     vocab_size = len(tokenizer)
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
         rows = {}
@@ -151,11 +194,30 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     return _publish(tmp, out)
 
 
-def _publish(tmp: Path, out: Path) -> TokenStore:
-    """Move a finished OUT.partial into place: a token store that exists is complete."""
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return TokenStore(out)
+def _staging(out: str | Path) -> Path:
+    """An empty directory to write the store to: OUT.partial beside a local OUT, a temporary one for a URL."""
+    location = Location(out)
+    if not location.local:
+        return Path(tempfile.mkdtemp(prefix="kdcache-tokens-"))
+    tmp = Path(location.text).with_name(Path(location.text).name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: str | Path) -> TokenStore:
+    """Move a finished staging directory into place: a token store that exists (has meta.json) is
+    complete. At a URL: uploaded, meta.json last."""
+    location = Location(out)
+    if location.local:
+        shutil.rmtree(location.text, ignore_errors=True)
+        tmp.rename(location.text)
+        return TokenStore(location.text)
+    try:
+        location.upload(tmp, last="meta.json")
+    finally:
+        shutil.rmtree(tmp)
+    return TokenStore(out)  # copied into the local cache
 
 
 def same_tokenizer(a: TokenStore | str | Path, b: TokenStore | str | Path) -> bool:
@@ -175,10 +237,7 @@ def write_token_store(out: str | Path, source: TokenStore, splits: dict[str, np.
     (provenance) go into meta.json and the fingerprint. Written to OUT.partial and renamed, so a store
     that exists is complete.
     """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     try:
         shutil.copytree(source.tokenizer_path, tmp / "tokenizer")
         for split in SPLITS:

@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.location import Location
+from pipeline.location import Location
 from pipeline.targets.lock import LOCK_NAME
 
 

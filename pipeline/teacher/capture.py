@@ -21,7 +21,7 @@ from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
 from pipeline.targets import format as fmt
 from pipeline.targets.ids import ids_dtype
-from pipeline.targets.location import Location
+from pipeline.location import Location
 from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter

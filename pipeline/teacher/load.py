@@ -57,7 +57,7 @@ def check_teacher_tokenizer(teacher_dir: str | Path, tokens) -> None:
     theirs = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
     if theirs != tokens.load_tokenizer().get_vocab():
         raise KdcacheError(f"the teacher's tokenizer ({teacher_dir}, {len(theirs)} ids) differs from the token "
-                           f"store's ({tokens.path}, {tokens.vocab_size} ids); use a token store prepared with "
+                           f"store's ({tokens.name}, {tokens.vocab_size} ids); use a token store prepared with "
                            f"the teacher's tokenizer (prepare --tokenizer {teacher_dir}) or its own teacher.")
 
 

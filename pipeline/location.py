@@ -1,8 +1,10 @@
-"""Where a targets store lives: a local directory or an fsspec URL (memory://, s3://, gs://, ...).
+"""Where a store lives: a local directory or an fsspec URL (memory://, s3://, gs://, ...).
 
 Zarr opens both (a path, or its fsspec store for a URL); this file answers the questions zarr does
-not: does the store exist, how many bytes does an array take, delete it, and read/write the small
-plain objects beside the arrays (the writer's lock). `file://` URLs become local paths.
+not: does the store exist, how many bytes does an array take, delete it, read/write the small plain
+objects beside the arrays (the targets writer's lock), and copy a whole directory tree up or down (a
+token store at a URL). `file://` URLs become local paths. Credentials and endpoints come from the
+protocol package's usual environment (for s3fs: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Location:
         return self.text
 
     def child(self, name: str) -> str:
+        if not name:
+            return self.root
         return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
 
     def exists(self, name: str = "") -> bool:
@@ -116,3 +120,21 @@ class Location:
             return False
         self.fs.pipe_file(self.child(name), data)
         return self.read_json(name) == json.loads(data)
+
+    # --- whole trees (token stores: written locally, then uploaded; downloaded to be memory-mapped) ----
+
+    def upload(self, local: Path, last: str) -> None:
+        """Replace a remote root by the local directory `local`; the file `last` goes up after every
+        other file, so that a store holding it is whole."""
+        self.delete("")
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
+            self.fs.put_file(str(path), self.child(path.relative_to(local).as_posix()))
+
+    def download(self, local: Path) -> None:
+        """Copy every file under a remote root into the local directory `local`."""
+        root = self.root.rstrip("/")
+        for remote in self.fs.find(root):
+            target = local / remote[len(root):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(target))
