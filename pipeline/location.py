@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -34,6 +35,19 @@ def check_protocol(protocol: str, text: str) -> None:
     except ImportError:
         hint = known.get("err") or f"install the fsspec package for {protocol}://"
         raise KdcacheError(f"{text}: {hint}") from None
+
+
+def write_text(path: str | Path, text: str, option: str) -> None:
+    """Write a small local output file whole, or raise naming `option` and the path (a read-only or full
+    disk); a file cut short by a full disk is removed, so that nothing half-written is left."""
+    tmp = Path(f"{path}.partial")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as error:
+        if tmp.exists():
+            tmp.unlink()
+        raise KdcacheError(f"cannot write {option} {path}: {error.strerror or error}.") from None
 
 
 class Location:
@@ -66,6 +80,30 @@ class Location:
 
     def is_file(self) -> bool:
         return os.path.isfile(self.root) if self.local else self.fs.isfile(self.root)
+
+    def check_writable(self, option: str = "--out") -> None:
+        """Refuse, before any work, a root that is a file or under which nothing can be written (a
+        read-only disk or bucket, no permission): a probe file is written and removed. Locally the probe
+        goes to the nearest directory that exists, so that nothing is created here."""
+        if self.is_file():
+            raise KdcacheError(f"{option} {self} is a file; it must name a directory. Choose another {option}.")
+        probe = f".kdcache-probe-{os.getpid()}"
+        try:
+            if self.local:
+                existing = Path(os.path.abspath(self.root))
+                while not existing.exists():
+                    existing = existing.parent
+                if not existing.is_dir():
+                    raise NotADirectoryError(f"{existing} is a file")
+                with tempfile.TemporaryFile(dir=existing, prefix=probe):
+                    pass
+            else:
+                self.fs.pipe_file(self.child(probe), b"")
+                self.fs.rm(self.child(probe))
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            raise KdcacheError(f"cannot write to {option} {self}: {reason}. Choose a writable {option}, "
+                               f"or make it writable.") from None
 
     def names(self) -> list[str]:
         """Entries directly under the root ([] when it does not exist)."""

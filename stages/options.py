@@ -19,8 +19,8 @@ def _option(field: dataclasses.Field):
     names = [f"--{dashed}"] + ([f"--{plain}"] if plain != dashed else []) + list(field.metadata.get("aliases", ()))
     help_text = field.metadata.get("help", "")
     if field.type in (bool, "bool"):
-        flags = f"--{dashed}/--no-{dashed}"
-        return click.option(flags, plain, default=field.default, show_default=True, help=help_text)
+        flags = [f"--{dashed}/--no-{dashed}"] + ([f"--{plain}/--no-{plain}"] if plain != dashed else [])
+        return click.option(*flags, plain, default=field.default, show_default=True, help=help_text)
     if field.default_factory is not dataclasses.MISSING:
         return click.option(*names, plain, multiple=True, type=field.metadata.get("type", str),
                             help=help_text + " (repeatable)")

@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipeline.progress import progress
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import iter_documents, pack_blocks, split_documents
+from pipeline.data.corpus import BadLines, iter_documents, pack_blocks, split_documents
 from pipeline.errors import KdcacheError
 from pipeline.location import Location
 
@@ -146,11 +146,15 @@ def _fingerprint(directory: Path, settings: dict) -> str:
 
 def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
-    texts = []
-    for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
+    Location(out).check_writable()
+    texts, bad = [], BadLines(config.skip_bad_lines)
+    for text in progress(iterable=iter_documents(config.corpus, config.text_field, bad), desc="read corpus",
+                         unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
             break
         texts.append(text)
+    if bad.count:
+        print(f"[prepare] skipped {bad.count} bad lines (--skip-bad-lines); the first: {bad.first}")
     train, validation = split_documents(texts, config.val_fraction)
     documents = {"train": train, "validation": validation}
     if not documents["train"]:
@@ -184,9 +188,11 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
             _write_split(tmp / f"{split}.arrow", blocks, vocab_size)
             rows[split] = len(blocks)
         settings = {**asdict(config), "vocab_size": vocab_size}
-        meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
+        # skip_bad_lines changes what is read, and so the hashed files, only when it skips a line.
+        hashed = {key: value for key, value in settings.items() if key != "skip_bad_lines"}
+        meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, hashed), "vocab_size": vocab_size,
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
-                "settings": settings}
+                "settings": settings, "skipped_lines": bad.count}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind

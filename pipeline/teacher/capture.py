@@ -110,8 +110,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     captures shards r, r + N, ...; rank 0 holds the lock, prepares the store and marks it complete.
     """
     location = Location(out)  # refuses an unknown URL protocol, or one whose package is missing, first
-    if location.is_file():
-        raise KdcacheError(f"--out {out} is a file; a targets store is a directory. Choose another --out.")
+    location.check_writable()
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
