@@ -32,6 +32,7 @@ from pipeline.config import PrepareConfig
 from pipeline.data.corpus import BadLines, iter_documents, pack_blocks, split_documents
 from pipeline.errors import KdcacheError
 from pipeline.location import Location
+from pipeline.models import load_tokenizer
 
 FORMAT = "kdcache-tokens/1"
 SPLITS = ("train", "validation")
@@ -164,10 +165,10 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
                            f"to hold one out for validation.")
 
     if config.tokenizer:
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+            tokenizer = load_tokenizer(config.tokenizer)  # a directory, hub id or GGUF file
+        except KdcacheError:
+            raise
         except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
             raise KdcacheError(f"cannot load tokenizer {config.tokenizer!r}: {e}") from e
     else:
