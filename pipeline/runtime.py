@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,10 +68,20 @@ def from_main(value):
     return box[0]
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing when single-process)."""
-    if active():
+def barrier(while_waiting=None, every: float = 2.0) -> None:
+    """Wait for every rank (nothing when single-process). while_waiting: called every `every` seconds
+    until the others arrive, and once after (e.g. to show their progress)."""
+    if not active():
+        return
+    if while_waiting is None:
         dist.barrier()
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        while_waiting()
+        time.sleep(every)
+    work.wait()
+    while_waiting()
 
 
 def check_device(name: str) -> None:
