@@ -85,34 +85,38 @@ def write_corpus(root, **files):
     return root
 
 
-def test_a_jsonl_line_that_is_not_json_is_named_or_skipped(kdcache, small_corpus, tmp_path):
-    records = [json.dumps({"text": (small_corpus / f"doc{i:02d}.txt").read_text()}).encode() for i in range(24)]
-    lines = records[:2] + [b'{"text": "cut off'] + records[2:]
-    corpus = write_corpus(tmp_path / "corpus", docs_jsonl=b"\n".join(lines) + b"\n")
-    out = tmp_path / "tokens"
+def prepare_refused_then_skipping(kdcache, corpus, first_bad: str):
+    """`prepare` stops naming `first_bad` (FILE:LINE why) and leaves nothing; with --skip-bad-lines it
+    finishes. Returns the second run's output and its token store's `skipped_lines`."""
+    out = corpus.parent / "tokens"
     result = kdcache("prepare", "--corpus", corpus, "--out", out, *PREPARE)
-    assert_refused(result, f"{corpus / 'docs.jsonl'}:3 is not JSON", "--skip-bad-lines")
+    assert_refused(result, first_bad, "--skip-bad-lines")
     assert_nothing_complete(out)
     result = kdcache("prepare", "--corpus", corpus, "--out", out, *PREPARE, "--skip-bad-lines")
     assert result.exit_code == 0, result.output
-    assert f"skipped 1 bad lines (--skip-bad-lines); the first: {corpus / 'docs.jsonl'}:3 is not JSON" in result.output
-    assert json.loads((out / "meta.json").read_text())["skipped_lines"] == 1
+    return result.output, json.loads((out / "meta.json").read_text())["skipped_lines"]
+
+
+def jsonl(small_corpus, documents) -> bytes:
+    return b"".join(json.dumps({"text": (small_corpus / f"doc{i:02d}.txt").read_text()}).encode() + b"\n"
+                    for i in documents)
+
+
+def test_a_jsonl_line_that_is_not_json_is_named_or_skipped(kdcache, small_corpus, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", docs_jsonl=jsonl(small_corpus, range(2)) + b'{"text": "cut off\n'
+                          + jsonl(small_corpus, range(2, 24)))
+    first_bad = f"{corpus / 'docs.jsonl'}:3 is not JSON"
+    output, skipped = prepare_refused_then_skipping(kdcache, corpus, first_bad)
+    assert f"skipped 1 bad lines (--skip-bad-lines); the first: {first_bad}" in output and skipped == 1
 
 
 def test_a_file_that_is_not_utf8_is_named_or_skipped(kdcache, small_corpus, tmp_path):
     text = (small_corpus / "doc00.txt").read_bytes() + (small_corpus / "doc01.txt").read_bytes()
-    latin1 = "café au lait\n".encode("latin-1")
-    jsonl = b"\n".join(json.dumps({"text": (small_corpus / f"doc{i:02d}.txt").read_text()}).encode()
-                       for i in range(2, 24)) + b"\n"
-    corpus = write_corpus(tmp_path / "corpus", a_txt=b"first line\n" + latin1 + text,
-                          b_jsonl=jsonl[:100] + b"\xff" + jsonl[100:])
-    out = tmp_path / "tokens"
-    result = kdcache("prepare", "--corpus", corpus, "--out", out, *PREPARE)
-    assert_refused(result, f"{corpus / 'a.txt'}:2 is not UTF-8 text", "--skip-bad-lines")
-    assert_nothing_complete(out)
-    result = kdcache("prepare", "--corpus", corpus, "--out", out, *PREPARE, "--skip-bad-lines")
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "meta.json").read_text())["skipped_lines"] == 2  # a.txt:2 and b.jsonl:1
+    lines = jsonl(small_corpus, range(2, 24))
+    corpus = write_corpus(tmp_path / "corpus", a_txt=b"first line\n" + "café au lait\n".encode("latin-1") + text,
+                          b_jsonl=lines[:100] + b"\xff" + lines[100:])
+    _, skipped = prepare_refused_then_skipping(kdcache, corpus, f"{corpus / 'a.txt'}:2 is not UTF-8 text")
+    assert skipped == 2  # a.txt:2 and b.jsonl:1
 
 
 def test_an_inspect_plot_that_cannot_be_written_names_its_path(kdcache, small_targets, read_only_dir):

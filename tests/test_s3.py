@@ -88,7 +88,7 @@ class FreezingS3(ThreadedMotoServer):
         self._server.serve_forever()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = FreezingS3()
@@ -185,7 +185,9 @@ def test_a_capture_killed_on_s3_resumes_to_the_uninterrupted_store(kdcache, cach
     s3_server.freeze_at(*KILL_POINTS[point])
     process = capture_process(small_teacher, small_tokens, url)
     try:
-        reached = s3_server.reached.wait(timeout=600)
+        while not s3_server.reached.wait(timeout=1) and process.poll() is None:
+            pass  # until the server freezes at the kill point, or the capture ends without reaching it
+        reached = s3_server.reached.is_set()
     finally:
         process.send_signal(signal.SIGKILL)
         stderr = process.communicate()[1].decode(errors="replace")
