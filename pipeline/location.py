@@ -70,12 +70,13 @@ class Location:
         return self.text
 
     def child(self, name: str) -> str:
+        """The path of `name` under the root ("": the root itself)."""
         if not name:
             return self.root
         return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
 
     def exists(self, name: str = "") -> bool:
-        path = self.child(name) if name else self.root
+        path = self.child(name)
         return os.path.exists(path) if self.local else self.fs.exists(path)
 
     def is_file(self) -> bool:
