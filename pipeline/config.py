@@ -38,22 +38,30 @@ class PrepareConfig:
     block_size: int = setting(128, "Tokens per packed block (one row of the token store).")
     val_fraction: float = setting(0.05, "Fraction of documents held out for validation.")
     max_documents: int = setting(0, "Use at most this many documents (0: all).")
-    text_field: str = setting("text", "The field (column) holding each document's text in .jsonl and .parquet "
-                              "files and hf: datasets.")
+    task: str = setting("causal", "What the models learn: causal (next token, packed blocks) or "
+                        "classification (one example per row, padded to block_size, with its label).")
+    text_field: str = setting("text", "The field (column) holding each document's (or, with --task "
+                              "classification, each record's) text in .jsonl and .parquet files and hf: datasets.")
+    label_field: str = setting("label", "With --task classification: the field or column holding each "
+                               "record's label (a name or an integer).")
     skip_bad_lines: bool = setting(False, "Skip (and count) lines of .txt/.jsonl files that are not UTF-8 or "
                                    "not JSON, instead of stopping at the first one.")
     mix: tuple = setting((), "Instead of reading a corpus, mix token stores: DIR or DIR:WEIGHT (repeat). The "
                          "train split takes WEIGHT x each store's train rows (0.5: a seeded half, 2: every row "
                          "twice), shuffled; validation is the first store's. Stores must share tokenizer and "
-                         "block size; the corpus settings are ignored.")
+                         "block size; the corpus settings are ignored. Causal LM stores only.")
 
     def __post_init__(self):
+        _check(self.task in ("causal", "classification"),
+               f"task must be causal or classification, got {self.task!r}.")
         _check(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}.")
         _check(0.0 < self.val_fraction < 1.0,
                f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         _check(self.vocab_size >= 260, f"vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}.")
         _check(self.max_documents >= 0, "max_documents must be >= 0 (0 means all).")
         _check(bool(self.text_field), "text_field must name a field, e.g. text.")
+        _check(not (self.mix and self.task != "causal"),
+               "--mix mixes causal LM token stores; a classification store is prepared from its corpus.")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -235,6 +243,7 @@ KD_SIGNALS = ("auto", "topk", "sampled", "topk_sampled")
 # How a student receives its teacher's targets: read from a cache, computed by the teacher in the
 # loop (the online-KD baseline), or from a second student (deep mutual learning, no teacher).
 MODES = ("offline", "online", "mutual")
+ARCHS = ("transformer", "lstm")
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,13 @@ class StudentConfig(ModelShape, TrainSettings):
                                  "k = V; otherwise mass a teacher left in its tail on ids that another teacher "
                                  "lists stays in the tail, so union ids are under-weighted). sum: "
                                  "sum_i w_i KD(teacher i). With sampled targets the two are the same.")
+    init_from_teacher: str = setting("", "Start from the --teacher's own weights (DistilBERT): a student of the "
+                                     "teacher's family and width (n_embd/n_head ignored) with the teacher layers "
+                                     "every_other, first:N or layers:A,B,... (0 = the first block), embeddings "
+                                     "and heads included. Empty: a fresh student.")
+    arch: str = setting("transformer", "Student architecture: transformer (GPT-2 for causal LM, BERT for "
+                        "classification, of n_layer/n_embd/n_head) or lstm (a BiLSTM classifier of "
+                        "n_layer layers and width n_embd; classification only).")
     verify: bool = setting(True, "Before training, recompute the checksums of every targets shard the "
                            "student will read and refuse a store that fails (--no-verify skips this "
                            "full read, e.g. for huge stores).")
@@ -304,6 +320,7 @@ class StudentConfig(ModelShape, TrainSettings):
                f"kd_signal must be one of {', '.join(KD_SIGNALS)}, got {self.kd_signal!r}.")
         _check(self.tail_model in TAIL_MODELS,
                f"tail_model must be one of {', '.join(TAIL_MODELS)}, got {self.tail_model!r}.")
+        _check(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
         _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         _check(self.online_top_k >= 0, f"online_top_k must be >= 0 (0: full vocabulary), got {self.online_top_k}.")
         _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")

@@ -123,6 +123,16 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     if config.reference and config.reference not in model_dirs:
         raise KdcacheError(f"reference model {config.reference!r} is not among --model names "
                            f"{list(model_dirs)}; pass --model {config.reference}=DIR or set --reference.")
+    if curves:
+        missing = [f"{name}={path}" for name, paths in curves.items() for path in paths if not Path(path).is_file()]
+        if missing:
+            raise KdcacheError(f"--curve logs {missing} do not exist; give CSVs written by --log/--val-log.")
+    if tokens.task_name == "classification":  # accuracy, macro-F1, ... per example (evaluate_classes.py)
+        from pipeline.evaluate_classes import evaluate_classifiers
+
+        result, calibration = evaluate_classifiers(config, tokens, model_dirs)
+        per_position = {name: np.array([m["val_loss"]]) for name, m in result["models"].items()}  # one per row
+        return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
     models = {}
     for name, path in model_dirs.items():
         models[name] = load_model(path, f"model {name}").eval()
@@ -130,10 +140,6 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     blocks = tokens.blocks("validation")
     if config.max_batches:
         blocks = blocks[: config.max_batches * config.batch_size]
-    if curves:
-        missing = [f"{name}={path}" for name, paths in curves.items() for path in paths if not Path(path).is_file()]
-        if missing:
-            raise KdcacheError(f"--curve logs {missing} do not exist; give CSVs written by --log/--val-log.")
     per_position, top1, metrics, calibration = {}, {}, {}, {}
     device = runtime.resolve_device(config.device)
     for name, model in models.items():
@@ -154,6 +160,12 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     for name, seconds in latency_per_token(models, block, config.latency_rounds).items():
         metrics[name]["latency_ms_per_token"] = seconds * 1e3
     result = {"models": metrics, "validation_blocks": int(len(blocks)), "block_size": tokens.block_size}
+    return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
+
+
+def write_results(result: dict, out: str, per_position: dict, calibration: dict, curves: dict | None,
+                  plot_path: str | None, table_path: str | None, figures_dir: str | None) -> dict:
+    """Write the metrics JSON and whichever of the plot CSV, Markdown table and figures are asked for."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
     if plot_path:
@@ -161,8 +173,9 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(markdown_table(result))
-    if figures_dir:
-        write_figures(figures_dir, per_position, calibration, curves or {})
+    if figures_dir:  # no loss-by-position figure for classification: one position per row
+        by_position = {} if result.get("task") == "classification" else per_position
+        write_figures(figures_dir, by_position, calibration, curves or {})
     return result
 
 
@@ -176,20 +189,22 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
 
 def write_figures(figures_dir: str | Path, per_position: dict, calibration: dict,
                   curves: dict[str, list[str]]) -> list[Path]:
-    """SVG files: loss_by_position, reliability, and training_loss / validation_loss from the logs."""
+    """SVG files: loss_by_position (when per_position is given), reliability, and training_loss /
+    validation_loss from the logs."""
     from pipeline.charts import line_chart_svg
 
     figures = Path(figures_dir)
     figures.mkdir(parents=True, exist_ok=True)
-    charts = {
-        "loss_by_position.svg": line_chart_svg(
+    charts = {}
+    if per_position:
+        charts["loss_by_position.svg"] = line_chart_svg(
             {name: (np.arange(1, len(loss) + 1), loss) for name, loss in per_position.items()},
-            "Validation loss by position in the block", "position", "cross-entropy (nats)"),
+            "Validation loss by position in the block", "position", "cross-entropy (nats)")
+    charts.update({
         "reliability.svg": line_chart_svg(
             {name: (bins[0], bins[1]) for name, bins in calibration.items()},
             f"Reliability of the top-1 prediction ({ECE_BINS} confidence bins)", "mean confidence", "accuracy",
-            bounds=(0.0, 1.0, 0.0, 1.0), diagonal=True),
-    }
+            bounds=(0.0, 1.0, 0.0, 1.0), diagonal=True)})
     logs = [(name, read_log(path)) for name, paths in curves.items() for path in paths]
     for column, file_name, title in (("loss", "training_loss.svg", "Training loss (objective)"),
                                      ("val_loss", "validation_loss.svg", "Validation loss during training")):
@@ -202,10 +217,13 @@ def write_figures(figures_dir: str | Path, per_position: dict, calibration: dict
 
 
 # (metrics key, column header, format) of the Markdown table, in reading order.
+# Columns no model has are left out (perplexity for classifiers, accuracy for language models).
 TABLE_COLUMNS = (("val_loss", "val loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+                 ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"),
                  ("top1_agreement", "top-1 agreement", "{:.3f}"), ("ece", "ECE", "{:.4f}"),
                  ("params", "params", "{:,}"), ("disk_bytes", "weights (MB)", "{:.2f}"),
-                 ("latency_ms_per_token", "CPU ms/token", "{:.4f}"))
+                 ("latency_ms_per_token", "CPU ms/token", "{:.4f}"),
+                 ("latency_ms_per_example", "CPU ms/example", "{:.4f}"))
 
 
 def markdown_table(result: dict) -> str:
@@ -221,8 +239,11 @@ def markdown_table(result: dict) -> str:
             value = value / 1e6 if key == "disk_bytes" and value is not None else value
             cells.append("" if value is None else form.format(value))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return (f"Validation: {result['validation_blocks']} blocks of {result['block_size']} tokens.\n\n"
-            + "\n".join(lines) + "\n")
+    if "validation_examples" in result:  # classification: one padded example per row
+        heading = f"Validation: {result['validation_examples']} examples of up to {result['block_size']} tokens."
+    else:
+        heading = f"Validation: {result['validation_blocks']} blocks of {result['block_size']} tokens."
+    return heading + "\n\n" + "\n".join(lines) + "\n"
 
 
 def write_position_plot(per_position: dict[str, np.ndarray], path: str) -> None:

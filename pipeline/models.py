@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import lstm  # noqa: F401  (registers the BiLSTM classifier with the Auto classes)
 from pipeline import runtime
 from pipeline.config import ModelShape
 from pipeline.errors import KdcacheError
@@ -49,6 +50,57 @@ def build_gpt2(shape: ModelShape, vocab_size: int, block_size: int, seed: int = 
                         attn_pdrop=0.0, **{name: special.get(name) for name in SPECIAL_IDS})
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
+
+
+def _label_maps(label_names) -> dict:
+    return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def build_bert_classifier(shape: ModelShape, vocab_size: int, block_size: int, label_names, pad_id: int,
+                          seed: int = 0):
+    """A fresh BERT-style sequence classifier (C = len(label_names) labels); deterministic in `seed`."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+                        num_attention_heads=shape.n_head, intermediate_size=4 * shape.n_embd,
+                        max_position_embeddings=block_size, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=pad_id, num_labels=len(label_names),
+                        **_label_maps(label_names))
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def build_lstm_classifier(shape: ModelShape, vocab_size: int, block_size: int, label_names, pad_id: int,
+                          seed: int = 0):
+    """A fresh BiLSTM classifier (pipeline/lstm.py): n_layer layers of width n_embd."""
+    if shape.n_embd % 2:
+        raise KdcacheError(f"--arch lstm splits n_embd over two directions: use an even n_embd, got {shape.n_embd}.")
+    config = lstm.BiLSTMConfig(vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+                               pad_token_id=pad_id, max_position_embeddings=block_size,
+                               num_labels=len(label_names), **_label_maps(label_names))
+    torch.manual_seed(seed)
+    return lstm.BiLSTMForSequenceClassification(config)
+
+
+def check_fits(model, tokens, what: str) -> None:
+    """`check_model_fits` for the token store's task: for classification, the model's input vocabulary,
+    positions and number of labels (its head must have one output per label of the store)."""
+    if tokens.task_name != "classification":
+        check_model_fits(model, tokens.vocab_size, tokens.block_size, what)
+        return
+    labels = int(getattr(model.config, "num_labels", 0))
+    if labels != tokens.num_outputs:
+        raise KdcacheError(f"the {what}'s classification head has {labels} labels but the token store has "
+                           f"{tokens.num_outputs} ({', '.join(tokens.label_names)}); use a model fine-tuned on "
+                           f"these labels, or let kdcache train the default teacher (teacher --model '').")
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    if rows < tokens.vocab_size:
+        raise KdcacheError(f"the {what}'s input embeddings have {rows} rows but the token store's tokenizer "
+                           f"has {tokens.vocab_size} ids; prepare the tokens with this model's tokenizer.")
+    limit = max_positions(model)
+    if limit is not None and tokens.block_size > limit:
+        raise KdcacheError(f"block_size {tokens.block_size} is beyond the {what}'s maximum of {limit} positions; "
+                           f"re-run prepare with --block-size {limit} or less.")
 
 
 # --- GGUF files (llama.cpp's format): read through transformers' GGUF loader, dequantised ------------

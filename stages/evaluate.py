@@ -36,5 +36,9 @@ def evaluate(tokens, models, out, plot, table, figures, curves, **options):
     result = run_evaluate(build_config(EvaluateConfig, options), tokens, _parse_models(models), out, plot, table,
                           figures, curves=curve_logs)
     for name, m in result["models"].items():
+        if result.get("task") == "classification":
+            click.echo(f"{name:>12}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+                       f"params {m['params']:,}  {m['latency_ms_per_example']:.3f} ms/example")
+            continue
         click.echo(f"{name:>12}: val_loss {m['val_loss']:.4f}  ppl {m['perplexity']:.2f}  ECE {m['ece']:.4f}  "
                    f"params {m['params']:,}  {m['latency_ms_per_token']:.3f} ms/token")

@@ -21,10 +21,11 @@ from stages.cli import cli
 from stages.options import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILES = ("params.yaml", "params.smoke.yaml")
+PARAMS_FILES = ("params.yaml", "params.smoke.yaml", "params.classification.yaml",
+                "params.classification.smoke.yaml")
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "cache": CacheConfig,
            "student": StudentConfig, "evaluate": EvaluateConfig}
-COMMANDS = ("prepare", "teacher", "cache", "student", "evaluate", "inspect", "verify")
+COMMANDS = ("inputs", "prepare", "teacher", "cache", "student", "evaluate", "inspect", "verify", "generate")
 SMALL_STUDENT = ("--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "4")
 
 

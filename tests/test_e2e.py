@@ -1,8 +1,6 @@
 """The smoke profile through real DVC in a temporary git repository, then a `dvc exp run`."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,36 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_project import ROOT, make_project, run
+
 pytestmark = pytest.mark.e2e
-
-
-def run(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
 
 
 def new_project(repo: Path, params: str = "") -> tuple[Path, dict]:
     """A committed git repository holding the code, dvc.yaml, DVC config and the smoke params
     (with `params` appended: YAML that overrides keys)."""
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
     smoke = yaml.safe_load((ROOT / "params.smoke.yaml").read_text())
     for section, values in (yaml.safe_load(params) or {}).items():
         smoke[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(smoke))
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "smoke"], repo, env)
-    return repo, env
+    return repo, make_project(repo, smoke)
 
 
 @pytest.fixture(scope="module")

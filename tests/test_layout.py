@@ -31,7 +31,8 @@ def test_ce_baseline_gets_every_student_setting_except_the_kd_ones():
 
     kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "layer_map", "tail_model", "mode"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for params_file in ("params.yaml", "params.smoke.yaml"):
+    for params_file in ("params.yaml", "params.smoke.yaml", "params.classification.yaml",
+                        "params.classification.smoke.yaml"):
         student = yaml.safe_load((ROOT / params_file).read_text())["student"]
         for key in set(student) - kd_only:
             assert f"${{student.{key}}}" in stages["student_ce"]["cmd"], (params_file, key)

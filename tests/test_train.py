@@ -76,11 +76,11 @@ def test_validation_loss_is_the_mean_next_token_cross_entropy(tiny_tokens):
     stream = BlockStream(str(tiny_tokens.path), "train", None)
     batches = validation_batches(stream, TrainSettings(batch_size=3, eval_batches=2))
     blocks = torch.from_numpy(tiny_tokens.blocks("validation")[:6].astype("int64"))
-    assert torch.equal(torch.cat(batches), blocks)  # the first eval_batches x batch_size blocks
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), blocks)  # the first eval_batches x batch_size
     model = build_gpt2(ModelShape(n_layer=1, n_embd=16, n_head=2), tiny_tokens.vocab_size, tiny_tokens.block_size)
     with torch.no_grad():
-        expected = [torch.nn.functional.cross_entropy(model(input_ids=b).logits[:, :-1].flatten(0, 1),
-                                                      b[:, 1:].flatten()) for b in batches]
+        expected = [torch.nn.functional.cross_entropy(model(input_ids=b["input_ids"]).logits[:, :-1].flatten(0, 1),
+                                                      b["input_ids"][:, 1:].flatten()) for b in batches]
     loss = validation_loss(model, batches, tiny_tokens.vocab_size, torch.device("cpu"))
     assert loss == pytest.approx(float(sum(expected) / 2), rel=1e-5)
     assert model.training  # left in training mode

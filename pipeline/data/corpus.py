@@ -43,6 +43,10 @@ class BadLines:
         self.count += 1
         self.first = self.first or f"{path}:{line_no} {why}"
 
+    def report(self) -> None:
+        if self.count:
+            print(f"[prepare] skipped {self.count} bad lines (--skip-bad-lines); the first: {self.first}")
+
 
 def _read_text(path: Path, bad: BadLines) -> str:
     """A .txt file as UTF-8; with bad.skip, its lines that are not UTF-8 are left out."""
@@ -60,6 +64,29 @@ def _read_text(path: Path, bad: BadLines) -> str:
     return "".join(kept)
 
 
+def iter_jsonl(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a .jsonl file; lines that are not UTF-8, not
+    JSON or not a JSON object go to `bad`."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.found(path, line_no, "is not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad.found(path, line_no, f"is not JSON ({error.msg}, column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                bad.found(path, line_no, f"is not a JSON object (a {type(record).__name__})")
+                continue
+            yield line_no, record
+
+
 def _iter_file(path: Path, text_field: str = TEXT_FIELD, bad: BadLines | None = None) -> Iterator[str]:
     suffix, bad = path.suffix.lower(), bad or BadLines()
     if suffix in (".py", ".md"):  # the stdlib source
@@ -67,27 +94,11 @@ def _iter_file(path: Path, text_field: str = TEXT_FIELD, bad: BadLines | None = 
     elif suffix == ".txt":
         yield _read_text(path, bad)
     elif suffix == ".jsonl":
-        with path.open("rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    bad.found(path, line_no, "is not UTF-8 text")
-                    continue
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        bad.found(path, line_no, f"is not JSON ({error.msg}, column {error.colno})")
-                        continue
-                    if not isinstance(record, dict):
-                        bad.found(path, line_no, f"is not a JSON object (a {type(record).__name__})")
-                        continue
-                    if text_field not in record:
-                        raise KdcacheError(f"{path}:{line_no} has no '{text_field}' field (fields: "
-                                           f"{sorted(record)}); every JSONL record needs one, or set "
-                                           f"--text-field.")
-                    yield record[text_field]
+        for line_no, record in iter_jsonl(path, bad):
+            if text_field not in record:
+                raise KdcacheError(f"{path}:{line_no} has no '{text_field}' field (fields: {sorted(record)}); "
+                                   f"every JSONL record needs one, or set --text-field.")
+            yield record[text_field]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -99,7 +110,9 @@ def _iter_file(path: Path, text_field: str = TEXT_FIELD, bad: BadLines | None = 
         raise KdcacheError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet.")
 
 
-def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
+def load_hf_dataset(spec: str):
+    """The split of a Hugging Face dataset that NAME[:CONFIG][:SPLIT] names (hub id, local dataset dir,
+    or save_to_disk dir; split train by default)."""
     import datasets
 
     parts = spec.split(":")
@@ -108,12 +121,15 @@ def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
     if (Path(name) / "dataset_info.json").exists() or (Path(name) / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(name)
-        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # the library raises many types; all mean "cannot load"
-            raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # the library raises many types; all mean "cannot load"
+        raise KdcacheError(f"cannot load Hugging Face dataset {spec!r}: {e}") from e
+
+
+def _iter_hf(spec: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
+    ds = load_hf_dataset(spec)
     if text_field not in ds.column_names:
         raise KdcacheError(f"dataset {spec!r} has no '{text_field}' column (columns: {ds.column_names}); "
                            f"set --text-field.")

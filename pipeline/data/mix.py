@@ -48,6 +48,10 @@ def mix_token_stores(config: PrepareConfig, out: str | Path) -> TokenStore:
     entries = [parse_mix(entry) for entry in config.mix]
     stores = [TokenStore(path) for path, _ in entries]  # each refuses an unfinished or foreign directory
     first = stores[0]
+    for store in stores:
+        if store.task_name != "causal":  # only input_ids are mixed: labels and masks would be lost
+            raise KdcacheError(f"--mix {store.path} holds {store.task_name} rows; --mix mixes causal LM "
+                               f"token stores only.")
     for store in stores[1:]:
         if store.block_size != first.block_size:
             raise KdcacheError(f"--mix stores have different block sizes: {first.name} {first.block_size}, "

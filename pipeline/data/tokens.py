@@ -7,6 +7,10 @@ Layout of a token store directory:
   {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
+meta.json's `task` says what the rows are (absent: causal). A classification store (data/examples.py)
+has one example per row: its {split}.arrow also holds `attention_mask` (same shape, uint8) and
+`labels` (int32, an index into meta.json's `label_names`).
+
 Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
 
 A token store may live at an fsspec URL (s3://, gs://, ...): it is written locally and uploaded,
@@ -95,6 +99,47 @@ class TokenStore:
     vocab_size = property(lambda self: self.meta["vocab_size"])
     block_size = property(lambda self: self.meta["block_size"])
     tokenizer_path = property(lambda self: self.path / "tokenizer")
+    task_name = property(lambda self: self.meta.get("task", "causal"))
+    label_names = property(lambda self: list(self.meta.get("label_names", [])))
+
+    @property
+    def task(self):
+        """The task of this store's rows (pipeline/tasks.py)."""
+        from pipeline.tasks import get_task
+
+        return get_task(self.task_name)
+
+    @property
+    def num_outputs(self) -> int:
+        """Size of a target distribution: the vocabulary, or the number of labels for classification."""
+        return len(self.label_names) if self.task_name == "classification" else self.vocab_size
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        """A column other than the ids (attention_mask (N, T), labels (N,)), memory-mapped."""
+        key = f"{split}/{name}"
+        if key not in self._arrays:
+            self.num_rows(split)
+            source = pa.memory_map(str(self.path / f"{split}.arrow"))
+            table = pa.ipc.open_file(source).read_all()
+            if name not in table.column_names:
+                raise KdcacheError(f"{self.path} ({self.task_name} rows) has no {name!r} column.")
+            column = table.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(column.type):
+                self._arrays[key] = column.values.to_numpy(zero_copy_only=True).reshape(-1, self.block_size)
+            else:
+                self._arrays[key] = column.to_numpy(zero_copy_only=True)
+        return self._arrays[key]
+
+    def rows(self, split: str, start: int, stop: int) -> dict:
+        """Rows [start, stop) as tensors: input_ids (R, T) int64, and for classification attention_mask
+        (R, T) int64 and labels (R,) int64: what a model and its task need of a row."""
+        import torch
+
+        rows = {"input_ids": torch.from_numpy(self.blocks(split)[start:stop].astype(np.int64))}
+        if self.task_name == "classification":
+            for name in ("attention_mask", "labels"):
+                rows[name] = torch.from_numpy(self.column(split, name)[start:stop].astype(np.int64))
+        return rows
 
     def num_rows(self, split: str) -> int:
         if split not in self.meta["rows"]:
@@ -116,13 +161,14 @@ class TokenStore:
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
 
-def train_bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE trained on `texts`, wrapped so save_pretrained/AutoTokenizer work."""
+def train_bpe_tokenizer(texts, vocab_size: int, extra_specials=()):
+    """A byte-level BPE trained on `texts`, wrapped so save_pretrained/AutoTokenizer work.
+    extra_specials: more special tokens (ids after EOS's 0), e.g. an encoder's [CLS] and [PAD]."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, *extra_specials],
                             show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
                                    unk_token=EOS, pad_token=EOS)
@@ -138,6 +184,8 @@ def _write_split(path: Path, blocks: np.ndarray, vocab_size: int) -> None:
 
 
 def _fingerprint(directory: Path, settings: dict) -> str:
+    # skip_bad_lines changes what is read, and so the hashed files, only when it skips a line.
+    settings = {key: value for key, value in settings.items() if key != "skip_bad_lines"}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in sorted(p for p in directory.rglob("*") if p.is_file()):
         h.update(f.relative_to(directory).as_posix().encode())
@@ -145,8 +193,25 @@ def _fingerprint(directory: Path, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+fingerprint_dir = _fingerprint
+
+
+def load_named_tokenizer(name: str):
+    """The tokenizer of a directory, hub id or GGUF file (models.load_tokenizer) with an error that names it."""
+    try:
+        return load_tokenizer(name)
+    except KdcacheError:
+        raise
+    except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
+        raise KdcacheError(f"cannot load tokenizer {name!r}: {e}") from e
+
+
 def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Read the corpus, train or load a tokenizer, pack and split into blocks, write the store."""
+    if config.task == "classification":  # one labelled example per row
+        from pipeline.data.examples import prepare_examples
+
+        return prepare_examples(config, out)
     Location(out).check_writable()
     texts, bad = [], BadLines(config.skip_bad_lines)
     for text in progress(iterable=iter_documents(config.corpus, config.text_field, bad), desc="read corpus",
@@ -154,8 +219,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         if config.max_documents and len(texts) >= config.max_documents:
             break
         texts.append(text)
-    if bad.count:
-        print(f"[prepare] skipped {bad.count} bad lines (--skip-bad-lines); the first: {bad.first}")
+    bad.report()
     train, validation = split_documents(texts, config.val_fraction)
     documents = {"train": train, "validation": validation}
     if not documents["train"]:
@@ -165,12 +229,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
                            f"to hold one out for validation.")
 
     if config.tokenizer:
-        try:
-            tokenizer = load_tokenizer(config.tokenizer)  # a directory, hub id or GGUF file
-        except KdcacheError:
-            raise
-        except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
-            raise KdcacheError(f"cannot load tokenizer {config.tokenizer!r}: {e}") from e
+        tokenizer = load_named_tokenizer(config.tokenizer)
     else:
         tokenizer = train_bpe_tokenizer(documents["train"], config.vocab_size)
     vocab_size = len(tokenizer)
@@ -189,9 +248,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
             _write_split(tmp / f"{split}.arrow", blocks, vocab_size)
             rows[split] = len(blocks)
         settings = {**asdict(config), "vocab_size": vocab_size}
-        # skip_bad_lines changes what is read, and so the hashed files, only when it skips a line.
-        hashed = {key: value for key, value in settings.items() if key != "skip_bad_lines"}
-        meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, hashed), "vocab_size": vocab_size,
+        meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
                 "settings": settings, "skipped_lines": bad.count}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

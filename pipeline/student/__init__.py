@@ -28,12 +28,12 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
     """
     Location(out).check_writable()  # a read-only --out fails now, not after training
     targets = [targets] if isinstance(targets, str) else list(targets or [])
-    unused = {"offline": ("--teacher", teacher_dir), "online": ("--targets", targets),
+    unused = {"offline": ("--teacher", None if config.init_from_teacher else teacher_dir), "online": ("--targets", targets),
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]
     if unused[1]:
         print(f"[student] mode {config.mode} does not read {unused[0]}")
     if config.mode == "offline":
-        return run_offline(config, tokens_dir, out, targets or None, files, add_targets)
+        return run_offline(config, tokens_dir, out, targets or None, files, add_targets, teacher_dir)
     if config.mode == "online":
         if not teacher_dir:
             raise KdcacheError("mode online needs --teacher DIR (the teacher that runs in the loop).")

@@ -93,7 +93,7 @@ def check_same_layout(stores: list[TargetsStore]) -> None:
 
 
 def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str | list[str] | None = None,
-                files: TrainFiles | str | None = None, add_targets=None) -> dict:
+                files: TrainFiles | str | None = None, add_targets=None, teacher_dir: str | None = None) -> dict:
     """Train one student from a token store (+ targets stores) and save it with save_pretrained.
 
     targets: a store path, or several "PATH[:WEIGHT]" (one per teacher; see `parse_targets`); none:
@@ -106,7 +106,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     paths, weights = [path for path, _ in specs], tuple(weight for _, weight in specs) or (1.0,)
     distill = distills(config) and (bool(specs) or add_targets is not None)  # the hook may supply targets
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
-    model = build_student(config, tokens)
+    model = build_student(config, tokens, teacher_dir=teacher_dir)  # the teacher only with --init-from-teacher
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0
     if stores:
         store = stores[0]
@@ -120,7 +120,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         if uses_hidden and not pairs:
             pairs = uniform_layer_map(store.layers, int(store.attrs["teacher_num_layers"]), num_layers(model))
         for each in stores:
-            each.check_compatible(tokens, "train", tokens.vocab_size, [t for _, t in pairs] if each is store else [])
+            each.check_compatible(tokens, "train", tokens.num_outputs, [t for _, t in pairs] if each is store else [])
         check_same_layout(stores)
         bad_student = [s for s, _ in pairs if s > num_layers(model)]
         if bad_student:

@@ -71,11 +71,12 @@ def teacher_key(name: str, teacher: int) -> str:
 IDENTITY_KEYS = ("format", "format_version", "tokens_fingerprint", "teacher_fingerprint", "split",
                  "rows", "block_size", "vocab_size", "capture_temperature", "top_k", "top_p", "min_k",
                  "encoding", "ids_dtype", "layers", "hidden_size", "hidden_dtype", "hidden_rank",
-                 "hidden_fit_rows", "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed")
+                 "hidden_fit_rows", "rows_per_chunk", "rows_per_shard", "teacher_num_layers", "samples", "seed",
+                 "task")
 
 # Identity keys added after format version 1, with the value that means "off": an older store (or an
 # identity) without them holds that value.
-IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0}
+IDENTITY_DEFAULTS = {"top_p": 1.0, "min_k": 1, "hidden_rank": 0, "hidden_fit_rows": 0, "task": "causal"}
 # Attributes renamed since: new name -> the name older stores use.
 RENAMED = {"capture_temperature": "temperature"}
 

@@ -102,6 +102,11 @@ class TargetsStore:
     def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
                          layers=()) -> None:
         """Refuse, before training, a store that does not belong to these tokens / this student."""
+        task, tokens_task = fmt.attribute(self.attrs, "task"), getattr(tokens, "task_name", "causal")
+        if task != tokens_task:
+            raise KdcacheError(f"{self.path} holds {task} targets but the token store {tokens.path} holds "
+                               f"{tokens_task} rows; capture targets from these tokens (`kdcache cache --tokens "
+                               f"{tokens.path}`) or train on the tokens they came from.")
         if self.attrs["tokens_fingerprint"] != tokens.fingerprint:
             raise KdcacheError(f"{self.path} was captured from another token store (fingerprint "
                                f"{self.attrs['tokens_fingerprint']}, tokens have {tokens.fingerprint}); "

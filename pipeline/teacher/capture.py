@@ -16,7 +16,7 @@ from pipeline import runtime
 from pipeline.config import CacheConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import check_model_fits, hidden_size, num_layers
+from pipeline.models import check_fits, hidden_size, num_layers
 from pipeline.progress import progress
 from pipeline.targets import basis as hidden_basis
 from pipeline.targets import format as fmt
@@ -25,7 +25,7 @@ from pipeline.location import Location
 from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
-from pipeline.teacher.load import check_layers, check_teacher_tokenizer, load_teacher
+from pipeline.teacher.load import check_layers, check_teacher_task, check_teacher_tokenizer, load_teacher
 from pipeline.teacher.signals import teacher_targets
 
 
@@ -35,18 +35,26 @@ def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
         "tokens_fingerprint": tokens.fingerprint, "teacher_fingerprint": teacher_info["fingerprint"],
         "split": config.split, "rows": tokens.num_rows(config.split), "block_size": tokens.block_size,
-        "vocab_size": tokens.vocab_size, "capture_temperature": config.capture_temperature,
-        "top_k": config.top_k, "top_p": config.top_p, "min_k": config.min_k,
-        "encoding": config.encoding, "ids_dtype": ids_dtype(tokens.vocab_size),
+        "vocab_size": tokens.num_outputs, "capture_temperature": config.capture_temperature,
+        "top_k": capture_top_k(config, tokens), "top_p": config.top_p, "min_k": config.min_k,
+        "encoding": config.encoding, "ids_dtype": ids_dtype(tokens.num_outputs),
         "layers": sorted(set(config.layers)), "hidden_size": hidden_size(model),
         "hidden_dtype": config.hidden_dtype, "rows_per_chunk": config.rows_per_chunk,
         "rows_per_shard": config.rows_per_shard, "teacher_num_layers": num_layers(model),
         "samples": config.samples, "seed": config.seed,
         "hidden_rank": config.hidden_rank, "hidden_fit_rows": config.hidden_fit_rows if config.hidden_rank else 0,
+        "task": tokens.task_name,
     }
 
 
-def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, device, autocast) -> dict:
+def capture_top_k(config: CacheConfig, tokens: TokenStore) -> int:
+    """K: --top-k; for classification every class (C is small: the full distribution, nothing in a tail)."""
+    if tokens.task_name == "classification" and config.top_k:
+        return tokens.num_outputs
+    return config.top_k
+
+
+def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, tokens: TokenStore, device, autocast) -> dict:
     """layer -> (mean (D,), basis (D, P)) with --hidden-rank P; {} without.
 
     Fitted on the first `hidden_fit_rows` rows and written before shard 0; a resumed capture reads the
@@ -63,11 +71,11 @@ def _hidden_bases(config: CacheConfig, writer: TargetsWriter, model, blocks, dev
             stored[layer] = (writer.group[mean_name][...], writer.group[basis_name][...])
         return stored
     moments = {layer: hidden_basis.Moments(hidden_size(model)) for layer in layers}
-    rows = min(config.hidden_fit_rows, len(blocks))
+    rows = min(config.hidden_fit_rows, tokens.num_rows(config.split))
     for lo in range(0, rows, config.batch_size):
-        input_ids = torch.from_numpy(blocks[lo:min(lo + config.batch_size, rows)].astype(np.int64)).to(device)
+        batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, min(lo + config.batch_size, rows)).items()}
         with torch.inference_mode(), autocast:
-            hidden_states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+            hidden_states = model(**tokens.task.model_inputs(batch), output_hidden_states=True).hidden_states
         for layer in layers:
             moments[layer].add(hidden_states[layer])
     bases, arrays, kept = {}, {}, {}
@@ -113,14 +121,15 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     location.check_writable()
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
-    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    check_teacher_task(info, tokens, teacher_dir)
+    check_fits(model, tokens, "teacher")
     check_layers(model, config.layers)
     if config.hidden_rank > hidden_size(model):
         raise KdcacheError(f"--hidden-rank {config.hidden_rank} is larger than the teacher's hidden size "
                            f"({hidden_size(model)}); choose at most {hidden_size(model)}, or 0 for full width.")
-    if config.top_k > tokens.vocab_size:
+    if config.top_k > tokens.num_outputs and tokens.task_name != "classification":
         raise KdcacheError(f"--top-k {config.top_k} is larger than the vocabulary ({tokens.vocab_size}).")
-    ids_dtype(tokens.vocab_size)  # refuses vocabularies too large to pack, before the teacher runs
+    ids_dtype(tokens.num_outputs)  # refuses vocabularies too large to pack, before the teacher runs
     # Any token store in the teacher's own tokenizer will do: the one it was trained on, or one written
     # by `generate` or `prepare --mix` from it.
     check_teacher_tokenizer(teacher_dir, tokens)
@@ -128,13 +137,12 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     device = runtime.resolve_device(config.device)
     model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    blocks = tokens.blocks(config.split)
     rank, world_size, main = runtime.rank(), runtime.world_size(), runtime.is_main()
     lock = WriterLock(location, force)
     try:
-        writer, bases = _open_store(config, location, identity, lock, overwrite, model, blocks, device, autocast)
-        _capture_shards(config, writer, lock, bases, model, blocks, tokens.block_size, tokens.vocab_size,
-                        identity, device, autocast, rank, world_size)  # returns once every rank's records exist
+        writer, bases = _open_store(config, location, identity, lock, overwrite, model, tokens, device, autocast)
+        _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank,
+                        world_size)  # returns once every rank's records exist
         if main:
             lock.check()
             writer.finish({"hidden_variance_kept": _variance_kept(writer.shard_stats)} if bases else None)
@@ -145,7 +153,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     return TargetsStore(out)
 
 
-def _open_store(config, location, identity, lock, overwrite, model, blocks, device, autocast):
+def _open_store(config, location, identity, lock, overwrite, model, tokens, device, autocast):
     """(writer, hidden bases) on every rank. Rank 0 takes the lock and creates, checks or repairs the
     store (and fits a hidden basis) while the others wait; its error, if any, stops them all."""
     specs, writer, bases, error = fmt.array_specs(identity), None, {}, None
@@ -153,7 +161,7 @@ def _open_store(config, location, identity, lock, overwrite, model, blocks, devi
         try:
             lock.acquire()
             writer = TargetsWriter(location, identity, specs, overwrite=overwrite)
-            bases = _hidden_bases(config, writer, model, blocks, device, autocast)
+            bases = _hidden_bases(config, writer, model, tokens, device, autocast)
         except KdcacheError as failure:
             error = failure
     shared = runtime.from_main((str(error) if error else None, lock.mine))
@@ -164,15 +172,15 @@ def _open_store(config, location, identity, lock, overwrite, model, blocks, devi
     lock.mine = shared[1]  # every rank checks that rank 0 still holds the lock before each shard
     if writer is None:
         writer = TargetsWriter(location, identity, specs, create=False)
-        bases = _hidden_bases(config, writer, model, blocks, device, autocast)
+        bases = _hidden_bases(config, writer, model, tokens, device, autocast)
     return writer, bases
 
 
-def _capture_shards(config, writer, lock, bases, model, blocks, block_size, vocab_size, identity, device,
-                    autocast, rank, world_size) -> None:
+def _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank,
+                    world_size) -> None:
     """Run the teacher over this rank's pending shards, writing and recording each one; return once
     every rank's shards are recorded. Rank 0's progress bar counts every rank's tokens."""
-    main = rank == 0
+    main, block_size = rank == 0, tokens.block_size
     everyone = writer.pending(0, 1)  # every rank's pending shards: the progress bar's total
     mine = writer.pending(rank, world_size)
     if main and len(everyone) < len(writer.ranges):
@@ -193,13 +201,14 @@ def _capture_shards(config, writer, lock, bases, model, blocks, block_size, voca
         parts, energy = [], {}
         for lo in range(start, stop, config.batch_size):
             hi = min(lo + config.batch_size, stop)
-            input_ids = torch.from_numpy(blocks[lo:hi].astype(np.int64)).to(device)
+            batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, hi).items()}
             # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
             generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
             with autocast:
-                targets = teacher_targets(model, input_ids, vocab_size, config.top_k,
+                targets = teacher_targets(model, batch["input_ids"], tokens.num_outputs, identity["top_k"],
                                           config.capture_temperature, identity["layers"], config.samples,
-                                          generator, top_p=config.top_p, min_k=config.min_k)
+                                          generator, top_p=config.top_p, min_k=config.min_k,
+                                          task=tokens.task, attention_mask=batch.get("attention_mask"))
             _project_hidden(targets, bases, energy)
             parts.append(fmt.encode_targets(targets, identity))
             bar.update((hi - lo) * block_size)

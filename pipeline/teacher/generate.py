@@ -146,6 +146,9 @@ def run_generate(config: GenerateConfig, teacher_dir: str, tokens_dir: str, out:
     """
     out = Path(out)
     tokens = TokenStore(tokens_dir)
+    if tokens.task_name != "causal":  # prompts are cut from packed text blocks; a classifier writes no text
+        raise KdcacheError(f"generate continues text with a causal LM; {tokens.path} holds {tokens.task_name} "
+                           f"rows. Use a causal LM token store and teacher.")
     model, info = load_teacher(teacher_dir)
     check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
     check_teacher_tokenizer(teacher_dir, tokens)

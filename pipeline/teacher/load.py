@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pipeline import runtime
 from pipeline.errors import KdcacheError
-from pipeline.models import (check_model_fits, check_same_tokenizer, fingerprint_model_dir, gguf_file, load_model,
+from pipeline.models import (check_fits, check_same_tokenizer, fingerprint_model_dir, gguf_file, load_model,
                              model_fingerprint, num_layers, read_info, save_model, write_info)
+from pipeline.tasks import get_task
 
 
 def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
@@ -25,8 +26,8 @@ def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
     check_same_tokenizer(name_or_path, tokens, "the teacher --model",
                          f"prepare the tokens with the teacher's tokenizer (`kdcache prepare --tokenizer "
                          f"{name_or_path}`), then re-run teacher and cache")
-    model = load_model(name_or_path, "teacher --model")
-    check_model_fits(model, tokens.vocab_size, tokens.block_size, "teacher")
+    model = load_model(name_or_path, "teacher --model", task=tokens.task)
+    check_fits(model, tokens, "teacher")
     return model.to(runtime.torch_dtype(dtype))  # saved so: bfloat16 halves the teacher on disk
 
 
@@ -35,7 +36,7 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
     save_model(model, tokens, out, None)
     info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
             "vocab_size": tokens.vocab_size, "tokens_fingerprint": tokens.fingerprint,
-            "final_train_loss": final_loss, "config": asdict(config)}
+            "final_train_loss": final_loss, "config": asdict(config), "task": tokens.task_name}
     gguf = gguf_file(source) if getattr(config, "model", "") else None
     if gguf:  # the plain weights saved here were dequantised from this file
         info["gguf"] = {"file": str(gguf.resolve()), "sha256": model_fingerprint(str(gguf))["sha256"],
@@ -50,7 +51,15 @@ def load_teacher(teacher_dir: str | Path):
     info = read_info(teacher_dir, "teacher")
     if "fingerprint" not in info:
         info = {**info, "fingerprint": fingerprint_model_dir(teacher_dir)}
-    return load_model(str(teacher_dir), "teacher"), info
+    return load_model(str(teacher_dir), "teacher", task=get_task(info.get("task", "causal"))), info
+
+
+def check_teacher_task(info: dict, tokens, teacher_dir) -> None:
+    """Refuse a teacher of another task than the token store's (its head cannot give these targets)."""
+    task = info.get("task", "causal")
+    if task != tokens.task_name:
+        raise KdcacheError(f"teacher {teacher_dir} is a {task} model but the token store {tokens.path} holds "
+                           f"{tokens.task_name} rows; re-run `kdcache teacher` on these tokens.")
 
 
 def check_teacher_tokenizer(teacher_dir: str | Path, tokens) -> None:

@@ -60,7 +60,7 @@ def trim_top_p(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, top_p: float
 def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
                     capture_temperature: float = 1.0, layers=(), num_samples: int = 0,
                     generator: torch.Generator | None = None, top_p: float = 1.0,
-                    min_k: int = 1, task=CAUSAL) -> dict[str, torch.Tensor]:
+                    min_k: int = 1, task=CAUSAL, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """What the teacher contributes for a batch (B, T) of token ids.
 
     Returns topk_ids (B, P, K) int64 sorted by probability, topk_logprobs (B, P, K) float32 at
@@ -71,8 +71,10 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     With top_p < 1 it keeps per position the shortest prefix of the top-k whose mass reaches top_p
     (at least min_k entries) and also returns topk_count (B, P) int64: entries beyond it are id 0 and
     log-prob −inf, and tail_logmass is the mass of everything not kept.
+    For classification, vocab_size is the number of labels C, P = 1 and attention_mask (B, T) is given.
     """
-    out = model(input_ids=input_ids, output_hidden_states=bool(layers))
+    masked = {} if attention_mask is None else {"attention_mask": attention_mask}
+    out = model(input_ids=input_ids, output_hidden_states=bool(layers), **masked)
     logits = task.target_logits(out.logits[..., :vocab_size])  # (B, P, V)
     logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
     result = {}

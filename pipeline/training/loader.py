@@ -138,7 +138,7 @@ class BlockStream(IterableDataset):
         worker, skip = roles[worker], skips[worker]
         if worker < 0:  # nothing left for this loader worker after a resume
             return
-        blocks = TokenStore(self.tokens_path).blocks(self.split)
+        tokens = TokenStore(self.tokens_path)
         stores = [TargetsStore(t) for t in self.targets_paths]
         given: dict[int, int] = {}  # shard index -> rows of it skipped or yielded so far
         decoded: dict[int, dict] = {}  # shard index -> its decoded rows, while some are still due
@@ -152,7 +152,7 @@ class BlockStream(IterableDataset):
             if n < skip:  # trained on before the resume: no I/O for it
                 continue
             if shard not in decoded:  # read a shard when its first remaining row is due
-                decoded[shard] = {"input_ids": torch.from_numpy(blocks[start:stop].astype(np.int64)),
+                decoded[shard] = {**tokens.rows(self.split, start, stop),  # ids (+ mask, labels)
                                   **{fmt.teacher_key(name, i): t
                                      for i, (store, names) in enumerate(zip(stores, self.target_names))
                                      for name, t in store.decode(store.read_rows(start, stop, names)).items()}}

@@ -25,6 +25,7 @@ from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.progress import progress
 from pipeline.targets.reader import TargetsStore
+from pipeline.tasks import CAUSAL
 from pipeline.training import checkpoint, precision
 from pipeline.training.tracking import Trackers
 from pipeline.training.loader import BlockStream, make_loader
@@ -105,23 +106,26 @@ def run_identity(stream: BlockStream, settings: TrainSettings) -> dict:
     return json.loads(json.dumps(identity))  # as run.json holds it (lists, not tuples)
 
 
-def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[torch.Tensor]:
-    """The first eval_batches × batch_size validation blocks: the same every evaluation and every run."""
-    blocks = TokenStore(stream.tokens_path).blocks("validation")[: settings.eval_batches * settings.batch_size]
-    ids = torch.from_numpy(blocks.astype("int64"))
-    return list(ids.split(settings.batch_size))
+def validation_batches(stream: BlockStream, settings: TrainSettings) -> list[dict[str, torch.Tensor]]:
+    """The first eval_batches × batch_size validation rows, as batches of TokenStore.rows tensors (ids
+    (B, T); for classification also attention mask and labels): the same every evaluation and every run."""
+    rows = TokenStore(stream.tokens_path).rows("validation", 0, settings.eval_batches * settings.batch_size)
+    return [dict(zip(rows, parts)) for parts in zip(*(t.split(settings.batch_size) for t in rows.values()))]
 
 
 @torch.no_grad()
-def validation_loss(model, batches: list[torch.Tensor], vocab_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy on hard labels over every position of `batches`: comparable between
-    teacher, students and the CE baseline, and the val_loss `kdcache evaluate` reports on the same blocks.
-    Each batch weighs its rows (a short last batch counts for what it holds)."""
+def validation_loss(model, batches: list[dict[str, torch.Tensor]], vocab_size: int, device: torch.device,
+                    task=CAUSAL) -> float:
+    """Mean cross-entropy on hard labels over every labelled position of `batches` (next token for causal
+    LM, the class for classification): comparable between teacher, students and the CE baseline, and the
+    val_loss `kdcache evaluate` reports on the same rows. Each batch weighs its rows (a short last batch
+    counts for what it holds)."""
     model.eval()
-    ce = Objective(vocab_size=vocab_size)
-    total = sum(float(ce(model, {"input_ids": ids.to(device)})["loss"]) * len(ids) for ids in batches)
+    ce = Objective(vocab_size=vocab_size, task=task)
+    total = sum(float(ce(model, {k: v.to(device) for k, v in b.items()})["loss"]) * len(b["input_ids"])
+                for b in batches)
     model.train()
-    return total / sum(len(ids) for ids in batches)
+    return total / sum(len(b["input_ids"]) for b in batches)
 
 
 def micro_batches(batch: dict, count: int) -> list[tuple[dict, float]]:
@@ -188,7 +192,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
         ids = [device.index] if device.type == "cuda" else None
         trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
     val_batches = validation_batches(stream, settings) if settings.eval_every else []
-    val_blocks = sum(len(ids) for ids in val_batches)  # logged beside val_loss: which blocks it covers
+    val_blocks = sum(len(b["input_ids"]) for b in val_batches)  # logged beside val_loss: which blocks it covers
 
     def save(position: tuple[int, int]) -> None:
         state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra_modules],
@@ -241,7 +245,7 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             history.append(row)
             if main and settings.eval_every and (step % settings.eval_every == 0 or step == total):
                 val_history.append({"step": step, "val_loss": validation_loss(
-                    model, val_batches, objective.vocab_size, device), "val_blocks": val_blocks})
+                    model, val_batches, objective.vocab_size, device, objective.task), "val_blocks": val_blocks})
             evaluated = val_history and val_history[-1]["step"] == step
             trackers.log_step(row, val_history[-1] if evaluated else None)
             if main and settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == total):

@@ -59,7 +59,7 @@ class Objective:
         values = self.values_at(progress)
         alpha, temperature, beta = values["alpha"], values["temperature"], values["beta"]
         input_ids = batch["input_ids"]  # (B, T)
-        labels, ce_mask = (x.flatten() for x in self.task.labels(input_ids))
+        labels, ce_mask = (x.flatten() for x in self.task.batch_labels(batch))
         # A scheduled alpha keeps KD on even at steps where it passes 1, so every logged row has it.
         with_kd = alpha < 1.0 or "alpha" in self.schedules
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
@@ -69,8 +69,8 @@ class Objective:
             parts = self.chunked_logit_losses(model, out.last_hidden_state.flatten(0, 1), labels, ce_mask,
                                               targets, temperature)
         else:
-            out = model(input_ids=input_ids, output_hidden_states=output_hidden)
-            flat = out.logits[..., : self.vocab_size].flatten(0, 1)  # (N, V)
+            out = model(**self.task.model_inputs(batch), output_hidden_states=output_hidden)
+            flat = self.task.target_logits(out.logits[..., : self.vocab_size], batch).flatten(0, 1)  # (N, V)
             parts = self.logit_losses(flat, labels, ce_mask, targets, temperature)
         loss = alpha * parts["ce"]
         if "kd" in parts:
