@@ -38,21 +38,16 @@ def gguf_path() -> Path:
 
 
 def materialise(out_dir: str | Path) -> Path:
-    """Save the teacher as a plain Hugging Face directory at `out_dir`, unless it is already there."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Save the teacher as a plain Hugging Face directory at `out_dir`, unless it is already there.
+    (`kdcache teacher --model` takes the GGUF file itself too; this is for scripts that want the model
+    without a token store.)"""
+    from pipeline.models import load_gguf, load_tokenizer
 
     out = Path(out_dir)
     if all((out / name).is_file() for name in FILES):
         return out
     path = gguf_path()
-    try:  # transformers 5 keeps an unsaveable GGUF quantizer attached unless told to dequantize
-        from transformers import GgufConfig
-
-        extra = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:  # older transformers always dequantize
-        extra = {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model, tokenizer = load_gguf(path, "SmolLM2"), load_tokenizer(path)
     partial = out.with_name(out.name + ".partial")  # write aside, then rename: no half-written teacher
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline import runtime
 from pipeline.errors import KdcacheError
 from pipeline.losses import ATTENTION_LOSSES, KD_LOSSES, TAIL_MODELS
 from pipeline.schedules import Schedule, make_schedule
@@ -49,6 +50,8 @@ class PrepareConfig:
                               "classification, each record's) text in .jsonl and .parquet files and hf: datasets.")
     label_field: str = setting("label", "With --task classification: the field or column holding each "
                                "record's label (a name or an integer).")
+    skip_bad_lines: bool = setting(False, "Skip (and count) lines of .txt/.jsonl files that are not UTF-8 or "
+                                   "not JSON, instead of stopping at the first one.")
     mix: tuple = setting((), "Instead of reading a corpus, mix token stores: DIR or DIR:WEIGHT (repeat). The "
                          "train split takes WEIGHT x each store's train rows (0.5: a seeded half, 2: every row "
                          "twice), shuffled; validation is the first store's. Stores must share tokenizer and "
@@ -149,6 +152,7 @@ class TeacherConfig(ModelShape, TrainSettings):
                          "(bfloat16 halves its size).")
 
     def __post_init__(self):
+        runtime.check_device(self.device)
         ModelShape.__post_init__(self)
         if not self.model:
             TrainSettings.__post_init__(self)
@@ -202,6 +206,7 @@ class CacheConfig:
                                   "attention heads.")
 
     def __post_init__(self):
+        runtime.check_device(self.device)
         _check(self.hidden_rank >= 0, f"hidden_rank must be >= 0 (0: full width), got {self.hidden_rank}.")
         _check(self.hidden_dtype in HIDDEN_DTYPES,
                f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}.")
@@ -250,6 +255,7 @@ class GenerateConfig:
     device: str = setting("auto", "Torch device for the teacher: auto, cpu, cuda, ...")
 
     def __post_init__(self):
+        runtime.check_device(self.device)
         _check(self.prompts >= 1, f"prompts must be >= 1 (nothing to generate from {self.prompts} prompts).")
         _check(self.prompt_tokens >= 1, f"prompt_tokens must be >= 1, got {self.prompt_tokens}.")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
@@ -347,6 +353,7 @@ class StudentConfig(ModelShape, TrainSettings):
                                          "empty: captured teacher blocks mapped uniformly onto the student.")
 
     def __post_init__(self):
+        runtime.check_device(self.device)
         ModelShape.__post_init__(self)
         TrainSettings.__post_init__(self)
         _check(self.loss_chunk >= 0, f"loss_chunk must be >= 0 (0: off), got {self.loss_chunk}.")
@@ -422,3 +429,6 @@ class EvaluateConfig:
     device: str = setting("auto", "Torch device the validation blocks are scored on: auto, cpu, cuda, ... "
                           "(latency per token is always timed on CPU).")
 
+
+    def __post_init__(self):
+        runtime.check_device(self.device)

@@ -118,13 +118,82 @@ def check_fits(model, tokens, what: str) -> None:
                            f"re-run prepare with --block-size {limit} or less.")
 
 
+# --- GGUF files (llama.cpp's format): read through transformers' GGUF loader, dequantised ------------
+
+GGUF_INSTALL = "pip install 'kdcache[gguf]' (the gguf and accelerate packages)"
+
+
+def gguf_file(name_or_path: str | Path) -> Path | None:
+    """The GGUF file a --model names: a .gguf file, or the one .gguf in a directory without config.json;
+    None when it names no GGUF."""
+    path = Path(name_or_path)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise KdcacheError(f"{path} does not exist; give an existing .gguf file or a directory holding one.")
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise KdcacheError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); give one "
+                           f"of them, e.g. {found[0]}.")
+    return found[0] if found else None
+
+
+def _from_gguf(path: Path, what: str, load, **options):
+    """load(pretrained_model_name_or_path=..., gguf_file=..., **options) of the GGUF file `path`: refused
+    early when a package is missing; a clear error naming the architecture when transformers cannot read it."""
+    import importlib.util
+
+    import transformers
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KdcacheError(f"{path} is a GGUF file; loading it needs {' and '.join(missing)}: {GGUF_INSTALL}.")
+    try:
+        return load(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name, **options)
+    except Exception as error:  # ValueError for an architecture it does not know, and whatever else
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "architecture" in reason and "not supported" in reason:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            reason += (f" transformers {transformers.__version__} reads GGUF files of: "
+                       f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}. Convert the model to a Hugging "
+                       f"Face directory (save_pretrained) and give that instead")
+        raise KdcacheError(f"cannot load {what} {path}: {reason}.") from error
+
+
+def load_gguf(path: Path, what: str = "model", task=CAUSAL):
+    """The model of a GGUF file with plain float32 weights (quantised tensors dequantised), ready for
+    save_pretrained."""
+    import transformers
+
+    options = {"dtype": torch.float32}
+    try:  # transformers 5 keeps an unsaveable GGUF quantizer attached unless told to dequantize
+        options["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    except AttributeError:  # older transformers always dequantize
+        pass
+    return _from_gguf(path, what, getattr(transformers, task.auto_class).from_pretrained, **options)
+
+
+def load_tokenizer(name_or_path: str | Path, what: str = "tokenizer"):
+    """AutoTokenizer of a directory, hub id, or GGUF file (or a directory holding one)."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_file(name_or_path)
+    return _from_gguf(gguf, what, AutoTokenizer.from_pretrained) if gguf else AutoTokenizer.from_pretrained(name_or_path)
+
+
 def load_model(name_or_path: str, what: str = "model", task=CAUSAL):
-    """`task.auto_class`.from_pretrained with an error that says what to do."""
+    """`task.auto_class`.from_pretrained (or load_gguf) with an error that says what to do."""
     import transformers
 
     auto_class = getattr(transformers, task.auto_class)
     if not name_or_path:
         raise KdcacheError(f"no {what} given.")
+    gguf = gguf_file(name_or_path)
+    if gguf:
+        return load_gguf(gguf, what, task)
     local = Path(name_or_path)
     if local.exists() and not (local / "config.json").exists():
         raise KdcacheError(f"{what} {name_or_path!r} is a path without config.json; point at a directory "
@@ -210,7 +279,7 @@ def fingerprint_model_dir(path: str | Path) -> str:
     path = Path(path)
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf"):
             h.update(f.name.encode())
             with f.open("rb") as stream:
                 for block in iter(lambda: stream.read(1 << 24), b""):
@@ -244,22 +313,23 @@ def check_same_tokenizer(model_dir: str, tokens, what: str = "the student",
                          fix: str = "the student must use the teacher's tokenizer") -> None:
     """A model brought from elsewhere (--init, teacher --model) must share the token store's
     vocabulary, id for id: the same size is not enough, every token must map to the same id."""
-    from transformers import AutoTokenizer
-
     local = Path(model_dir)
-    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+    if gguf_file(model_dir):
+        theirs = load_tokenizer(model_dir, what).get_vocab()  # a GGUF file always holds its tokenizer
+    elif local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
         return  # no tokenizer saved beside the model: the size check is all we can do
-    try:
-        theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab()
-    except Exception:  # no tokenizer saved beside the model: the size check is all we can do
-        return
+    else:
+        try:
+            theirs = load_tokenizer(model_dir).get_vocab()
+        except Exception:  # no tokenizer saved beside the model: the size check is all we can do
+            return
     ours = tokens.load_tokenizer().get_vocab()
     if theirs != ours:
         differing = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda item: item[1])
         example = f"; e.g. {differing[0][0]!r} is id {theirs.get(differing[0][0])} in {model_dir}, " \
                   f"{ours.get(differing[0][0])} in the token store" if differing else ""
         raise KdcacheError(f"{what}'s vocabulary ({model_dir}, {len(theirs)} ids) differs from the token "
-                           f"store's ({tokens.path}, {len(ours)} ids){example}; {fix}.")
+                           f"store's ({tokens.name}, {len(ours)} ids){example}; {fix}.")
 
 
 def check_chunkable(model) -> None:

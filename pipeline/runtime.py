@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,14 +68,49 @@ def from_main(value):
     return box[0]
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing when single-process)."""
-    if active():
+def barrier(while_waiting=None, every: float = 2.0) -> None:
+    """Wait for every rank (nothing when single-process). while_waiting: called every `every` seconds
+    until the others arrive, and once after (e.g. to show their progress)."""
+    if not active():
+        return
+    if while_waiting is None:
         dist.barrier()
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        while_waiting()
+        time.sleep(every)
+    work.wait()
+    while_waiting()
+
+
+def check_device(name: str) -> None:
+    """Refuse a --device torch does not know ("gpu") or this machine does not have (cuda without CUDA),
+    naming what to give instead. Configs call it when they are built, before any work."""
+    from pipeline.errors import KdcacheError
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        hint = " (an NVIDIA GPU is `cuda`)" if name.split(":")[0].lower() == "gpu" else ""
+        raise KdcacheError(f"unknown --device {name!r}{hint}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible to this process")
+            raise KdcacheError(f"--device {name}: CUDA is not available ({why}); use --device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KdcacheError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise KdcacheError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto.")
 
 
 def resolve_device(name: str) -> torch.device:
     """auto → cuda when available, else cpu; under torchrun "cuda" means this rank's GPU."""
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and active():

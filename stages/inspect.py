@@ -3,6 +3,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.location import write_text
 from pipeline.targets.codecs import ENCODINGS
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.stats import histogram_svg, summarize, text_histogram
@@ -22,7 +23,7 @@ def inspect(store, as_json, plot):
     if plot:
         title = (f"tail mass per position: {Path(store).name}, top-{summary['top_k']}, "
                  f"{sum(histogram['counts']):,} positions")
-        Path(plot).write_text(histogram_svg(histogram, title))
+        write_text(plot, histogram_svg(histogram, title), "--plot")
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -152,3 +152,12 @@ def test_two_ranks_capture_one_store_that_decodes_as_one_process_wrote_it(small_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resuming: 3 of 5 shards done" in result.stdout + result.stderr
     same_as_one_process()
+    # Only rank 1 has shards left (1 and 3): rank 0, which logs, still counts them to the total.
+    group.update_attributes({"complete": False})
+    for index in (1, 3):
+        del group[fmt.RECORDS][fmt.record_name(index)]
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    bars = [line for line in result.stderr.splitlines() if line.startswith("capture:")]
+    assert bars and "100%" in bars[-1] and "2.05k/2.05k" in bars[-1], bars  # 2 shards x 32 rows x 32 tokens
+    same_as_one_process()

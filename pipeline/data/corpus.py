@@ -29,20 +29,76 @@ def stdlib_files() -> list[Path]:
     return sorted(f for f in root.rglob("*.py") if not _STDLIB_SKIP & set(f.relative_to(root).parts))
 
 
-def _iter_file(path: Path, text_field: str = TEXT_FIELD) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".py", ".md"):
+class BadLines:
+    """A line of a corpus file that cannot be read (not UTF-8, not JSON): stop, naming the file and line
+    (the default), or skip it and count it (`prepare --skip-bad-lines`)."""
+
+    def __init__(self, skip: bool = False):
+        self.skip, self.count, self.first = skip, 0, ""
+
+    def found(self, path: Path, line_no: int, why: str) -> None:
+        if not self.skip:
+            raise KdcacheError(f"{path}:{line_no} {why}; fix or remove that line, or pass --skip-bad-lines "
+                               f"to skip such lines (they are counted).")
+        self.count += 1
+        self.first = self.first or f"{path}:{line_no} {why}"
+
+    def report(self) -> None:
+        if self.count:
+            print(f"[prepare] skipped {self.count} bad lines (--skip-bad-lines); the first: {self.first}")
+
+
+def _read_text(path: Path, bad: BadLines) -> str:
+    """A .txt file as UTF-8; with bad.skip, its lines that are not UTF-8 are left out."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    kept = []
+    for line_no, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            kept.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.found(path, line_no, "is not UTF-8 text")
+    return "".join(kept)
+
+
+def iter_jsonl(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a .jsonl file; lines that are not UTF-8, not
+    JSON or not a JSON object go to `bad`."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.found(path, line_no, "is not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad.found(path, line_no, f"is not JSON ({error.msg}, column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                bad.found(path, line_no, f"is not a JSON object (a {type(record).__name__})")
+                continue
+            yield line_no, record
+
+
+def _iter_file(path: Path, text_field: str = TEXT_FIELD, bad: BadLines | None = None) -> Iterator[str]:
+    suffix, bad = path.suffix.lower(), bad or BadLines()
+    if suffix in (".py", ".md"):  # the stdlib source
         yield path.read_text(encoding="utf-8", errors="replace")
+    elif suffix == ".txt":
+        yield _read_text(path, bad)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise KdcacheError(f"{path}:{line_no} has no '{text_field}' field (fields: "
-                                           f"{sorted(record)}); every JSONL record needs one, or set "
-                                           f"--text-field.")
-                    yield record[text_field]
+        for line_no, record in iter_jsonl(path, bad):
+            if text_field not in record:
+                raise KdcacheError(f"{path}:{line_no} has no '{text_field}' field (fields: {sorted(record)}); "
+                                   f"every JSONL record needs one, or set --text-field.")
+            yield record[text_field]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -123,15 +179,16 @@ def corpus_fingerprint(source: str) -> dict:
     return {"source": source, "files": len(files), "sha256": _digest(files)}
 
 
-def iter_documents(source: str, text_field: str = TEXT_FIELD) -> Iterator[str]:
-    """Yield non-empty documents of a source, in a deterministic order (text_field: see module doc)."""
+def iter_documents(source: str, text_field: str = TEXT_FIELD, bad: BadLines | None = None) -> Iterator[str]:
+    """Yield non-empty documents of a source, in a deterministic order (text_field: see module doc).
+    bad: what to do with unreadable lines of .txt/.jsonl files (default: stop, naming file and line)."""
     if source == "stdlib":
         files = stdlib_files()
         texts = (t for f in files for t in _iter_file(f))
     elif source.startswith("hf:"):
         texts = _iter_hf(source[3:], text_field)
     else:
-        texts = (t for f in resolve_files(source) for t in _iter_file(f, text_field))
+        texts = (t for f in resolve_files(source) for t in _iter_file(f, text_field, bad))
     for text in texts:
         if text and text.strip():
             yield text

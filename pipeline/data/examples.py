@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import hash_bucket, load_hf_dataset, resolve_files, stdlib_files
+from pipeline.data.corpus import BadLines, hash_bucket, iter_jsonl, load_hf_dataset, resolve_files, stdlib_files
 from pipeline.errors import KdcacheError
+from pipeline.location import Location
 from pipeline.progress import progress
 
 # Packages with enough source for a few hundred chunks each (encodings and pydoc_data are data tables).
@@ -52,13 +53,11 @@ def stdlib_examples() -> list[tuple[str, str, str]]:
     return examples
 
 
-def _records_of_file(path: Path, text_field: str, label_field: str):
+def _records_of_file(path: Path, text_field: str, label_field: str, bad: BadLines):
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield json.loads(line), f"{path}:{line_no}"
+        for line_no, record in iter_jsonl(path, bad):
+            yield record, f"{path}:{line_no}"
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -79,12 +78,15 @@ def _records_of_hf(spec: str):
         yield record, f"hf:{spec} row {i}"
 
 
-def read_examples(source: str, text_field: str, label_field: str) -> list[tuple[str, str, str]]:
-    """(text, label as a string, split key) of every record; refuses records without text or label."""
+def read_examples(source: str, text_field: str, label_field: str,
+                  bad: BadLines | None = None) -> list[tuple[str, str, str]]:
+    """(text, label as a string, split key) of every record; refuses records without text or label.
+    bad: what to do with .jsonl lines that cannot be read (default: stop, naming file and line)."""
     if source == "stdlib":
         return stdlib_examples()
+    bad = bad or BadLines()
     records = (_records_of_hf(source[3:]) if source.startswith("hf:")
-               else (r for f in resolve_files(source) for r in _records_of_file(f, text_field, label_field)))
+               else (r for f in resolve_files(source) for r in _records_of_file(f, text_field, label_field, bad)))
     examples = []
     for record, where in records:
         for field, what in ((text_field, "--text-field"), (label_field, "--label-field")):
@@ -153,10 +155,12 @@ def write_example_split(path: Path, ids: np.ndarray, mask: np.ndarray, labels: n
 
 def prepare_examples(config: PrepareConfig, out: str | Path):
     """`prepare --task classification`: read, split, tokenize and write the labelled token store."""
-    from pipeline.data.tokens import FORMAT, SPLITS, _publish, fingerprint_dir, load_named_tokenizer
+    from pipeline.data.tokens import FORMAT, SPLITS, _publish, _staging, fingerprint_dir, load_named_tokenizer
 
-    out = Path(out)
-    examples = read_examples(config.corpus, config.text_field, config.label_field)
+    Location(out).check_writable()
+    bad = BadLines(config.skip_bad_lines)
+    examples = read_examples(config.corpus, config.text_field, config.label_field, bad)
+    bad.report()
     # A deterministic shuffle by content, so that max_documents keeps a mix of every label.
     examples.sort(key=lambda e: (hash_bucket(e[0] + e[1]), e[0]))
     if config.max_documents:
@@ -174,9 +178,7 @@ def prepare_examples(config: PrepareConfig, out: str | Path):
     else:
         tokenizer = encoder_tokenizer([t for t, _ in train], config.vocab_size)
     index = {name: i for i, name in enumerate(names)}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
         rows, counts = {}, {}
@@ -191,7 +193,7 @@ def prepare_examples(config: PrepareConfig, out: str | Path):
         meta = {"format": FORMAT, "fingerprint": fingerprint_dir(tmp, settings), "vocab_size": len(tokenizer),
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
                 "settings": settings, "task": "classification", "label_names": names,
-                "label_counts": counts, "pad_id": tokenizer.pad_token_id}
+                "label_counts": counts, "pad_id": tokenizer.pad_token_id, "skipped_lines": bad.count}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.config import PrepareConfig
 from pipeline.data.tokens import TokenStore, same_tokenizer, write_token_store
 from pipeline.errors import KdcacheError
+from pipeline.location import Location
 
 
 def parse_mix(entry: str) -> tuple[str, float]:
@@ -43,6 +44,7 @@ def pick_rows(rows: int, weight: float, rng: np.random.Generator) -> np.ndarray:
 
 def mix_token_stores(config: PrepareConfig, out: str | Path) -> TokenStore:
     """Write the mixture of `config.mix` (DIR[:WEIGHT] entries) as a token store at `out`."""
+    Location(out).check_writable()
     entries = [parse_mix(entry) for entry in config.mix]
     stores = [TokenStore(path) for path, _ in entries]  # each refuses an unfinished or foreign directory
     first = stores[0]
@@ -52,18 +54,18 @@ def mix_token_stores(config: PrepareConfig, out: str | Path) -> TokenStore:
                                f"token stores only.")
     for store in stores[1:]:
         if store.block_size != first.block_size:
-            raise KdcacheError(f"--mix stores have different block sizes: {first.path} {first.block_size}, "
-                               f"{store.path} {store.block_size}; mix stores prepared with the same --block-size.")
+            raise KdcacheError(f"--mix stores have different block sizes: {first.name} {first.block_size}, "
+                               f"{store.name} {store.block_size}; mix stores prepared with the same --block-size.")
         if store.vocab_size != first.vocab_size or not same_tokenizer(first, store):
-            raise KdcacheError(f"--mix stores have different tokenizers: {first.path} ({first.vocab_size} ids) and "
-                               f"{store.path} ({store.vocab_size} ids); prepare or generate them with one tokenizer.")
+            raise KdcacheError(f"--mix stores have different tokenizers: {first.name} ({first.vocab_size} ids) and "
+                               f"{store.name} ({store.vocab_size} ids); prepare or generate them with one tokenizer.")
     rng = np.random.default_rng(0)  # fixed: the mixture depends on its inputs only
     picks = [pick_rows(store.num_rows("train"), weight, rng) for store, (_, weight) in zip(stores, entries)]
     if sum(len(p) for p in picks) == 0:
         raise KdcacheError(f"--mix {' '.join(config.mix)} selects no rows; give a weight above 0.")
     train = np.concatenate([store.blocks("train")[p] for store, p in zip(stores, picks)])
     train = train[rng.permutation(len(train))]
-    sources = [{"path": str(store.path), "fingerprint": store.fingerprint, "weight": weight, "rows": len(p)}
+    sources = [{"path": store.name, "fingerprint": store.fingerprint, "weight": weight, "rows": len(p)}
                for store, (_, weight), p in zip(stores, entries, picks)]
     return write_token_store(out, first, {"train": train, "validation": first.blocks("validation")},
                              {"mix": sources})

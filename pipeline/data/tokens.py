@@ -16,13 +16,19 @@ mask_rate, mask_views, mask_id and pad_id. Its train split holds mask_views diff
 of every block, view-major (rows v·B .. (v+1)·B − 1 are view v); validation holds one.
 
 Row i of a split is the unit every later stage indexes by. Reads are memory-mapped, zero-copy.
+
+A token store may live at an fsspec URL (s3://, gs://, ...): it is written locally and uploaded,
+meta.json last; a reader copies it once into the local cache (`cache_dir()`, keyed by fingerprint) and
+memory-maps it from there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,25 +37,66 @@ import pyarrow as pa
 from pipeline.progress import progress
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import iter_documents, pack_blocks, split_documents
+from pipeline.data.corpus import BadLines, iter_documents, pack_blocks, split_documents
 from pipeline.data.masking import mask_blocks, mask_count
 from pipeline.errors import KdcacheError
+from pipeline.location import Location
+from pipeline.models import load_tokenizer
 
 FORMAT = "kdcache-tokens/1"
 SPLITS = ("train", "validation")
 EOS = "<|endoftext|>"
 
 
+def cache_dir() -> Path:
+    """Local copies of token stores read from URLs: $KDCACHE_CACHE, else $XDG_CACHE_HOME/kdcache, else
+    ~/.cache/kdcache."""
+    if os.environ.get("KDCACHE_CACHE"):
+        return Path(os.environ["KDCACHE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdcache"
+
+
+def _local_copy(location: Location) -> Path:
+    """The local copy of the token store at a URL, downloaded unless the cache holds its fingerprint."""
+    meta = location.read_json("meta.json")
+    if meta is None:
+        raise KdcacheError(f"{location} is not a finished token store (no meta.json); "
+                           f"run `kdcache prepare --out {location}` first.")
+    copy = cache_dir() / "tokens" / str(meta.get("fingerprint"))
+    if not (copy / "meta.json").exists():
+        print(f"[tokens] copying {location} to {copy}")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=copy.name + ".", dir=copy.parent))
+        try:
+            location.download(tmp)
+            _move_into_place(tmp, copy)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return copy
+
+
+def _move_into_place(tmp: Path, copy: Path) -> None:
+    """Rename a finished local copy into the cache; another process (a loader worker) may have done so first."""
+    try:
+        tmp.rename(copy)
+    except OSError:
+        if not (copy / "meta.json").exists():
+            raise
+
+
 class TokenStore:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        """path: a local directory or an fsspec URL (read through a local copy, see cache_dir)."""
+        location = Location(path)
+        self.name = location.text  # as given: for messages and provenance
+        self.path = Path(location.text) if location.local else _local_copy(location)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise KdcacheError(f"{self.path} is not a finished token store (no meta.json); "
                                f"run `kdcache prepare --out {self.path}` first.")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise KdcacheError(f"{self.path}: token store format {self.meta.get('format')!r}, "
+            raise KdcacheError(f"{self.name}: token store format {self.meta.get('format')!r}, "
                                f"expected {FORMAT!r}; re-run `kdcache prepare`.")
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -148,6 +195,8 @@ def _write_split(path: Path, blocks: np.ndarray, vocab_size: int, columns: dict 
 
 
 def _fingerprint(directory: Path, settings: dict) -> str:
+    # skip_bad_lines changes what is read, and so the hashed files, only when it skips a line.
+    settings = {key: value for key, value in settings.items() if key != "skip_bad_lines"}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in sorted(p for p in directory.rglob("*") if p.is_file()):
         h.update(f.relative_to(directory).as_posix().encode())
@@ -159,11 +208,11 @@ fingerprint_dir = _fingerprint
 
 
 def load_named_tokenizer(name: str):
-    """AutoTokenizer.from_pretrained(name) with an error that names it."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of a directory, hub id or GGUF file (models.load_tokenizer) with an error that names it."""
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return load_tokenizer(name)
+    except KdcacheError:
+        raise
     except Exception as e:  # transformers raises OSError/ValueError/... for a bad id or path
         raise KdcacheError(f"cannot load tokenizer {name!r}: {e}") from e
 
@@ -174,17 +223,19 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         from pipeline.data.examples import prepare_examples
 
         return prepare_examples(config, out)
-    out = Path(out)
+    Location(out).check_writable()
     tokenizer = load_named_tokenizer(config.tokenizer) if config.tokenizer else None
     if config.task == "masked" and tokenizer is not None and tokenizer.mask_token is None:
         raise KdcacheError(f"tokenizer {config.tokenizer!r} has no mask token, which --task masked needs; use "
                            f"the masked-LM teacher's tokenizer (e.g. a BERT's) or leave --tokenizer empty for the "
                            f"default BPE, which gains [MASK]/[CLS]/[SEP]/[PAD].")
-    texts = []
-    for text in progress(iterable=iter_documents(config.corpus, config.text_field), desc="read corpus", unit="doc"):
+    texts, bad = [], BadLines(config.skip_bad_lines)
+    for text in progress(iterable=iter_documents(config.corpus, config.text_field, bad), desc="read corpus",
+                         unit="doc"):
         if config.max_documents and len(texts) >= config.max_documents:
             break
         texts.append(text)
+    bad.report()
     train, validation = split_documents(texts, config.val_fraction)
     documents = {"train": train, "validation": validation}
     if not documents["train"]:
@@ -203,9 +254,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     # Between documents: end of text, or [SEP] for an encoder tokenizer that has no end-of-text token.
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
         rows, columns = {}, None
@@ -227,7 +276,7 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         settings = {**asdict(config), "vocab_size": vocab_size}
         meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
-                "settings": settings}
+                "settings": settings, "skipped_lines": bad.count}
         if config.task == "masked":
             meta.update(task="masked", mask_count=mask_count(config.block_size, config.mask_rate),
                         mask_rate=config.mask_rate, mask_views=config.mask_views, mask_id=tokenizer.mask_token_id,
@@ -239,11 +288,30 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     return _publish(tmp, out)
 
 
-def _publish(tmp: Path, out: Path) -> TokenStore:
-    """Move a finished OUT.partial into place: a token store that exists is complete."""
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return TokenStore(out)
+def _staging(out: str | Path) -> Path:
+    """An empty directory to write the store to: OUT.partial beside a local OUT, a temporary one for a URL."""
+    location = Location(out)
+    if not location.local:
+        return Path(tempfile.mkdtemp(prefix="kdcache-tokens-"))
+    tmp = Path(location.text).with_name(Path(location.text).name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: str | Path) -> TokenStore:
+    """Move a finished staging directory into place: a token store that exists (has meta.json) is
+    complete. At a URL: uploaded, meta.json last."""
+    location = Location(out)
+    if location.local:
+        shutil.rmtree(location.text, ignore_errors=True)
+        tmp.rename(location.text)
+        return TokenStore(location.text)
+    try:
+        location.upload(tmp, last="meta.json")
+    finally:
+        shutil.rmtree(tmp)
+    return TokenStore(out)  # copied into the local cache
 
 
 def same_tokenizer(a: TokenStore | str | Path, b: TokenStore | str | Path) -> bool:
@@ -263,10 +331,7 @@ def write_token_store(out: str | Path, source: TokenStore, splits: dict[str, np.
     (provenance) go into meta.json and the fingerprint. Written to OUT.partial and renamed, so a store
     that exists is complete.
     """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     try:
         shutil.copytree(source.tokenizer_path, tmp / "tokenizer")
         for split in SPLITS:

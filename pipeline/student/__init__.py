@@ -12,6 +12,7 @@ from __future__ import annotations
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.student.adversarial import run_adversarial
+from pipeline.location import Location
 from pipeline.student.mutual import mutual_peer_dir, run_mutual
 from pipeline.student.offline import run_offline
 from pipeline.student.online import run_online
@@ -27,6 +28,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
     not use is named in the log, not read (dvc.yaml passes both, so params.yaml alone picks the mode).
     add_targets: offline only, a hook on every batch before its step (see train_loop).
     """
+    Location(out).check_writable()  # a read-only --out fails now, not after training
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     unused = {"offline": ("--teacher", None if config.init_from_teacher else teacher_dir), "online": ("--targets", targets),
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]

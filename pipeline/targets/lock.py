@@ -14,7 +14,7 @@ import socket
 import time
 
 from pipeline.errors import KdcacheError
-from pipeline.targets.location import Location
+from pipeline.location import Location
 
 LOCK_NAME = "kdcache.lock"
 

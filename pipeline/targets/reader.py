@@ -15,7 +15,7 @@ import zarr
 
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.location import Location
+from pipeline.location import Location
 from pipeline.targets.writer import bad_shards, bad_unsharded, read_records
 
 
@@ -110,7 +110,7 @@ class TargetsStore:
         if self.attrs["tokens_fingerprint"] != tokens.fingerprint:
             raise KdcacheError(f"{self.path} was captured from another token store (fingerprint "
                                f"{self.attrs['tokens_fingerprint']}, tokens have {tokens.fingerprint}); "
-                               f"re-run `kdcache cache` on {tokens.path}.")
+                               f"re-run `kdcache cache` on {tokens.name}.")
         if self.attrs["split"] != split or self.rows != tokens.num_rows(split):
             raise KdcacheError(f"{self.path} covers split {self.attrs['split']!r} with {self.rows} rows; "
                                f"expected split {split!r} with {tokens.num_rows(split)} rows.")

@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
-from pipeline.targets.location import Location
+from pipeline.location import Location
 from pipeline.targets.lock import LOCK_NAME
 
 
@@ -197,6 +197,15 @@ class TargetsWriter:
     def refresh(self) -> None:
         """Re-read the records (other ranks write theirs)."""
         self.done = read_records(self.group, dict(self.group.attrs))
+
+    def recorded(self) -> set[int]:
+        """Indices of the shards whose record objects exist now, by their names alone (one listing, no
+        record read: for progress, not for trusting a shard)."""
+        if int(self.group.attrs.get("format_version", 0)) < fmt.RECORDS_SINCE:
+            return {int(index) for index in self.done}
+        prefix = fmt.record_name(0).rstrip("0")
+        return {int(name[len(prefix):]) for name in self.group[fmt.RECORDS].group_keys()
+                if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
     def pending(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Indices of shards not yet recorded that fall to `rank` of `world_size` (r, r + N, ...)."""

@@ -22,7 +22,7 @@ from pipeline.targets import basis as hidden_basis
 from pipeline.targets import codecs
 from pipeline.targets import format as fmt
 from pipeline.targets.ids import ids_dtype
-from pipeline.targets.location import Location
+from pipeline.location import Location
 from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
@@ -169,8 +169,7 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     captures shards r, r + N, ...; rank 0 holds the lock, prepares the store and marks it complete.
     """
     location = Location(out)  # refuses an unknown URL protocol, or one whose package is missing, first
-    if location.is_file():
-        raise KdcacheError(f"--out {out} is a file; a targets store is a directory. Choose another --out.")
+    location.check_writable()
     tokens = TokenStore(tokens_dir)
     model, info = load_teacher(teacher_dir)
     check_teacher_task(info, tokens, teacher_dir)
@@ -193,8 +192,8 @@ def run_capture(config: CacheConfig, teacher_dir: str, tokens_dir: str, out: str
     lock = WriterLock(location, force)
     try:
         writer, bases = _open_store(config, location, identity, lock, overwrite, model, tokens, device, autocast)
-        _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank, world_size)
-        runtime.barrier()  # every rank's records exist
+        _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank,
+                        world_size)  # returns once every rank's records exist
         if main:
             lock.check()
             writer.finish({"hidden_variance_kept": _variance_kept(writer.shard_stats)} if bases else None)
@@ -230,7 +229,8 @@ def _open_store(config, location, identity, lock, overwrite, model, tokens, devi
 
 def _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank,
                     world_size) -> None:
-    """Run the teacher over this rank's pending shards, writing and recording each one."""
+    """Run the teacher over this rank's pending shards, writing and recording each one; return once
+    every rank's shards are recorded. Rank 0's progress bar counts every rank's tokens."""
     main, block_size = rank == 0, tokens.block_size
     everyone = writer.pending(0, 1)  # every rank's pending shards: the progress bar's total
     mine = writer.pending(rank, world_size)
@@ -239,6 +239,13 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
     rows_of = lambda indices: sum(writer.ranges[i][1] - writer.ranges[i][0] for i in indices)  # noqa: E731
     bar = progress(total=rows_of(everyone) * block_size, desc="capture", unit="tok", unit_scale=True,
                    disable=not main)
+
+    def count_every_rank() -> None:
+        """Rank 0's bar: the tokens of every rank's recorded shards (the others' are known by their records)."""
+        if main and world_size > 1:
+            recorded = writer.recorded()
+            bar.n = max(bar.n, rows_of([i for i in everyone if i in recorded]) * block_size)
+            bar.refresh()
     start_time = time.perf_counter()
     for index in mine:
         start, stop = writer.ranges[index]
@@ -261,8 +268,6 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
         lock.check()
         writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
                            {"hidden_energy": energy} if bases else None)
-        if main and world_size > 1:  # count the other ranks' finished shards too
-            writer.refresh()
-            bar.n = max(bar.n, rows_of([i for i in everyone if str(i) in writer.done]) * block_size)
-            bar.refresh()
+        count_every_rank()
+    runtime.barrier(while_waiting=count_every_rank)  # rank 0's bar goes on counting the others' shards
     bar.close()

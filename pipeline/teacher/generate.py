@@ -96,7 +96,7 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
 def generation_identity(config: GenerateConfig, tokens: TokenStore, teacher_dir: str, teacher_info: dict) -> dict:
     """What the generated rows depend on: the settings, the teacher and the source (its provenance)."""
     return {"settings": asdict(config), "teacher": str(teacher_dir),
-            "teacher_fingerprint": teacher_info["fingerprint"], "source": str(tokens.path),
+            "teacher_fingerprint": teacher_info["fingerprint"], "source": tokens.name,
             "source_fingerprint": tokens.fingerprint}
 
 

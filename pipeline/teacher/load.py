@@ -11,13 +11,14 @@ from pathlib import Path
 
 from pipeline import runtime
 from pipeline.errors import KdcacheError
-from pipeline.models import (check_fits, check_same_tokenizer, fingerprint_model_dir, load_model, num_layers,
-                             read_info, save_model, write_info)
+from pipeline.models import (check_fits, check_same_tokenizer, fingerprint_model_dir, gguf_file, load_model,
+                             model_fingerprint, num_layers, read_info, save_model, write_info)
 from pipeline.tasks import get_task
 
 
 def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
-    """The teacher --model: a path or hub id, checked against the token store before any work.
+    """The teacher --model: a path, hub id or GGUF file (or a directory holding one; dequantised), checked
+    against the token store before any work.
 
     Its own tokenizer (when saved beside it) must be the token store's, id for id: a teacher reading
     ids from another tokenizer gives well-formed but meaningless targets.
@@ -36,6 +37,10 @@ def save_teacher(model, tokens, out: str | Path, source: str, config, final_loss
     info = {"source": source, "fingerprint": fingerprint_model_dir(out), "num_layers": num_layers(model),
             "vocab_size": tokens.vocab_size, "tokens_fingerprint": tokens.fingerprint,
             "final_train_loss": final_loss, "config": asdict(config), "task": tokens.task_name}
+    gguf = gguf_file(source) if getattr(config, "model", "") else None
+    if gguf:  # the plain weights saved here were dequantised from this file
+        info["gguf"] = {"file": str(gguf.resolve()), "sha256": model_fingerprint(str(gguf))["sha256"],
+                        "architecture": model.config.model_type, "saved_dtype": str(model.dtype).removeprefix("torch.")}
     write_info(out, info)
     return info
 
@@ -66,7 +71,7 @@ def check_teacher_tokenizer(teacher_dir: str | Path, tokens) -> None:
     theirs = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
     if theirs != tokens.load_tokenizer().get_vocab():
         raise KdcacheError(f"the teacher's tokenizer ({teacher_dir}, {len(theirs)} ids) differs from the token "
-                           f"store's ({tokens.path}, {tokens.vocab_size} ids); use a token store prepared with "
+                           f"store's ({tokens.name}, {tokens.vocab_size} ids); use a token store prepared with "
                            f"the teacher's tokenizer (prepare --tokenizer {teacher_dir}) or its own teacher.")
 
 

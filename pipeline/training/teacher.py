@@ -11,6 +11,7 @@ from __future__ import annotations
 from pipeline import runtime
 from pipeline.config import TeacherConfig
 from pipeline.data.tokens import TokenStore
+from pipeline.location import Location
 from pipeline.models import build_bert_classifier, build_bert_mlm, build_gpt2, padded, special_ids
 from pipeline.teacher.load import load_pretrained, save_teacher
 from pipeline.training.loader import BlockStream
@@ -21,6 +22,7 @@ from pipeline.training.objective import Objective
 def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
                         files: TrainFiles | str | None = None) -> dict:
     """Load `config.model` or train the default teacher; save it to `out` with its fingerprint."""
+    Location(out).check_writable()  # a read-only --out fails now, not after training
     tokens = TokenStore(tokens_dir)
     if config.model:
         return save_teacher(load_pretrained(config.model, tokens, config.dtype), tokens, out, config.model, config, None)

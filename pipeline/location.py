@@ -1,8 +1,10 @@
-"""Where a targets store lives: a local directory or an fsspec URL (memory://, s3://, gs://, ...).
+"""Where a store lives: a local directory or an fsspec URL (memory://, s3://, gs://, ...).
 
 Zarr opens both (a path, or its fsspec store for a URL); this file answers the questions zarr does
-not: does the store exist, how many bytes does an array take, delete it, and read/write the small
-plain objects beside the arrays (the writer's lock). `file://` URLs become local paths.
+not: does the store exist, how many bytes does an array take, delete it, read/write the small plain
+objects beside the arrays (the targets writer's lock), and copy a whole directory tree up or down (a
+token store at a URL). `file://` URLs become local paths. Credentials and endpoints come from the
+protocol package's usual environment (for s3fs: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -34,6 +37,19 @@ def check_protocol(protocol: str, text: str) -> None:
         raise KdcacheError(f"{text}: {hint}") from None
 
 
+def write_text(path: str | Path, text: str, option: str) -> None:
+    """Write a small local output file whole, or raise naming `option` and the path (a read-only or full
+    disk); a file cut short by a full disk is removed, so that nothing half-written is left."""
+    tmp = Path(f"{path}.partial")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as error:
+        if tmp.exists():
+            tmp.unlink()
+        raise KdcacheError(f"cannot write {option} {path}: {error.strerror or error}.") from None
+
+
 class Location:
     """A store's root: `text` as given, `url` for zarr (a local path or an fsspec URL)."""
 
@@ -54,14 +70,41 @@ class Location:
         return self.text
 
     def child(self, name: str) -> str:
+        """The path of `name` under the root ("": the root itself)."""
+        if not name:
+            return self.root
         return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
 
     def exists(self, name: str = "") -> bool:
-        path = self.child(name) if name else self.root
+        path = self.child(name)
         return os.path.exists(path) if self.local else self.fs.exists(path)
 
     def is_file(self) -> bool:
         return os.path.isfile(self.root) if self.local else self.fs.isfile(self.root)
+
+    def check_writable(self, option: str = "--out") -> None:
+        """Refuse, before any work, a root that is a file or under which nothing can be written (a
+        read-only disk or bucket, no permission): a probe file is written and removed. Locally the probe
+        goes to the nearest directory that exists, so that nothing is created here."""
+        if self.is_file():
+            raise KdcacheError(f"{option} {self} is a file; it must name a directory. Choose another {option}.")
+        probe = f".kdcache-probe-{os.getpid()}"
+        try:
+            if self.local:
+                existing = Path(os.path.abspath(self.root))
+                while not existing.exists():
+                    existing = existing.parent
+                if not existing.is_dir():
+                    raise NotADirectoryError(f"{existing} is a file")
+                with tempfile.TemporaryFile(dir=existing, prefix=probe):
+                    pass
+            else:
+                self.fs.pipe_file(self.child(probe), b"")
+                self.fs.rm(self.child(probe))
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            raise KdcacheError(f"cannot write to {option} {self}: {reason}. Choose a writable {option}, "
+                               f"or make it writable.") from None
 
     def names(self) -> list[str]:
         """Entries directly under the root ([] when it does not exist)."""
@@ -116,3 +159,21 @@ class Location:
             return False
         self.fs.pipe_file(self.child(name), data)
         return self.read_json(name) == json.loads(data)
+
+    # --- whole trees (token stores: written locally, then uploaded; downloaded to be memory-mapped) ----
+
+    def upload(self, local: Path, last: str) -> None:
+        """Replace a remote root by the local directory `local`; the file `last` goes up after every
+        other file, so that a store holding it is whole."""
+        self.delete("")
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
+            self.fs.put_file(str(path), self.child(path.relative_to(local).as_posix()))
+
+    def download(self, local: Path) -> None:
+        """Copy every file under a remote root into the local directory `local`."""
+        root = self.root.rstrip("/")
+        for remote in self.fs.find(root):
+            target = local / remote[len(root):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(target))
