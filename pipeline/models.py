@@ -274,17 +274,21 @@ def read_info(model_dir: str | Path, what: str = "model") -> dict:
     return json.loads(path.read_text())
 
 
+def hash_files(named_files) -> str:
+    """sha256 (16 hex digits) over (name, path) pairs: each name, then the file's bytes, streamed."""
+    h = hashlib.sha256()
+    for name, path in named_files:
+        h.update(name.encode())
+        with Path(path).open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def fingerprint_model_dir(path: str | Path) -> str:
     """Hash of the config and every weight file: identifies the teacher a store was captured from."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf"):
-            h.update(f.name.encode())
-            with f.open("rb") as stream:
-                for block in iter(lambda: stream.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
+    return hash_files((f.name, f) for f in sorted(Path(path).iterdir())
+                      if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
 def model_fingerprint(spec: str) -> dict:
@@ -296,11 +300,7 @@ def model_fingerprint(spec: str) -> dict:
     if path.is_dir():
         return {"model": spec, "sha256": fingerprint_model_dir(path)}
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 24), b""):
-                h.update(block)
-        return {"model": spec, "sha256": h.hexdigest()[:16]}
+        return {"model": spec, "sha256": hash_files([("", path)])}
     return {"model": spec, "remote": True}
 
 

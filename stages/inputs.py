@@ -16,7 +16,7 @@ from pipeline.models import model_fingerprint
 def inputs(corpus, model, out):
     """Summarise what the pipeline reads from outside the repository, for DVC.
 
-    A path in params.yaml is a string to DVC, not a dependency. This stage (always run; cheap) hashes the
+    A path in params.yaml is a string to DVC, not a dependency. This stage (always run; seconds) hashes the
     corpus files and a local teacher directory into small JSON files that `prepare` and `teacher`
     depend on, so adding a corpus file or new teacher weights re-runs them, and nothing else does.
     """

@@ -150,25 +150,16 @@ def resolve_files(source: str) -> list[Path]:
     return files
 
 
-def _digest(files: list[Path], root: Path | None = None) -> str:
-    """sha256 over every file's name and bytes: changes when any file is added, removed or edited."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root) if root else f).encode() + b"\0")
-        with f.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 def corpus_fingerprint(source: str) -> dict:
     """What a source reads from this machine's disk, summarised, so that DVC's `inputs` stage notices a
     corpus file added, removed or edited (a path in params.yaml is not a DVC dependency by itself).
     A hub dataset is remote: its name is all there is to record."""
+    from pipeline.models import hash_files  # torch-heavy: only the inputs stage needs it
+
     if source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        return {"source": source, "python": sysconfig.get_python_version(), "files": len(stdlib_files()),
-                "sha256": _digest(stdlib_files(), root)}
+        root, files = Path(sysconfig.get_paths()["stdlib"]), stdlib_files()
+        return {"source": source, "python": sysconfig.get_python_version(), "files": len(files),
+                "sha256": hash_files((str(f.relative_to(root)), f) for f in files)}
     if source.startswith("hf:"):
         local = Path(source[3:].split(":")[0])
         if not local.is_dir():
@@ -176,7 +167,7 @@ def corpus_fingerprint(source: str) -> dict:
         files = sorted(p for p in local.rglob("*") if p.is_file())
     else:
         files = resolve_files(source)
-    return {"source": source, "files": len(files), "sha256": _digest(files)}
+    return {"source": source, "files": len(files), "sha256": hash_files((str(f), f) for f in files)}
 
 
 def iter_documents(source: str, text_field: str = TEXT_FIELD, bad: BadLines | None = None) -> Iterator[str]:
