@@ -111,9 +111,10 @@ def latency_per_token(models: dict, block: torch.Tensor, rounds: int) -> dict[st
 
 def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, str], out: str,
                  plot_path: str | None = None, table_path: str | None = None, figures_dir: str | None = None,
-                 curves: dict[str, list[str]] | None = None) -> dict:
+                 curves: dict[str, list[str]] | None = None, summary_path: str | None = None) -> dict:
     """Score every model on the same validation blocks; write metrics JSON to `out`, and optionally the
-    loss-by-position CSV (`plot_path`), a Markdown table of the metrics (`table_path`) and SVG figures
+    loss-by-position CSV (`plot_path`), a Markdown table of the metrics (`table_path`), the metrics as
+    one CSV row per model in the order given (`summary_path`: a DVC plot by model) and SVG figures
     (`figures_dir`: loss by position, reliability diagram, and the training and validation curves of
     the `curves` logs, NAME -> CSVs written by the training loop's --log and --val-log).
 
@@ -134,7 +135,8 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
 
         result, calibration = evaluate_classifiers(config, tokens, model_dirs)
         per_position = {name: np.array([m["val_loss"]]) for name, m in result["models"].items()}  # one per row
-        return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
+        return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir,
+                             summary_path)
     models = {}
     for name, path in model_dirs.items():
         check_model_task(path, name, tokens.task_name)
@@ -167,12 +169,15 @@ def run_evaluate(config: EvaluateConfig, tokens_dir: str, model_dirs: dict[str, 
     result = {"models": metrics, "validation_blocks": int(count), "block_size": tokens.block_size}
     if tokens.task_name == "masked":
         result.update(task="masked", mask_count=int(tokens.meta["mask_count"]))
-    return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir)
+    return write_results(result, out, per_position, calibration, curves, plot_path, table_path, figures_dir,
+                             summary_path)
 
 
 def write_results(result: dict, out: str, per_position: dict, calibration: dict, curves: dict | None,
-                  plot_path: str | None, table_path: str | None, figures_dir: str | None) -> dict:
-    """Write the metrics JSON and whichever of the plot CSV, Markdown table and figures are asked for."""
+                  plot_path: str | None, table_path: str | None, figures_dir: str | None,
+                  summary_path: str | None = None) -> dict:
+    """Write the metrics JSON and whichever of the plot CSV, Markdown table, summary CSV and figures are
+    asked for."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
     if plot_path:
@@ -180,6 +185,8 @@ def write_results(result: dict, out: str, per_position: dict, calibration: dict,
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(markdown_table(result))
+    if summary_path:
+        write_summary(result["models"], summary_path)
     if figures_dir:  # no loss-by-position figure unless targets sit at fixed block positions (causal LM)
         by_position = {} if result.get("task") in ("classification", "masked") else per_position
         write_figures(figures_dir, by_position, calibration, curves or {})
@@ -251,6 +258,18 @@ def markdown_table(result: dict) -> str:
     else:
         heading = f"Validation: {result['validation_blocks']} blocks of {result['block_size']} tokens."
     return heading + "\n\n" + "\n".join(lines) + "\n"
+
+
+def write_summary(models: dict[str, dict], path: str) -> None:
+    """CSV of the metrics, one row per model in the order given, numbered from 0 (`index`): a DVC plot
+    of a metric by model, e.g. by generation of a self-distillation chain."""
+    keys = [key for key, _, _ in TABLE_COLUMNS if any(key in m for m in models.values())]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "model", *keys])
+        for index, (name, metrics) in enumerate(models.items()):
+            writer.writerow([index, name, *(metrics.get(key, "") for key in keys)])
 
 
 def write_position_plot(per_position: dict[str, np.ndarray], path: str) -> None:

@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,15 +112,17 @@ def test_losses_never_import_models_or_data():
         assert not [p for p in closure if p.name in ("models.py", "tokens.py")], path
 
 
-def test_chain_stages_depend_on_every_module_they_import():
-    """chain/dvc.yaml (foreach stages, paths relative to chain/) lists its import closures like dvc.yaml."""
+@pytest.mark.parametrize("pipeline", ["chain", "seqkd"])
+def test_sub_pipeline_stages_depend_on_every_module_they_import(pipeline):
+    """chain/ and seqkd/dvc.yaml (foreach stages, paths relative to their folder) list their import
+    closures like dvc.yaml."""
     import yaml
 
-    stages = yaml.safe_load((ROOT / "chain" / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((ROOT / pipeline / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         stage = stage.get("do", stage)
         command = stage["cmd"].split()[1]
         deps = [Path(dep.removeprefix("../")) for dep in stage["deps"] if dep.startswith("../")]
         needed = {p for p in import_closure(Path("stages") / f"{command}.py") if not docstring_only(ROOT / p)}
         missing = sorted(str(p) for p in needed if not any(p == d or d in p.parents for d in deps))
-        assert not missing, f"chain/dvc.yaml stage {name} misses deps {missing}"
+        assert not missing, f"{pipeline}/dvc.yaml stage {name} misses deps {missing}"
