@@ -1,6 +1,7 @@
 """Classification distillation on the embedded default task (which stdlib package a chunk comes from).
 
-One run: prepare --task classification → the default BERT teacher → one capture (every class, P = 1)
+One run: prepare --task classification → the default BERT teacher (--mlm-steps of masked-LM
+pre-training on the train split's text, then --teacher-steps on the labels) → one capture (every class, P = 1)
 → students at equal steps, all from that one store:
 
   kd_bert / ce_bert   a small BERT classifier with KD (alpha --alpha) / on hard labels only
@@ -48,6 +49,7 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--teacher-shape", type=int, nargs=3, default=(4, 128, 4), metavar=("L", "D", "H"))
     parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--mlm-steps", type=int, default=600, help="teacher masked-LM pre-training steps")
     parser.add_argument("--student-shape", type=int, nargs=3, default=(2, 64, 2), metavar=("L", "D", "H"))
     parser.add_argument("--lstm-shape", type=int, nargs=2, default=(1, 64), metavar=("L", "D"))
     parser.add_argument("--steps", type=int, default=300, help="student steps (all students)")
@@ -64,7 +66,7 @@ def main():
                                           block_size=args.block_size, val_fraction=0.1), work / "tokens")
     L, D, H = args.teacher_shape
     materialise_teacher(TeacherConfig(n_layer=L, n_embd=D, n_head=H, max_steps=args.teacher_steps, batch_size=32,
-                                      lr=1e-3, warmup_steps=50), str(tokens.path), str(work / "teacher"))
+                                      lr=1e-3, warmup_steps=50, mlm_steps=args.mlm_steps), str(tokens.path), str(work / "teacher"))
     store = run_capture(CacheConfig(batch_size=64), str(work / "teacher"), str(tokens.path), str(work / "targets.zarr"))
 
     L, D, H = args.student_shape

@@ -150,11 +150,22 @@ class TeacherConfig(ModelShape, TrainSettings):
     dtype: str = setting("float32", "Precision: the default teacher trains in it (as student --dtype: "
                          "float32, bfloat16, or float16 on CUDA); a --model teacher is loaded and saved in it "
                          "(bfloat16 halves its size).")
+    finetune: bool = setting(False, "Train the --model teacher on the token store for max_steps before saving: "
+                             "for classification, a pretrained encoder with a new head for the store's labels "
+                             "(the usual first step of task distillation).")
+    mlm_steps: int = setting(0, "Classification, default teacher: masked-LM pre-training steps on the text of the "
+                             "train split (15% masks, BERT's 80/10/10) before training on the labels; 0: none.")
 
     def __post_init__(self):
         runtime.check_device(self.device)
         ModelShape.__post_init__(self)
-        if not self.model:
+        _check(not (self.finetune and not self.model),
+               "--finetune trains a loaded --model; the default teacher (no --model) is trained anyway.")
+        _check(self.mlm_steps >= 0, f"mlm_steps must be >= 0, got {self.mlm_steps}.")
+        _check(not (self.mlm_steps and self.model),
+               "--mlm-steps pre-trains the default teacher; a --model encoder is pretrained already "
+               "(give --finetune to train it on the labels, with --mlm-steps 0).")
+        if not self.model or self.finetune:
             TrainSettings.__post_init__(self)
         self.check_precision()
         _check(self.vocab_multiple >= 1, "vocab_multiple must be >= 1.")

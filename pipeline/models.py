@@ -184,8 +184,11 @@ def load_tokenizer(name_or_path: str | Path, what: str = "tokenizer"):
     return _from_gguf(gguf, what, AutoTokenizer.from_pretrained) if gguf else AutoTokenizer.from_pretrained(name_or_path)
 
 
-def load_model(name_or_path: str, what: str = "model", task=CAUSAL):
-    """`task.auto_class`.from_pretrained (or load_gguf) with an error that says what to do."""
+def load_model(name_or_path: str, what: str = "model", task=CAUSAL, new_head_labels=None):
+    """`task.auto_class`.from_pretrained (or load_gguf) with an error that says what to do.
+
+    new_head_labels: label names of a new classification head (fine-tuning an encoder whose head, if
+    any, was trained for other labels); its weights start fresh."""
     import transformers
 
     auto_class = getattr(transformers, task.auto_class)
@@ -204,8 +207,10 @@ def load_model(name_or_path: str, what: str = "model", task=CAUSAL):
                                or "\\" in name_or_path):
         raise KdcacheError(f"{what} {name_or_path!r} does not exist; point at a directory written by "
                            f"save_pretrained, or give a hub id (NAME or ORG/NAME).")
+    head = {} if new_head_labels is None else {"num_labels": len(new_head_labels), "ignore_mismatched_sizes": True,
+                                               **_label_maps(new_head_labels)}
     try:
-        return auto_class.from_pretrained(name_or_path)
+        return auto_class.from_pretrained(name_or_path, **head)
     except Exception as e:  # OSError, ValueError, HTTP errors...: all mean "not loadable"
         raise KdcacheError(f"cannot load {what} {name_or_path!r} as an {task.auto_class}: "
                            f"{str(e).splitlines()[0]}") from e

@@ -23,7 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import BadLines, hash_bucket, iter_jsonl, load_hf_dataset, resolve_files, stdlib_files
+from pipeline.data.corpus import (BadLines, hash_bucket, iter_jsonl, load_hf_dataset, pack_blocks, resolve_files,
+                                  stdlib_files)
+from pipeline.data.masking import mask_blocks, mask_count
 from pipeline.errors import KdcacheError
 from pipeline.location import Location
 from pipeline.progress import progress
@@ -199,3 +201,31 @@ def prepare_examples(config: PrepareConfig, out: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
     return _publish(tmp, out)
+
+
+def masked_lm_store(tokens, out: str | Path, mask_rate: float = 0.15, seed: int = 0):
+    """A masked-LM token store of a classification store's text, for pre-training its default teacher.
+
+    Each split's examples, unpadded ([CLS] text [SEP] as encoded), are packed into blocks of the same
+    size and masked as `prepare --task masked` masks (exactly round(mask_rate · T) positions per block,
+    80/10/10, specials never masked); the store shares the tokenizer, so the encoder it trains reads
+    the classification rows' ids.
+    """
+    from pipeline.data.tokens import ids_dtype, write_token_store
+
+    tokenizer = tokens.load_tokenizer()
+    splits, columns = {}, {}
+    for index, split in enumerate(("train", "validation")):
+        ids, attention = tokens.blocks(split), tokens.column(split, "attention_mask").astype(bool)
+        blocks = pack_blocks((row[keep].tolist() for row, keep in zip(ids, attention)), tokens.block_size, None)
+        if len(blocks) == 0:
+            raise KdcacheError(f"the {split} split's text is shorter than one block of {tokens.block_size} tokens: "
+                               f"too little to pre-train on; set --mlm-steps 0.")
+        masked = mask_blocks(blocks, mask_rate, 1, seed, index, tokenizer.mask_token_id, tokenizer.all_special_ids,
+                             tokens.vocab_size)
+        splits[split] = masked.pop("input_ids")
+        columns[split] = {**masked, "mask_labels": masked["mask_labels"].astype(ids_dtype(tokens.vocab_size))}
+    return write_token_store(out, tokens, splits, {"mask_rate": mask_rate, "mask_seed": seed}, columns,
+                             task="masked", mask_count=mask_count(tokens.block_size, mask_rate), mask_rate=mask_rate,
+                             mask_views=1, mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id,
+                             pretraining_text_of=tokens.fingerprint)

@@ -324,18 +324,19 @@ def same_tokenizer(a: TokenStore | str | Path, b: TokenStore | str | Path) -> bo
 
 
 def write_token_store(out: str | Path, source: TokenStore, splits: dict[str, np.ndarray], settings: dict,
-                      **meta) -> TokenStore:
+                      columns: dict[str, dict] | None = None, **meta) -> TokenStore:
     """Write a token store from ready blocks (split -> (N, block_size) ids) with `source`'s tokenizer.
 
-    For stores made from other stores (generate, prepare --mix): `settings` and the extra `meta` keys
-    (provenance) go into meta.json and the fingerprint. Written to OUT.partial and renamed, so a store
-    that exists is complete.
+    For stores made from other stores (generate, prepare --mix, a classification teacher's masked-LM
+    pre-training): `settings` and the extra `meta` keys (provenance, task) go into meta.json and the
+    fingerprint; `columns` (split -> name -> array) beside the ids. Written to OUT.partial and renamed,
+    so a store that exists is complete.
     """
     tmp = _staging(out)
     try:
         shutil.copytree(source.tokenizer_path, tmp / "tokenizer")
         for split in SPLITS:
-            _write_split(tmp / f"{split}.arrow", splits[split], source.vocab_size)
+            _write_split(tmp / f"{split}.arrow", splits[split], source.vocab_size, (columns or {}).get(split))
         record = {"format": FORMAT, "fingerprint": _fingerprint(tmp, {**settings, **meta}),
                   "vocab_size": source.vocab_size, "block_size": source.block_size,
                   "eos_id": source.meta.get("eos_id"),

@@ -16,17 +16,19 @@ from pipeline.models import (check_fits, check_same_tokenizer, fingerprint_model
 from pipeline.tasks import get_task
 
 
-def load_pretrained(name_or_path: str, tokens, dtype: str = "float32"):
+def load_pretrained(name_or_path: str, tokens, dtype: str = "float32", new_head: bool = False):
     """The teacher --model: a path, hub id or GGUF file (or a directory holding one; dequantised), checked
     against the token store before any work.
 
     Its own tokenizer (when saved beside it) must be the token store's, id for id: a teacher reading
-    ids from another tokenizer gives well-formed but meaningless targets.
+    ids from another tokenizer gives well-formed but meaningless targets. new_head (classification, to
+    be fine-tuned): a fresh head for the token store's labels replaces the model's own.
     """
     check_same_tokenizer(name_or_path, tokens, "the teacher --model",
                          f"prepare the tokens with the teacher's tokenizer (`kdcache prepare --tokenizer "
                          f"{name_or_path}`), then re-run teacher and cache")
-    model = load_model(name_or_path, "teacher --model", task=tokens.task)
+    labels = tokens.label_names if new_head and tokens.task_name == "classification" else None
+    model = load_model(name_or_path, "teacher --model", task=tokens.task, new_head_labels=labels)
     check_fits(model, tokens, "teacher")
     return model.to(runtime.torch_dtype(dtype))  # saved so: bfloat16 halves the teacher on disk
 
