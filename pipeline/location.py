@@ -91,9 +91,7 @@ class Location:
         probe = f".kdcache-probe-{os.getpid()}"
         try:
             if self.local:
-                existing = Path(os.path.abspath(self.root))
-                while not existing.exists():
-                    existing = existing.parent
+                existing = self._nearest_existing()
                 if not existing.is_dir():
                     raise NotADirectoryError(f"{existing} is a file")
                 with tempfile.TemporaryFile(dir=existing, prefix=probe):
@@ -105,6 +103,23 @@ class Location:
             reason = error.strerror or str(error) or type(error).__name__
             raise KdcacheError(f"cannot write to {option} {self}: {reason}. Choose a writable {option}, "
                                f"or make it writable.") from None
+
+    def check_free_space(self, needed: int, what: str, option: str = "--out") -> None:
+        """Refuse, before any work, a local root whose disk has fewer than `needed` bytes free (a full
+        disk would otherwise fail only when the result is saved). At a URL: nothing to ask."""
+        if not self.local:
+            return
+        free = shutil.disk_usage(self._nearest_existing()).free
+        if free < needed:
+            raise KdcacheError(f"{option} {self}: its disk has {free / 2**20:.1f} MiB free and {what} needs about "
+                               f"{needed / 2**20:.1f} MiB; free space there or choose another {option}.")
+
+    def _nearest_existing(self) -> Path:
+        """The root, or its nearest ancestor that exists (local only)."""
+        existing = Path(os.path.abspath(self.root))
+        while not existing.exists():
+            existing = existing.parent
+        return existing
 
     def names(self) -> list[str]:
         """Entries directly under the root ([] when it does not exist)."""

@@ -18,6 +18,7 @@ from pipeline import lstm  # noqa: F401  (registers the BiLSTM classifier with t
 from pipeline import runtime
 from pipeline.config import ModelShape
 from pipeline.errors import KdcacheError
+from pipeline.location import Location
 from pipeline.tasks import CAUSAL
 
 INFO_FILE = "kdcache.json"
@@ -251,6 +252,16 @@ def check_model_fits(model, vocab_size: int, block_size: int, what: str) -> None
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+TOKENIZER_ROOM = 4 * 2**20  # bytes allowed for the tokenizer and info files saved beside the weights
+
+
+def check_room(models, out: str | Path, what: str = "the trained student") -> None:
+    """Refuse, before training, an --out whose disk cannot take the weights of `models` (saved in their
+    dtype) and a tokenizer each: a full disk would otherwise fail only after training."""
+    weights = sum(p.numel() * p.element_size() for model in models for p in model.parameters())
+    Location(out).check_free_space(weights + TOKENIZER_ROOM * len(models), what)
 
 
 def save_model(model, tokens, out: str | Path, info: dict | None) -> None:

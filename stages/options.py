@@ -8,6 +8,7 @@ repeatable options.
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 import click
 
@@ -48,11 +49,30 @@ def build_config(config_cls, options: dict):
     return config_cls(**values)
 
 
+def disk_full(error: BaseException) -> OSError | None:
+    """The "no space left" OSError that caused `error` (itself or along its chain), if any."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class KdcacheGroup(click.Group):
-    """Turns KdcacheError into a clean `Error: ...` and exit status 1, without a traceback."""
+    """Turns KdcacheError, and a disk that filled up, into a clean `Error: ...` and exit status 1,
+    without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KdcacheError as e:
             raise click.ClickException(str(e)) from e
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            where = f" writing {full.filename}" if full.filename else ""
+            raise click.ClickException(
+                f"the disk is full{where} ({full.strerror}). Free space or choose another output, then re-run the "
+                f"same command: a capture or a generation resumes from its finished shards or batches, and "
+                f"nothing cut short is marked complete.") from e

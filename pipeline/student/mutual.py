@@ -14,6 +14,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
+from pipeline.models import check_room
 from pipeline.student.setup import build_student, make_objective, save_student
 from pipeline.teacher.signals import teacher_targets
 from pipeline.training.loader import BlockStream
@@ -73,6 +74,7 @@ def run_mutual(config: StudentConfig, tokens_dir: str, out: str, files: TrainFil
     tokens = TokenStore(tokens_dir)
     seeds = (config.seed, config.seed + 1)
     pair = torch.nn.ModuleList([build_student(config, tokens, seed) for seed in seeds])
+    check_room(pair, out)  # both are saved (OUT and OUT-peer, on the same disk)
     objective = make_objective(config, tokens, distill=True)
     stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     history = train_loop(pair, stream, config, MutualObjective(objective), runtime.resolve_device(config.device),

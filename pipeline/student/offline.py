@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import hidden_size, num_layers, use_eager_attention, value_width
+from pipeline.models import check_room, hidden_size, num_layers, use_eager_attention, value_width
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -169,6 +169,7 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
     distill = distills(config) and (bool(specs) or add_targets is not None)  # the hook may supply targets
     uses_hidden = config.schedule("beta").bounds()[1] > 0  # beta that ever rises above 0
     model = build_student(config, tokens, teacher_dir=teacher_dir)  # the teacher only with --init-from-teacher
+    check_room([model], out)
     layer_pairs, stores, kind, capture_temperature = [], [TargetsStore(path) for path in paths], "topk", 1.0
     if config.schedule("gamma").bounds()[1] > 0 and not stores:
         raise KdcacheError("gamma > 0 asks for the attention loss: pass --targets captured with "

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
+from pipeline.models import check_room
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.teacher.load import load_teacher
 from pipeline.teacher.signals import teacher_targets
@@ -40,6 +41,7 @@ def run_online(config: StudentConfig, tokens_dir: str, out: str, teacher_dir: st
     """Train a student with the teacher in the loop (online_top_k 0: the full vocabulary)."""
     tokens = TokenStore(tokens_dir)
     model = build_student(config, tokens)
+    check_room([model], out)
     device = runtime.resolve_device(config.device)
     online = OnlineTargets(teacher_dir, tokens.vocab_size, config.online_top_k or tokens.vocab_size,
                            ONLINE_CAPTURE_TEMPERATURE, [], device)

@@ -20,7 +20,7 @@ from pipeline.data.examples import masked_lm_store
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.location import Location
-from pipeline.models import build_bert_classifier, build_bert_mlm, build_gpt2, padded, special_ids
+from pipeline.models import build_bert_classifier, build_bert_mlm, build_gpt2, check_room, padded, special_ids
 from pipeline.teacher.load import load_pretrained, save_teacher
 from pipeline.training.loader import BlockStream
 from pipeline.training.loop import TrainFiles, train_loop
@@ -43,14 +43,15 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
     elif tokens.task_name == "classification":
         model = build_bert_classifier(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size,
                                       tokens.label_names, tokens.meta["pad_id"], config.seed)
-        if config.mlm_steps:
-            pretrain_encoder(model, config, tokens, device)
     elif tokens.task_name == "masked":
         model = build_bert_mlm(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size,
                                tokens.meta["pad_id"], config.seed)
     else:
         model = build_gpt2(config, padded(tokens.vocab_size, config.vocab_multiple), tokens.block_size, config.seed,
                            special_ids(tokens.load_tokenizer()))
+    check_room([model], out, "the trained teacher")
+    if config.mlm_steps:  # a classification default teacher (checked above)
+        pretrain_encoder(model, config, tokens, device)
     stream = BlockStream(tokens_dir, "train", shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     objective = Objective(vocab_size=tokens.num_outputs, task=tokens.task)
     history = train_loop(model, stream, config, objective, device,
