@@ -206,3 +206,58 @@ def test_a_capture_killed_on_s3_resumes_to_the_uninterrupted_store(kdcache, cach
     for name in expected:
         np.testing.assert_array_equal(decoded[name].numpy(), expected[name].numpy())
     assert kdcache("verify", url).exit_code == 0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process descended from it (read from /proc), children first found."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(parents.get(tree[-1], []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_two_rank_capture_killed_on_s3_resumes_to_the_uninterrupted_store(kdcache, bucket, s3_server,
+                                                                         small_teacher, small_tokens, small_targets):
+    """torchrun, 2 ranks writing one store on S3 (rank r: shards r, r + 2, ...), killed -9 as a whole
+    while rank 1 writes shard 3's record; resumed by 2 ranks again."""
+    url = f"{bucket}/targets.zarr"
+    args = ["cache", "--teacher", small_teacher, "--tokens", small_tokens, "--out", url, *SETTINGS, "--device", "cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--",
+               str(Path(sys.executable).parent / "kdcache"), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def run_two_ranks() -> subprocess.Popen:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    s3_server.freeze_at("PUT", rf"/{fmt.RECORDS}/{fmt.record_name(3)}/zarr\.json$", b"", True)
+    process = run_two_ranks()
+    try:
+        while not s3_server.reached.wait(timeout=1) and process.poll() is None:
+            pass
+        reached = s3_server.reached.is_set()
+    finally:
+        kill_tree(process.pid)  # the launcher and its ranks (each rank is a session of its own)
+        stderr = process.communicate()[1].decode(errors="replace")
+        s3_server.thaw()
+    assert reached, f"the capture never reached shard 3's record: {stderr[-3000:]}"
+    killed = TargetsStore(url, require_complete=False)
+    assert not killed.attrs["complete"] and fmt.record_name(3) not in killed.records
+    assert kdcache("verify", url).exit_code == 1
+    resumed = run_two_ranks()
+    out, err = (text.decode(errors="replace") for text in resumed.communicate(timeout=600))
+    assert resumed.returncode == 0, out[-3000:] + err[-6000:]
+    assert "resuming:" in out + err and "taking over the stale lock" in out + err
+    assert_same_store(url, small_targets)
+    assert kdcache("verify", url).exit_code == 0

@@ -16,7 +16,7 @@ import zarr
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
 from pipeline.location import Location
-from pipeline.targets.writer import bad_shards, bad_unsharded, read_records
+from pipeline.targets.writer import bad_shards, bad_unsharded, forget_listings, read_records
 
 
 def not_a_store_message(path: Path) -> str:
@@ -45,6 +45,7 @@ class TargetsStore:
                                f"{self.path} is not a targets store (no zarr.json); "
                                f"run `kdcache cache --out {self.path}` first.")
         self.group = zarr.open_group(self.location.url, mode="r")
+        forget_listings(self.group)  # an earlier open in this process may have listed an older state
         self.attrs = dict(self.group.attrs)
         fmt.check_version(self.attrs, self.path)
         if require_complete and not self.attrs.get("complete"):

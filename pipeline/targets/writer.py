@@ -27,6 +27,14 @@ def checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
 
 
+def forget_listings(group: zarr.Group) -> None:
+    """Drop the object store's cached directory listings (s3fs and gcsfs keep them for the life of the
+    process), so that records written since, by other ranks or processes, are seen. Local: none."""
+    fs = getattr(group.store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+
+
 def read_records(group: zarr.Group, attrs: dict) -> dict[str, dict]:
     """Shard index (str) -> its record {"checksums": {array: sha256}, "stats": {...}, ...}, for every
     finished shard. A record that cannot be read (a torn write) counts as not finished."""
@@ -196,6 +204,7 @@ class TargetsWriter:
 
     def refresh(self) -> None:
         """Re-read the records (other ranks write theirs)."""
+        forget_listings(self.group)
         self.done = read_records(self.group, dict(self.group.attrs))
 
     def recorded(self) -> set[int]:
@@ -204,6 +213,7 @@ class TargetsWriter:
         if int(self.group.attrs.get("format_version", 0)) < fmt.RECORDS_SINCE:
             return {int(index) for index in self.done}
         prefix = fmt.record_name(0).rstrip("0")
+        forget_listings(self.group)
         return {int(name[len(prefix):]) for name in self.group[fmt.RECORDS].group_keys()
                 if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
