@@ -51,10 +51,12 @@ def main():
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    config = CacheConfig(top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, device="cpu")
+    config = CacheConfig(top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, device="cpu",
+                         rows_per_shard=args.rows_per_shard, rows_per_chunk=min(32, args.rows_per_shard))
     tokens, teacher = subset(args) if args.train_rows else (args.tokens, args.teacher)
     with tempfile.TemporaryDirectory() as work:
         modes = {
@@ -62,24 +64,18 @@ def main():
             "background": lambda out: run_capture(config, teacher, tokens, out),
             "inline": lambda out: run_capture(replace(config, background_writer=False), teacher, tokens, out),
         }
-        import os  # TEMP
-        def early(out):
-            os.environ["KDCACHE_REDUCE_EARLY"] = "1"
-            try:
-                run_capture(config, teacher, tokens, out)
-            finally:
-                del os.environ["KDCACHE_REDUCE_EARLY"]
-        if os.environ.get("TEMP_EARLY"):
-            modes["bg_early"] = early
         seconds = {name: [] for name in modes}
+        cpu = {name: [] for name in modes}  # CPU seconds of every thread of this process
         run_capture(config, teacher, tokens, str(Path(work) / "warm.zarr"))  # untimed: imports, caches
         for round_index in range(args.rounds):
             for name, run in modes.items():
                 out = str(Path(work) / f"{name}-{round_index}.zarr")
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 run(out)
                 seconds[name].append(time.perf_counter() - start)
-                print(f"round {round_index}: {name:>10} {seconds[name][-1]:7.2f} s", flush=True)
+                cpu[name].append(time.process_time() - cpu_start)
+                print(f"round {round_index}: {name:>10} {seconds[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s",
+                      flush=True)
         count = TokenStore(tokens).num_rows("train") * TokenStore(tokens).block_size
 
     forward = statistics.median(seconds["forward"])
@@ -87,7 +83,10 @@ def main():
           f"{args.samples} samples, {torch.get_num_threads()} torch threads:")
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"  {name:>10}: {median:7.2f} s  {count / median:9,.0f} tok/s  / forward {median / forward:5.3f}")
+        paired = statistics.median(v / f for v, f in zip(values, seconds["forward"]))  # runs back to back
+        cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["forward"])
+        print(f"  {name:>10}: {median:7.2f} s  {count / median:9,.0f} tok/s  / forward {median / forward:5.3f}  "
+              f"per round {paired:5.3f}  CPU s / forward's {cpu_ratio:5.3f}")
 
 
 if __name__ == "__main__":

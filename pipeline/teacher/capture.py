@@ -6,7 +6,6 @@ by shard, and hands each shard's tensors to the writer.
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -268,7 +267,7 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
     start_time = time.perf_counter()
     # On a GPU the logits are reduced to the top-k where they are, before they queue (a batch of
     # full-vocabulary logits is large); on CPU the reduction overlaps the next forward (BENCHMARKS §13).
-    reduce_early = device.type != "cpu" or os.environ.get("KDCACHE_REDUCE_EARLY") == "1"  # TEMP measure
+    reduce_early = device.type != "cpu"
     with BackgroundJobs(depth=2, threads=1 if config.background_writer else 0) as jobs:
         for index in mine:
             start, stop = writer.ranges[index]
