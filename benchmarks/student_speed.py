@@ -8,7 +8,8 @@ round by round so machine noise hits all of them alike, and prints ratios of med
   python benchmarks/student_speed.py ... --epoch --rounds 1     # one full epoch offline vs online
 
 Modes: ce (hard labels only), cache_topk, cache_topk_hidden (beta = 1, when the store has layers),
-cache_sampled (when it has sampled targets), online_topk (teacher in the loop), and teacher_forward:
+cache_sampled (when it has sampled targets; with --unfused also cache_sampled_unfused, the same
+through the reference losses instead of the fused one), online_topk (teacher in the loop), and teacher_forward:
 the teacher's forward alone over the same batches, which gives the ideal online / offline ratio
 (teacher forward + student step) / student step that the measured one is compared with.
 Student settings come from the `student` section of --params (the default run's student).
@@ -21,11 +22,13 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
 import yaml
 
+from pipeline import losses
 from pipeline.config import StudentConfig
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.targets.reader import TargetsStore
@@ -45,6 +48,8 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
         found["cache_topk_hidden"] = ({"beta": 1.0}, {"targets": args.targets})
     if store.samples:
         found["cache_sampled"] = ({"kd_signal": "sampled"}, {"targets": args.targets})
+        if args.unfused:
+            found["cache_sampled_unfused"] = ({"kd_signal": "sampled"}, {"targets": args.targets, "unfused": True})
     for extra in args.also:  # NAME=STORE: top-k KD from another store, e.g. another encoding
         name, path = extra.split("=", 1)
         found[f"cache_{name}"] = ({"kd_signal": "topk"}, {"targets": path})
@@ -53,6 +58,18 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
         found["online_topk"] = ({}, {"targets": None, "add_targets": online})
         found["teacher_forward"] = ({}, {"teacher_only": online})
     return found
+
+
+@contextmanager
+def unfused_sampled_kd():
+    """Sampled KD through the reference losses (cross_entropy + sampled_kd, autograd) instead of the fused one."""
+    fused = losses.ce_and_sampled_kd
+    losses.ce_and_sampled_kd = lambda logits, labels, ce_mask, ids, counts, tau: (
+        losses.cross_entropy(logits, labels, ce_mask), losses.sampled_kd(logits, ids, counts, tau))
+    try:
+        yield
+    finally:
+        losses.ce_and_sampled_kd = fused
 
 
 def teacher_forward(config: StudentConfig, tokens: str, online: OnlineTargets) -> None:
@@ -74,6 +91,8 @@ def main():
     parser.add_argument("--teacher", default="models/teacher", help="for the online-KD mode ('' to skip)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=STORE",
                         help="another store to train from (mode cache_NAME), e.g. sqd=/tmp/sqd.zarr")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time sampled KD through the unfused reference losses (mode cache_sampled_unfused)")
     parser.add_argument("--modes", default="", help="comma-separated subset of the modes (default: all)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=100, help="steps per measured run")
@@ -94,19 +113,23 @@ def main():
     store.check_shards(store.topk_names())
     print(f"verifying the top-k arrays of {args.targets} before training: {time.perf_counter() - start:.2f} s")
     seconds = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}  # this process's CPU seconds: less sensitive to other tenants
     with tempfile.TemporaryDirectory() as out:  # untimed: the first run in a process pays the imports
         run_student(replace(base, alpha=1.0, max_steps=2, epochs=0), args.tokens, out)
     for round_index in range(args.rounds):
         for name, (overrides, kwargs) in runs.items():
             config = replace(base, **overrides)
             with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 if "teacher_only" in kwargs:
                     teacher_forward(config, args.tokens, kwargs["teacher_only"])
                 else:
-                    run_student(config, args.tokens, out, **kwargs)
+                    kwargs = {key: value for key, value in kwargs.items() if key != "unfused"}
+                    with unfused_sampled_kd() if "unfused" in runs[name][1] else nullcontext():
+                        run_student(config, args.tokens, out, **kwargs)
                 seconds[name].append(time.perf_counter() - start)
-            print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s", flush=True)
+                cpu[name].append(time.process_time() - cpu_start)
+            print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s", flush=True)
 
     unit = "1 epoch" if args.epoch else f"{args.steps} steps"
     print(f"\nmedian wall time for {unit} (batch {base.batch_size} x {tokens.block_size} tokens), "
@@ -114,7 +137,11 @@ def main():
     ce = statistics.median(seconds["ce"])
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}")
+        # Also: the median of the per-round ratios (pairs run back to back), and the same in CPU seconds.
+        paired = statistics.median(c / v for c, v in zip(seconds["ce"], values))
+        cpu_ratio = statistics.median(cpu["ce"]) / statistics.median(cpu[name])
+        print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}   per round {paired:5.3f}   "
+              f"in CPU s {cpu_ratio:5.3f}")
     if "online_topk" in seconds:
         online = statistics.median(seconds["online_topk"])
         offline = statistics.median(seconds["cache_topk"])

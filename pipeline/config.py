@@ -215,6 +215,9 @@ class CacheConfig:
                                     "softmax(V Vᵀ/√d) (MiniLM's second term).")
     relation_heads: int = setting(0, "Relation heads of the stored value relations; 0: the teacher's "
                                   "attention heads.")
+    background_writer: bool = setting(True, "Reduce, encode, compress and write each batch on a background "
+                                      "thread while the teacher runs the next one (at most two batches "
+                                      "wait); off: all on one thread. The store is the same either way.")
 
     def __post_init__(self):
         runtime.check_device(self.device)

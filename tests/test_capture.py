@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -93,3 +94,44 @@ def test_interrupted_capture_resumes_to_identical_arrays(teacher_dir, tiny_token
     assert resumed.attrs["complete"] and resumed.bad_shards() == []
     for name in whole.array_names():
         np.testing.assert_array_equal(resumed.read_rows(0, whole.rows)[name], whole.read_rows(0, whole.rows)[name])
+
+
+def stored_arrays(store):
+    return store.read_rows(0, store.rows), {i: r["checksums"] for i, r in store.records.items()}
+
+
+def test_the_background_writer_writes_the_same_store(teacher_dir, tiny_tokens, tmp_path):
+    settings = {"samples": 5, "top_p": 0.9, "batch_size": 5}  # 4 batches per shard, the last ragged
+    background = capture(teacher_dir, tiny_tokens, tmp_path / "background.zarr", **settings)
+    inline = capture(teacher_dir, tiny_tokens, tmp_path / "inline.zarr", background_writer=False, **settings)
+    (arrays, sums), (expected, expected_sums) = stored_arrays(background), stored_arrays(inline)
+    assert set(arrays) == set(expected) and fmt.SAMPLED_IDS in arrays and sums == expected_sums
+    for name in expected:
+        np.testing.assert_array_equal(arrays[name], expected[name])
+    assert background.attrs["complete"] and background.bad_shards() == []
+
+
+def test_an_error_in_the_writer_fails_the_capture_and_leaves_its_shard_unrecorded(teacher_dir, tiny_tokens,
+                                                                                  tmp_path, monkeypatch):
+    out, threads = tmp_path / "t.zarr", set()
+    encode = fmt.encode_targets
+
+    def failing(targets, identity):  # the 3rd batch of 16 rows: the first batch of shard 2
+        threads.add(threading.current_thread().name)
+        failing.calls += 1
+        if failing.calls == 3:
+            raise OSError("disk full")
+        return encode(targets, identity)
+
+    failing.calls = 0
+    monkeypatch.setattr(fmt, "encode_targets", failing)
+    with pytest.raises(OSError, match="disk full"):
+        capture(teacher_dir, tiny_tokens, out)
+    assert threads == {"capture-writer"}  # it did fail on the writer's thread
+    group = zarr.open_group(out, mode="r")
+    assert not group.attrs["complete"] and sorted(group[fmt.RECORDS].group_keys()) == [fmt.record_name(i)
+                                                                                      for i in range(2)]
+    monkeypatch.setattr(fmt, "encode_targets", encode)
+    resumed = capture(teacher_dir, tiny_tokens, out)
+    whole = capture(teacher_dir, tiny_tokens, tmp_path / "whole.zarr", background_writer=False)
+    assert resumed.attrs["complete"] and stored_arrays(resumed)[1] == stored_arrays(whole)[1]

@@ -2,7 +2,7 @@
 
 buckets.py     supports: teacher and student log-probs on the same buckets; the tempered tail
 divergences.py KL, reverse KL, JSD, TV; `kd_loss(SUPPORT_DIVERGENCE, ...)` composes the two
-fused.py       CE + tail KL from one softmax (the default path)
+fused.py       CE + tail KL, sampled KD or top-k + sampled tail from one softmax (single-teacher paths)
 sampled.py     random-sampling KD, and the top-k completed by sampled tail ids;  mixture.py  several teachers;  hidden.py  hidden-state losses
 attention.py   TinyBERT attention MSE, MiniLM attention + value-relation KL
 """
@@ -14,12 +14,13 @@ from pipeline.losses.buckets import (LOG_ZERO, SUPPORTS, TAIL_MODELS, cross_entr
 from pipeline.losses.divergences import (DIVERGENCES, KD_LOSS_FUNCTIONS, KD_LOSSES, jsd_from_logprobs,
                                          kd_loss, kl_from_logprobs, reverse_kl_from_logprobs, tail_kl,
                                          tv_from_logprobs)
-from pipeline.losses.fused import ce_and_tail_kl
+from pipeline.losses.fused import ce_and_sampled_kd, ce_and_tail_kl, ce_and_topk_sampled_kd
 from pipeline.losses.hidden import hidden_cosine, hidden_mse
 from pipeline.losses.mixture import mixture_buckets, mixture_kd
 from pipeline.losses.sampled import sampled_kd, topk_sampled_kd
 
-__all__ = ["ATTENTION_LOSSES", "attention_kl", "attention_mse", "minilm_loss", "value_relation", "LOG_ZERO", "SUPPORTS", "TAIL_MODELS", "DIVERGENCES", "KD_LOSSES", "KD_LOSS_FUNCTIONS", "ce_and_tail_kl",
+__all__ = ["ATTENTION_LOSSES", "attention_kl", "attention_mse", "minilm_loss", "value_relation", "LOG_ZERO", "SUPPORTS", "TAIL_MODELS", "DIVERGENCES", "KD_LOSSES", "KD_LOSS_FUNCTIONS", "ce_and_sampled_kd", "ce_and_tail_kl",
+           "ce_and_topk_sampled_kd",
            "cross_entropy", "hidden_cosine", "hidden_mse", "jsd_from_logprobs", "kd_loss", "kl_from_logprobs",
            "masked_mean", "mixture_buckets", "mixture_kd", "reverse_kl_from_logprobs", "sampled_kd",
            "student_buckets", "tail_kl", "topk_sampled_kd", "teacher_buckets", "tempered_tail", "tv_from_logprobs"]

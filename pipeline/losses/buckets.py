@@ -190,6 +190,27 @@ def topk_support(student_logits, topk_ids, topk_logprobs, tail_logmass=None, tem
     return p, q
 
 
+def sampled_tail_buckets(topk_ids, topk_logprobs, tail_logmass, sampled_ids, sampled_counts):
+    """The teacher side of `sampled_tail_support`: (log-probs (N, K + S + 1), slots (N, K + S), absent).
+
+    slots: the top-k ids then the sampled ids; absent (N, K + S) bool marks slots that are no bucket
+    (trimmed top-k entries; sampled ids without draws or inside the top-k), redirected to the first
+    top-k id, so slots never repeat an id with different weights (as `present_ids`).
+    """
+    ids, absent = present_ids(topk_ids, topk_logprobs)
+    in_topk = (sampled_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # (N, S)
+    tail_counts = torch.where(in_topk, 0, sampled_counts).float()
+    drawn = tail_counts.sum(-1, keepdim=True)  # C, tail draws per position
+    log_tail = tail_logmass.float().clamp(min=LOG_ZERO).unsqueeze(-1)
+    sampled_p = torch.where(tail_counts > 0, log_tail + torch.log(tail_counts) - torch.log(drawn.clamp(min=1.0)),
+                            LOG_ZERO)
+    rest_p = torch.where(drawn > 0, LOG_ZERO, log_tail)
+    p = torch.cat([topk_logprobs.float().clamp(min=LOG_ZERO), sampled_p, rest_p], dim=-1)
+    unused = tail_counts == 0
+    slots = torch.cat([ids, torch.where(unused, ids[..., :1], sampled_ids)], dim=-1)
+    return p, slots, torch.cat([absent, unused], dim=-1)
+
+
 def sampled_tail_support(student_logits, topk_ids, topk_logprobs, tail_logmass, sampled_ids, sampled_counts,
                          temperature: float = 1.0):
     """The top-k ids, each sampled id outside them, and the rest: (N, K + S + 1) log-probs per side.
@@ -202,25 +223,8 @@ def sampled_tail_support(student_logits, topk_ids, topk_logprobs, tail_logmass, 
     capture temperature and cannot be re-tempered: the caller trains at that temperature.
     sampled_ids, sampled_counts (N, S) as `teacher.signals.sample_targets` writes them (padding: count 0).
     """
-    ids, absent = present_ids(topk_ids, topk_logprobs)
-    in_topk = (sampled_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # (N, S)
-    tail_counts = torch.where(in_topk, 0, sampled_counts).float()
-    drawn = tail_counts.sum(-1, keepdim=True)  # C, tail draws per position
-    log_tail = tail_logmass.float().clamp(min=LOG_ZERO).unsqueeze(-1)
-    sampled_p = torch.where(tail_counts > 0, log_tail + torch.log(tail_counts) - torch.log(drawn.clamp(min=1.0)),
-                            LOG_ZERO)
-    rest_p = torch.where(drawn > 0, LOG_ZERO, log_tail)
-    p = torch.cat([topk_logprobs.float().clamp(min=LOG_ZERO), sampled_p, rest_p], dim=-1)
-
-    scaled = student_logits.float() / temperature
-    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    used = tail_counts > 0
-    sample_slots = torch.where(used, sampled_ids, ids[..., :1])  # unused slots point at a top-k id
-    q_topk = (scaled.gather(-1, ids) - log_norm).masked_fill(absent, LOG_ZERO)
-    q_sampled = (scaled.gather(-1, sample_slots) - log_norm).masked_fill(~used, LOG_ZERO)
-    complement = scaled.scatter(-1, ids, LOG_ZERO).scatter(-1, sample_slots, LOG_ZERO)
-    q_rest = (torch.logsumexp(complement, dim=-1, keepdim=True) - log_norm).clamp(min=LOG_ZERO)
-    return p, torch.cat([q_topk, q_sampled, q_rest], dim=-1)
+    p, slots, absent = sampled_tail_buckets(topk_ids, topk_logprobs, tail_logmass, sampled_ids, sampled_counts)
+    return p, student_buckets(student_logits, slots, temperature, absent)
 
 
 SUPPORTS = {"tail": tail_support, "topk": topk_support}

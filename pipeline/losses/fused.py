@@ -1,28 +1,33 @@
-"""CE and the default KD loss (tail-bucket KL) from one softmax, with a hand-written backward.
+"""CE and a KD loss from one softmax, with a hand-written backward: the default tail-bucket KL, sampled
+KD and the top-k completed by sampled tail ids (all three are losses on a few singleton buckets + a tail).
 
 The reference pair `cross_entropy` + `tail_kl` runs ~10 passes over the (N, V) logits through
-autograd; this runs ~4. Shapes as in buckets.py.
+autograd; this runs ~4. Shapes as in buckets.py; S sampled slots per position.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.losses.buckets import LOG_ZERO, cross_entropy, full_support, present_ids, teacher_buckets
+from pipeline.losses.buckets import (LOG_ZERO, cross_entropy, full_support, present_ids, sampled_tail_buckets,
+                                     teacher_buckets)
 from pipeline.losses.divergences import tail_kl
 
 
-class _CrossEntropyAndTailKL(torch.autograd.Function):
-    """CE and tail-bucket KL from one softmax, with a hand-written backward.
+class _CrossEntropyAndBucketKD(torch.autograd.Function):
+    """CE and the KD on K singleton buckets + a tail from one softmax, with a hand-written backward.
 
     The reference `cross_entropy` + `tail_kl` pair runs ~10 passes over the (N, V) logits through
     autograd; this runs ~4 and allocates one (N, V) buffer (two when τ ≠ 1). Gradient w.r.t. s = z/τ of
-    the coarsened KL: q_j − p_j for j in the top-k, q_j (1 − p_tail / q_tail) for j in the tail.
+    the coarsened KL: q_j − p_j for j in the top-k, q_j (1 − p_tail / q_tail) for j in the tail
+    (teacher bucket masses summing to 1, or all 0 where kd_weight is 0). kl=False returns the
+    cross-entropy −Σ p log q instead of the KL: the same gradient (sampled KD's value).
     Tail mass is summed over the tail ids themselves (top-k zeroed in place), never as 1 − Σ top-k.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, ce_weight, topk_ids, teacher_logprobs, kd_weight, temperature, absent):
+    def forward(ctx, logits, labels, ce_weight, topk_ids, teacher_logprobs, kd_weight, temperature, absent,
+                kl=True):
         z = logits.float()  # (N, V)
         # Each (N, V) buffer is allocated once and then reused in place: on CPU, fresh buffers of this
         # size cost as much as the arithmetic (page faults on first touch).
@@ -41,11 +46,12 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
         q_tail = q.sum(-1)  # (N,)
         q.scatter_(-1, topk_ids, q_topk)
         p = teacher_logprobs.exp()  # (N, K+1)
-        log_q = torch.cat([log_q_topk, q_tail.log().clamp(min=LOG_ZERO).unsqueeze(-1)], dim=-1)
-        kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+        # Clamped: an empty bucket (p = 0) adds 0, not NaN, where the student's logit is −inf.
+        log_q = torch.cat([log_q_topk, q_tail.log().unsqueeze(-1)], dim=-1).clamp(min=LOG_ZERO)
+        kd = ((torch.special.xlogy(p, p) if kl else 0.0) - p * log_q).sum(-1)
         ctx.save_for_backward(q1, q, topk_ids, p, q_tail, labels, ce_weight, kd_weight)
         ctx.temperature, ctx.absent = temperature, absent
-        return torch.stack([(ce * ce_weight).sum(), (kl * kd_weight).sum()])
+        return torch.stack([(ce * ce_weight).sum(), (kd * kd_weight).sum()])
 
     @staticmethod
     def backward(ctx, grad):
@@ -66,7 +72,7 @@ class _CrossEntropyAndTailKL(torch.autograd.Function):
             out = q.mul_(tail_coef).addcmul_(q1, ce_coef.expand_as(q1))
         out.scatter_(-1, topk_ids, topk_grad)
         out.scatter_add_(-1, labels.unsqueeze(-1), -ce_coef)
-        return out, None, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None, None
 
 
 def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tail_logmass,
@@ -82,12 +88,44 @@ def ce_and_tail_kl(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tai
         return (cross_entropy(student_logits, labels, ce_mask),
                 tail_kl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature,
                         capture_temperature, kd_mask, tail_model))
-    n = student_logits.shape[0]
-    ones = torch.ones(n, device=student_logits.device)
-    ce_mask = ones if ce_mask is None else ce_mask.float()
-    kd_mask = ones if kd_mask is None else kd_mask.float()
     p = teacher_buckets(topk_logprobs, tail_logmass, capture_temperature, temperature, tail_model,
                         student_logits.shape[-1])
-    both = _CrossEntropyAndTailKL.apply(student_logits, labels, ce_mask / ce_mask.sum().clamp(min=1.0),
-                                        ids, p, kd_mask / kd_mask.sum().clamp(min=1.0), temperature, absent)
+    return _fused(student_logits, labels, ce_mask, ids, p, absent, temperature, kd_mask)
+
+
+def ce_and_sampled_kd(student_logits, labels, ce_mask, sampled_ids, sampled_counts, temperature: float = 1.0,
+                      kd_mask=None):
+    """(CE, sampled KD), each a masked mean, equal to `cross_entropy` and `sampled.sampled_kd` but fused.
+
+    Sampled KD is the cross-entropy to p̂ = c / Σc on the sampled ids as buckets, with an empty tail.
+    sampled_ids, sampled_counts (N, S) int64, a position's drawn ids distinct, as `sample_targets` writes
+    them (padding: count 0; the backward scatters one gradient per id). A position without draws weighs 0
+    but still counts in the mean, as in `sampled_kd`.
+    """
+    counts = sampled_counts.float()
+    absent = counts == 0
+    ids = torch.where(absent, sampled_ids[..., :1], sampled_ids)  # no id repeated with another weight
+    weights = torch.log(counts) - torch.log(counts.sum(-1, keepdim=True).clamp(min=1.0))
+    p = torch.cat([weights.clamp(min=LOG_ZERO), torch.full_like(weights[..., :1], LOG_ZERO)], dim=-1)
+    return _fused(student_logits, labels, ce_mask, ids, p, absent, temperature, kd_mask, (~absent).any(-1), kl=False)
+
+
+def ce_and_topk_sampled_kd(student_logits, labels, ce_mask, topk_ids, topk_logprobs, tail_logmass, sampled_ids,
+                           sampled_counts, temperature: float = 1.0):
+    """(CE, KD), equal to `cross_entropy` and `sampled.topk_sampled_kd` (mean over positions) but fused."""
+    p, slots, absent = sampled_tail_buckets(topk_ids, topk_logprobs, tail_logmass, sampled_ids, sampled_counts)
+    return _fused(student_logits, labels, ce_mask, slots, p, absent, temperature, None)
+
+
+def _fused(student_logits, labels, ce_mask, ids, p, absent, temperature, kd_mask, has_target=None, kl=True):
+    """Masks (N,) bool or None → per-position weights of the two masked means; the (CE, KD) pair.
+    has_target (N,) bool: positions that take part in KD's gradient (all of kd_mask's when None)."""
+    ones = torch.ones(student_logits.shape[0], device=student_logits.device)
+    ce_mask = ones if ce_mask is None else ce_mask.float()
+    kd_mask = ones if kd_mask is None else kd_mask.float()
+    kd_weight = kd_mask / kd_mask.sum().clamp(min=1.0)
+    if has_target is not None:
+        kd_weight = kd_weight * has_target
+    both = _CrossEntropyAndBucketKD.apply(student_logits, labels, ce_mask / ce_mask.sum().clamp(min=1.0),
+                                          ids, p, kd_weight, temperature, absent, kl)
     return both[0], both[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from pipeline.targets.lock import WriterLock
 from pipeline.targets.reader import TargetsStore
 from pipeline.targets.writer import TargetsWriter
 from pipeline.teacher.load import check_layers, check_teacher_task, check_teacher_tokenizer, load_teacher
-from pipeline.teacher.signals import teacher_targets
+from pipeline.teacher.background import BackgroundJobs
+from pipeline.teacher.signals import logit_targets, teacher_forward
 
 
 def capture_identity(config: CacheConfig, tokens: TokenStore, teacher_info: dict, model) -> dict:
@@ -227,6 +229,22 @@ def _open_store(config, location, identity, lock, overwrite, model, tokens, devi
     return writer, bases
 
 
+def _encode_batch(parts: list, targets: dict, reduce, bases: dict, energy: dict, identity: dict) -> None:
+    """Add a batch's stored arrays to its shard's parts: the reduced logits (reduce()) with the forward's
+    other arrays, hidden states projected (adding to energy), encoded."""
+    if reduce is not None:
+        targets.update(reduce())
+    _project_hidden(targets, bases, energy)
+    parts.append(fmt.encode_targets(targets, identity))
+
+
+def _write_shard(writer: TargetsWriter, lock: WriterLock, index: int, parts: list, energy: dict | None) -> None:
+    """Write a shard from its batches' parts, then its record (TargetsWriter.write_shard)."""
+    lock.check()
+    writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
+                       {"hidden_energy": energy} if energy is not None else None)
+
+
 def _capture_shards(config, writer, lock, bases, model, tokens, identity, device, autocast, rank,
                     world_size) -> None:
     """Run the teacher over this rank's pending shards, writing and recording each one; return once
@@ -247,27 +265,31 @@ def _capture_shards(config, writer, lock, bases, model, tokens, identity, device
             bar.n = max(bar.n, rows_of([i for i in everyone if i in recorded]) * block_size)
             bar.refresh()
     start_time = time.perf_counter()
-    for index in mine:
-        start, stop = writer.ranges[index]
-        parts, energy = [], {}
-        for lo in range(start, stop, config.batch_size):
-            hi = min(lo + config.batch_size, stop)
-            batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, hi).items()}
-            # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
-            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
-            with autocast:
-                targets = teacher_targets(model, batch["input_ids"], tokens.num_outputs, identity["top_k"],
-                                          config.capture_temperature, identity["layers"], config.samples,
-                                          generator, top_p=config.top_p, min_k=config.min_k,
-                                          task=tokens.task, rows=batch, attention_layers=identity["attention_layers"],
-                                          value_relation_heads=identity["value_relation_heads"])
-            _project_hidden(targets, bases, energy)
-            parts.append(fmt.encode_targets(targets, identity))
-            bar.update((hi - lo) * block_size)
-            bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
-        lock.check()
-        writer.write_shard(index, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
-                           {"hidden_energy": energy} if bases else None)
-        count_every_rank()
+    # On a GPU the logits are reduced to the top-k where they are, before they queue (a batch of
+    # full-vocabulary logits is large); on CPU the reduction overlaps the next forward (BENCHMARKS §14).
+    reduce_early = device.type != "cpu"
+    with BackgroundJobs(depth=2, threads=1 if config.background_writer else 0) as jobs:
+        for index in mine:
+            start, stop = writer.ranges[index]
+            parts, energy = [], {}
+            for lo in range(start, stop, config.batch_size):
+                hi = min(lo + config.batch_size, stop)
+                batch = {k: v.to(device) for k, v in tokens.rows(config.split, lo, hi).items()}
+                # Draws seeded by row: a resumed capture, whatever its batches, writes the same ids.
+                generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + lo)
+                with autocast:
+                    logits, targets = teacher_forward(model, batch, tokens.num_outputs, tokens.task,
+                                                      identity["layers"], identity["attention_layers"],
+                                                      identity["value_relation_heads"])
+                    reduce = partial(logit_targets, logits, batch, identity["top_k"], config.capture_temperature,
+                                     config.samples, generator, config.top_p, config.min_k)
+                    if reduce_early:
+                        targets.update(reduce())
+                        reduce = None
+                jobs.submit(partial(_encode_batch, parts, targets, reduce, bases, energy, identity))
+                bar.update((hi - lo) * block_size)
+                bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start_time):,.0f}", refresh=False)
+            jobs.submit(partial(_write_shard, writer, lock, index, parts, energy if bases else None))
+            count_every_rank()
     runtime.barrier(while_waiting=count_every_rank)  # rank 0's bar goes on counting the others' shards
     bar.close()

@@ -84,11 +84,39 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
     """
     if rows is None:
         rows = {"input_ids": input_ids, **({} if attention_mask is None else {"attention_mask": attention_mask})}
+    logits, result = teacher_forward(model, rows, vocab_size, task, layers, attention_layers, value_relation_heads)
+    result.update(logit_targets(logits, rows, top_k, capture_temperature, num_samples, generator, top_p, min_k))
+    return result
+
+
+@torch.inference_mode()
+def teacher_forward(model, rows: dict, vocab_size: int, task=CAUSAL, layers=(), attention_layers=(),
+                    value_relation_heads: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The part of `teacher_targets` that runs the model: (logits (B, P, V) as the model gives them, the
+    hidden, attention and value-relation arrays). The capture reduces the logits (`logit_targets`) on
+    another thread while this runs on the next batch."""
     # output_attentions only when asked: a teacher (or a stand-in) need not take the argument otherwise.
     asked = {"output_attentions": True} if attention_layers else {}
     with ValueStates(model, attention_layers if value_relation_heads else ()) as values:
         out = model(**task.model_inputs(rows), output_hidden_states=bool(layers), **asked)
     logits = task.target_logits(out.logits[..., :vocab_size], rows)  # (B, P, V)
+    result = {}
+    for layer in layers:
+        result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
+    for layer in attention_layers:
+        result[fmt.attention_array(layer)] = out.attentions[layer - 1].float()
+        if value_relation_heads:
+            relation = value_relation(values[layer], value_relation_heads)
+            result[fmt.attention_array(layer, "value_relation")] = relation
+    return logits, result
+
+
+@torch.inference_mode()
+def logit_targets(logits: torch.Tensor, rows: dict, top_k: int, capture_temperature: float = 1.0,
+                  num_samples: int = 0, generator: torch.Generator | None = None, top_p: float = 1.0,
+                  min_k: int = 1) -> dict[str, torch.Tensor]:
+    """The part of `teacher_targets` that reduces the logits (B, P, V): top-k, tail, samples, positions."""
+    vocab_size = logits.shape[-1]
     logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
     result = {}
     if top_k > 0:  # top_k = 0: sampled targets only
@@ -103,13 +131,6 @@ def teacher_targets(model, input_ids: torch.Tensor, vocab_size: int, top_k: int,
             result[fmt.TOPK_COUNT] = count
     if "mask_positions" in rows:
         result[fmt.TARGET_POSITIONS] = rows["mask_positions"]
-    for layer in layers:
-        result[fmt.hidden_array(layer)] = out.hidden_states[layer].float()
-    for layer in attention_layers:
-        result[fmt.attention_array(layer)] = out.attentions[layer - 1].float()
-        if value_relation_heads:
-            relation = value_relation(values[layer], value_relation_heads)
-            result[fmt.attention_array(layer, "value_relation")] = relation
     if num_samples > 0:
         result[fmt.SAMPLED_IDS], result[fmt.SAMPLED_COUNTS] = sample_targets(logprobs, num_samples, generator)
     return result

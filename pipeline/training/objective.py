@@ -139,10 +139,14 @@ class Objective:
             return {"ce": losses.cross_entropy(logits, labels, ce_mask)}
         teachers = [[targets[key] for key in keys] for keys in self.kd_keys()]
         weights, tau, tau_c, tail = self.teacher_weights, temperature, self.capture_temperature, self.tail_model
-        if len(teachers) == 1 and self.kd_signal == "topk" and self.loss == "tail_kl":
-            ce, kd = losses.ce_and_tail_kl(logits, labels, ce_mask, *teachers[0], tau, tau_c,
-                                           tail_model=tail)  # fused
-            return {"ce": ce, "kd": kd}
+        if len(teachers) == 1:  # fused CE + KD where one exists: one softmax, hand-written backward
+            if self.kd_signal == "topk" and self.loss == "tail_kl":
+                ce, kd = losses.ce_and_tail_kl(logits, labels, ce_mask, *teachers[0], tau, tau_c, tail_model=tail)
+                return {"ce": ce, "kd": kd}
+            if self.kd_signal in ("sampled", "topk_sampled"):
+                fused = losses.ce_and_sampled_kd if self.kd_signal == "sampled" else losses.ce_and_topk_sampled_kd
+                ce, kd = fused(logits, labels, ce_mask, *teachers[0], tau)
+                return {"ce": ce, "kd": kd}
         ce = losses.cross_entropy(logits, labels, ce_mask)
         if self.kd_signal == "sampled":
             # Sampled KD is a cross-entropy, linear in the target: mixture and sum are the same loss.
