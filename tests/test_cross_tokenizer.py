@@ -124,6 +124,31 @@ def small_student_tokens(kdcache, small_corpus, tmp_path_factory):
     return out
 
 
+def test_the_stream_reads_the_teacher_targets_at_the_aligned_positions(small_student_tokens, small_tokens,
+                                                                         small_targets):
+    from pipeline.targets.reader import TargetsStore
+    from pipeline.training.loader import BlockStream
+
+    student, teacher, store = TokenStore(small_student_tokens), TokenStore(small_tokens), TargetsStore(small_targets)
+    alignment = align_token_stores(student, teacher, "train")
+    names = store.topk_names()
+    stream = BlockStream(str(small_student_tokens), "train", [str(small_targets)], [names], rows_per_shard=8,
+                         alignment=alignment)
+    whole = store.decode(store.read_rows(0, store.rows, names))  # every teacher row, (R_t, T_t, K)
+    T = teacher.block_size
+    seen = 0
+    for item in stream:
+        row = int(item["row"])
+        assert item["input_ids"].shape == (student.block_size,)
+        assert torch.equal(item[ALIGNED], torch.from_numpy(alignment[row] >= 0))
+        for position in np.flatnonzero(alignment[row] >= 0):
+            q = alignment[row, position]
+            for name in ("topk_ids", "topk_logprobs", "tail_logmass"):
+                assert torch.equal(item[name][position], whole[name][q // T, q % T])
+        seen += 1
+    assert seen == student.num_rows("train")
+
+
 def test_cross_tokenizer_student_trains_with_uld(kdcache, small_student_tokens, small_tokens, small_targets,
                                                  tmp_path):
     out, log = tmp_path / "student", tmp_path / "log.csv"

@@ -110,7 +110,8 @@ class TargetsStore:
         if self.attrs["tokens_fingerprint"] != tokens.fingerprint:
             raise KdcacheError(f"{self.path} was captured from another token store (fingerprint "
                                f"{self.attrs['tokens_fingerprint']}, tokens have {tokens.fingerprint}); "
-                               f"re-run `kdcache cache` on {tokens.name}.")
+                               f"re-run `kdcache cache` on {tokens.name}, or, for a student of another "
+                               f"tokenizer, pass the token store it was captured from as --teacher-tokens.")
         if self.attrs["split"] != split or self.rows != tokens.num_rows(split):
             raise KdcacheError(f"{self.path} covers split {self.attrs['split']!r} with {self.rows} rows; "
                                f"expected split {split!r} with {tokens.num_rows(split)} rows.")
