@@ -15,6 +15,7 @@ from pipeline.data.tokens import TokenStore, prepare_tokens, write_token_store
 from pipeline.errors import KdcacheError
 from pipeline.models import build_gpt2
 from pipeline.training.objective import Objective
+from tests.conftest import prepare_small
 from tests.test_cli import SMALL_STUDENT, assert_nothing_complete, assert_refused
 
 
@@ -117,11 +118,7 @@ def test_uld_objective_keeps_to_aligned_positions_and_chunks_the_same(tiny_token
 @pytest.fixture(scope="module")
 def small_student_tokens(kdcache, small_corpus, tmp_path_factory):
     """The small corpus in the student's own tokenizer: a BPE of another size, blocks of 24."""
-    out = tmp_path_factory.mktemp("small_student") / "tokens"
-    result = kdcache("prepare", "--out", out, "--corpus", small_corpus, "--vocab-size", 400,
-                     "--block-size", 24, "--val-fraction", 0.3)
-    assert result.exit_code == 0, result.output
-    return out
+    return prepare_small(kdcache, small_corpus, tmp_path_factory.mktemp("small_student") / "tokens", 400, 24)
 
 
 def test_the_stream_reads_the_teacher_targets_at_the_aligned_positions(small_student_tokens, small_tokens,
@@ -171,10 +168,8 @@ def test_cross_tokenizer_student_trains_with_uld(kdcache, small_student_tokens, 
 
 def test_cross_tokenizer_student_refuses_other_documents(kdcache, small_corpus, small_tokens, small_targets,
                                                          tmp_path):
-    other = tmp_path / "other_tokens"  # the student's tokenizer over one document fewer
-    result = kdcache("prepare", "--out", other, "--corpus", small_corpus, "--vocab-size", 400, "--block-size", 24,
-                     "--val-fraction", 0.3, "--max-documents", 23)
-    assert result.exit_code == 0, result.output
+    # The student's tokenizer over one document fewer.
+    other = prepare_small(kdcache, small_corpus, tmp_path / "other_tokens", 400, 24, "--max-documents", 23)
     out = tmp_path / "student"
     result = kdcache("student", "--tokens", other, "--targets", small_targets, "--teacher-tokens", small_tokens,
                      "--loss", "uld", "--max-steps", 1, "--out", out, *SMALL_STUDENT)
