@@ -166,6 +166,15 @@ def test_cross_tokenizer_student_trains_with_uld(kdcache, small_student_tokens, 
     assert model.get_input_embeddings().num_embeddings >= TokenStore(small_student_tokens).vocab_size
 
 
+def test_uld_also_trains_a_student_of_the_teachers_own_tokenizer(kdcache, small_tokens, small_targets, tmp_path):
+    log = tmp_path / "log.csv"
+    result = kdcache("student", "--tokens", small_tokens, "--targets", small_targets, "--loss", "uld",
+                     "--max-steps", 2, "--log", log, "--out", tmp_path / "student", *SMALL_STUDENT)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(log.open()))
+    assert all(float(row["kd"]) > 0 for row in rows) and "aligned" not in rows[0]
+
+
 def test_cross_tokenizer_student_refuses_other_documents(kdcache, small_corpus, small_tokens, small_targets,
                                                          tmp_path):
     # The student's tokenizer over one document fewer.
