@@ -283,6 +283,7 @@ SCHEDULED = {"alpha": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "temperature": (
              "beta": (">= 0", lambda v: v >= 0), "gamma": (">= 0", lambda v: v >= 0)}
 MULTI_TEACHER = ("mixture", "sum")
 KD_SIGNALS = ("auto", "topk", "sampled", "topk_sampled")
+STUDENT_LOSSES = (*KD_LOSSES, "uld")  # uld: sorted probabilities, for students of another tokenizer too
 # How a student receives its teacher's targets: read from a cache, computed by the teacher in the
 # loop (the online-KD baseline), or from a second student (deep mutual learning, no teacher).
 MODES = ("offline", "online", "mutual")
@@ -302,8 +303,10 @@ class StudentConfig(ModelShape, TrainSettings):
                               "decay continuing the cached log-probs, fitted per position to the tail mass) "
                               "or atom (one bucket, as if a single id).")
     loss: str = setting("tail_kl", "KD loss on cached top-k: tail_kl, tail_rkl, tail_jsd, tail_tv (on the "
-                        "k+1 buckets, exact at k = V) or topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
-                        "renormalised over the top-k ids).")
+                        "k+1 buckets, exact at k = V), topk_kl, topk_rkl, topk_jsd, topk_tv (both sides "
+                        "renormalised over the top-k ids), or uld (Universal Logit Distillation: the distance "
+                        "between the sorted probability vectors, top-k + tail; needs no shared vocabulary, so "
+                        "it is the loss of a cross-tokenizer student, --teacher-tokens).")
     kd_signal: str = setting("auto", "Which cached signal the KD term uses: topk, sampled, topk_sampled "
                              "(the top-k with the tail's shape from the sampled ids: needs both, trains at "
                              "the capture temperature), or auto (top-k when the store has them, else sampled).",
@@ -385,7 +388,10 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
         _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         _check(self.online_top_k >= 0, f"online_top_k must be >= 0 (0: full vocabulary), got {self.online_top_k}.")
-        _check(self.loss in KD_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}.")
+        _check(self.loss in STUDENT_LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(STUDENT_LOSSES)}.")
+        _check(self.loss != "uld" or self.kd_signal in ("auto", "topk") and not self.adversarial,
+               "loss uld compares the teacher's sorted top-k + tail with the student's: use kd_signal topk (or auto) "
+               "and no --adversarial, or another loss.")
         self.layer_pairs()  # refuses a malformed layer_map
         self.attention_pairs()
         _check(self.adversarial_weight >= 0 and self.discriminator_lr > 0 and self.discriminator_hidden >= 1,

@@ -60,14 +60,18 @@ def small_corpus(tmp_path_factory):
     return root
 
 
+def prepare_small(kdcache, small_corpus, out, vocab_size: int = 300, block_size: int = 32, *extra):
+    """`kdcache prepare` of the small corpus (validation fraction 0.3) to `out`; returns `out`."""
+    result = kdcache("prepare", "--out", out, "--corpus", small_corpus, "--vocab-size", vocab_size,
+                     "--block-size", block_size, "--val-fraction", 0.3, *extra)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_tokens(kdcache, small_corpus, tmp_path_factory):
     """`kdcache prepare`: vocabulary 300, blocks of 32 tokens. Returns the store's path."""
-    out = tmp_path_factory.mktemp("small") / "tokens"
-    result = kdcache("prepare", "--out", out, "--corpus", small_corpus, "--vocab-size", 300,
-                     "--block-size", 32, "--val-fraction", 0.3)
-    assert result.exit_code == 0, result.output
-    return out
+    return prepare_small(kdcache, small_corpus, tmp_path_factory.mktemp("small") / "tokens")
 
 
 @pytest.fixture(scope="session")

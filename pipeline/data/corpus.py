@@ -214,3 +214,33 @@ def pack_blocks(token_lists: Iterator[list[int]], block_size: int, eos_id: int |
             stream.append(eos_id)
     n = len(stream) // block_size
     return np.asarray(stream[: n * block_size], dtype=np.int64).reshape(n, block_size)
+
+
+def pack_offsets(spans: list[np.ndarray], lengths: list[int], block_size: int,
+                 separated: bool) -> dict[str, np.ndarray]:
+    """Where each token of `pack_blocks` (same documents, same separator) comes from: `doc` (index of
+    its document in the split) and `start`, `end` (its character span there), each (N, block_size)
+    int32. spans: per document, its tokens' (start, end) as (n, 2); lengths: documents' characters. A
+    separator after document d spans (len_d, len_d) of d, so it is where d's text ends."""
+    docs, pieces = [], []
+    for index, (span, length) in enumerate(zip(spans, lengths)):
+        span = np.asarray(span, dtype=np.int32).reshape(-1, 2)
+        if separated:
+            span = np.concatenate([span, np.array([[length, length]], dtype=np.int32)])
+        docs.append(np.full(len(span), index, dtype=np.int32))
+        pieces.append(span)
+    doc, span = np.concatenate(docs), np.concatenate(pieces)
+    n = len(doc) // block_size * block_size  # the incomplete last block is dropped, as in pack_blocks
+    return {"doc": doc[:n].reshape(-1, block_size), "start": span[:n, 0].reshape(-1, block_size),
+            "end": span[:n, 1].reshape(-1, block_size)}
+
+
+def documents_hash(texts: list[str]) -> str:
+    """The identity of a list of documents, in order: two token stores with the same hash per split were
+    prepared over the same text, whatever their tokenizers (what cross-tokenizer alignment needs)."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]

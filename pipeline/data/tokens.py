@@ -7,6 +7,12 @@ Layout of a token store directory:
   {split}.arrow       Arrow IPC file, one column `input_ids`: fixed_size_list<uint16|int32>[block_size]
   tokenizer/          a Hugging Face tokenizer (AutoTokenizer.from_pretrained loads it)
 
+A causal LM store prepared with a fast tokenizer (meta.json `offsets: true`) also holds, per token,
+`doc`, `start`, `end` (fixed_size_list<int32>[block_size]): its document's index in the split and its
+character span there (a separator after document d spans (len_d, len_d)); meta.json's `documents`
+hashes each split's document texts in order. Together they align a store of another tokenizer over the
+same documents (data/alignment.py).
+
 meta.json's `task` says what the rows are (absent: causal). A classification store (data/examples.py)
 has one example per row: its {split}.arrow also holds `attention_mask` (same shape, uint8) and
 `labels` (int32, an index into meta.json's `label_names`). A masked-LM store (data/masking.py) holds
@@ -37,7 +43,8 @@ import pyarrow as pa
 from pipeline.progress import progress
 
 from pipeline.config import PrepareConfig
-from pipeline.data.corpus import BadLines, iter_documents, pack_blocks, split_documents
+from pipeline.data.corpus import (BadLines, documents_hash, iter_documents, pack_blocks, pack_offsets,
+                                  split_documents)
 from pipeline.data.masking import mask_blocks, mask_count
 from pipeline.errors import KdcacheError
 from pipeline.location import Location
@@ -106,6 +113,7 @@ class TokenStore:
     tokenizer_path = property(lambda self: self.path / "tokenizer")
     task_name = property(lambda self: self.meta.get("task", "causal"))
     label_names = property(lambda self: list(self.meta.get("label_names", [])))
+    has_offsets = property(lambda self: bool(self.meta.get("offsets")))  # doc/start/end columns (causal LM)
 
     @property
     def task(self):
@@ -258,13 +266,18 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
         rows, columns = {}, None
+        # Character offsets let a student of another tokenizer align with these positions (causal LM).
+        with_offsets = config.task == "causal" and tokenizer.is_fast
         for index, split in enumerate(SPLITS):
-            encoded = tokenizer(documents[split], add_special_tokens=False)["input_ids"]
+            encoded, spans = _encode(tokenizer, documents[split], with_offsets)
             blocks = pack_blocks(progress(iterable=encoded, desc=f"pack {split}", unit="doc"), config.block_size,
                                  separator)
             if len(blocks) == 0:
                 raise KdcacheError(f"the {split} split is shorter than one block of {config.block_size} "
                                    f"tokens; use a larger corpus or a smaller block_size.")
+            if with_offsets:
+                columns = pack_offsets(spans, [len(text) for text in documents[split]], config.block_size,
+                                       separator is not None)
             if config.task == "masked":  # validation: one view (the same masks for every model and run)
                 columns = mask_blocks(blocks, config.mask_rate, config.mask_views if split == "train" else 1,
                                       config.mask_seed, index, tokenizer.mask_token_id, tokenizer.all_special_ids,
@@ -276,7 +289,8 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         settings = {**asdict(config), "vocab_size": vocab_size}
         meta = {"format": FORMAT, "fingerprint": _fingerprint(tmp, settings), "vocab_size": vocab_size,
                 "block_size": config.block_size, "eos_id": tokenizer.eos_token_id, "rows": rows,
-                "settings": settings, "skipped_lines": bad.count}
+                "settings": settings, "skipped_lines": bad.count, "offsets": with_offsets,
+                "documents": {split: documents_hash(documents[split]) for split in SPLITS}}
         if config.task == "masked":
             meta.update(task="masked", mask_count=mask_count(config.block_size, config.mask_rate),
                         mask_rate=config.mask_rate, mask_views=config.mask_views, mask_id=tokenizer.mask_token_id,
@@ -286,6 +300,18 @@ def prepare_tokens(config: PrepareConfig, out: str | Path) -> TokenStore:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
         raise
     return _publish(tmp, out)
+
+
+def _encode(tokenizer, texts: list[str], with_offsets: bool, chunk: int = 256) -> tuple[list, list]:
+    """(token ids per document, and with_offsets each document's token spans (n, 2) int32, else []).
+    Chunks of documents, so the tokenizer's per-token offset tuples never all sit in memory at once."""
+    ids, spans = [], []
+    for lo in range(0, len(texts), chunk):
+        encoded = tokenizer(texts[lo:lo + chunk], add_special_tokens=False, return_offsets_mapping=with_offsets)
+        ids.extend(encoded["input_ids"])
+        if with_offsets:
+            spans.extend(np.asarray(offsets, dtype=np.int32).reshape(-1, 2) for offsets in encoded["offset_mapping"])
+    return ids, spans
 
 
 def _staging(out: str | Path) -> Path:

@@ -189,6 +189,9 @@ def run_offline(config: StudentConfig, tokens_dir: str, out: str, targets: str |
         for each in stores:
             each.check_compatible(tokens, "train", tokens.num_outputs, [t for _, t in pairs] if each is store else [])
         check_same_layout(stores)
+        if config.loss == "uld" and len(stores) > 1 and config.multi_teacher == "mixture":
+            raise KdcacheError("loss uld compares each teacher's sorted probabilities on its own: with several "
+                               "--targets set multi_teacher sum (the weighted sum of the per-teacher losses).")
         bad_student = [s for s, _ in pairs if s > num_layers(model)]
         if bad_student:
             raise KdcacheError(f"student layers {bad_student} in layer_map do not exist (student has "

@@ -72,6 +72,11 @@ def make_objective(config: StudentConfig, tokens: TokenStore, distill: bool, cap
                    **fields) -> Objective:
     """The student's objective from its config; `fields` set the Objective fields a mode decides
     (targets kind, layer pairs, teacher weights...). temperature 0 means the capture temperature."""
+    if distill and config.loss == "uld" and (config.temperature not in (0.0, capture_temperature)
+                                             or config.temperature_schedule):
+        raise KdcacheError(f"loss uld compares sorted probabilities at the capture temperature "
+                           f"({capture_temperature:g}), where the cached top-k + tail are exact: set temperature 0 "
+                           f"(or {capture_temperature:g}) and no temperature_schedule.")
     # Without KD, alpha and temperature stay out of the loss (and the log).
     schedules = {name: s for name, s in config.schedules().items() if distill or name in ("beta", "gamma")}
     return Objective(vocab_size=tokens.num_outputs, task=tokens.task, alpha=config.alpha if distill else 1.0,

@@ -111,7 +111,8 @@ class TargetsStore:
         if self.attrs["tokens_fingerprint"] != tokens.fingerprint:
             raise KdcacheError(f"{self.path} was captured from another token store (fingerprint "
                                f"{self.attrs['tokens_fingerprint']}, tokens have {tokens.fingerprint}); "
-                               f"re-run `kdcache cache` on {tokens.name}.")
+                               f"re-run `kdcache cache` on {tokens.name}, or, for a student of another "
+                               f"tokenizer, pass the token store it was captured from as --teacher-tokens.")
         if self.attrs["split"] != split or self.rows != tokens.num_rows(split):
             raise KdcacheError(f"{self.path} covers split {self.attrs['split']!r} with {self.rows} rows; "
                                f"expected split {split!r} with {tokens.num_rows(split)} rows.")
@@ -131,6 +132,16 @@ class TargetsStore:
     def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
         """Stored (encoded) arrays for rows [start, stop)."""
         return {name: self.group[name][start:stop] for name in (names or self.array_names())}
+
+    def read_positions(self, positions: np.ndarray, names) -> dict[str, torch.Tensor]:
+        """Decoded arrays `names` (indexed [row, position, ...]) at flat positions row · P + position:
+        positions (R, T) int64, −1 where there is none (filled from another position; mask those) →
+        each array (R, T, ...). Reads the one range of rows the positions fall in."""
+        P, found = fmt.positions(self.attrs), positions[positions >= 0]
+        lo, hi = (int(found.min()) // P, int(found.max()) // P + 1) if found.size else (0, 1)
+        decoded = self.decode(self.read_rows(lo, hi, names))
+        index = torch.from_numpy(np.where(positions >= 0, positions - lo * P, 0)).flatten()
+        return {name: t.flatten(0, 1)[index].reshape(*positions.shape, *t.shape[2:]) for name, t in decoded.items()}
 
     def bad_shards(self, names=None) -> list[int]:
         """Shards unfinished or whose checksums do not match what is on disk now (names: only these arrays)."""

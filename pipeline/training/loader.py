@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import runtime
+from pipeline.data.alignment import ALIGNED
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
 from pipeline.targets import format as fmt
@@ -33,16 +34,20 @@ class BlockStream(IterableDataset):
     target_names: which stored arrays to read (default: all), or one such list per store.
     rank, world_size: this process's share of the rows (default: from torch.distributed, else 0 of 1).
     rows_per_shard: rows read at once when there are no targets (a targets store sets its own).
+    alignment: a cross-tokenizer student's (N, T) int64 teacher position per position of these tokens
+    (data/alignment.py), flat in the one targets store's rows, or −1; its targets are read at those
+    positions, in shards of rows_per_shard, with the ALIGNED mask beside them.
     """
 
     def __init__(self, tokens: str, split: str = "train", targets: str | list[str] | None = None,
                  target_names: list | None = None, rows_per_shard: int = 256,
                  shuffle_buffer: int = 256, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, alignment: np.ndarray | None = None):
         super().__init__()
         self.tokens_path, self.split = str(tokens), split
         paths = [] if targets is None else targets if isinstance(targets, (list, tuple)) else [targets]
         self.targets_paths = [str(t) for t in paths]
+        self.alignment = alignment
         if target_names is None or (target_names and isinstance(target_names[0], str)):
             target_names = [target_names] * len(self.targets_paths)
         self.target_names = list(target_names)
@@ -52,7 +57,9 @@ class BlockStream(IterableDataset):
         self.epoch = 0
         self.skip = None  # (batches already trained on in this epoch, batch_size, num_workers)
         rows = TokenStore(tokens).num_rows(split)
-        per_shard = {int(TargetsStore(t).attrs["rows_per_shard"]) for t in self.targets_paths}
+        # Aligned targets are read by position, so these tokens' rows make the shards.
+        per_shard = {int(TargetsStore(t).attrs["rows_per_shard"]) for t in self.targets_paths} if alignment is None \
+            else set()
         if len(per_shard) > 1:
             raise KdcacheError(f"targets stores {self.targets_paths} have different rows_per_shard "
                                f"{sorted(per_shard)}; capture them with the same --rows-per-shard.")
@@ -152,13 +159,20 @@ class BlockStream(IterableDataset):
             if n < skip:  # trained on before the resume: no I/O for it
                 continue
             if shard not in decoded:  # read a shard when its first remaining row is due
-                decoded[shard] = {**tokens.rows(self.split, start, stop),  # ids (+ mask, labels)
-                                  **{fmt.teacher_key(name, i): t
-                                     for i, (store, names) in enumerate(zip(stores, self.target_names))
-                                     for name, t in store.decode(store.read_rows(start, stop, names)).items()}}
+                decoded[shard] = {**tokens.rows(self.split, start, stop), **self.read_targets(stores, start, stop)}
             yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
             if done:
                 del decoded[shard]  # all its rows are out: let the shard go
+
+
+    def read_targets(self, stores: list[TargetsStore], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The decoded targets of rows [start, stop): the stores' same rows, or the aligned positions."""
+        if self.alignment is not None and stores:
+            positions = self.alignment[start:stop]  # (R, T)
+            targets = stores[0].read_positions(positions, self.target_names[0])
+            return {ALIGNED: torch.from_numpy(positions >= 0), **targets}
+        return {fmt.teacher_key(name, i): t for i, (store, names) in enumerate(zip(stores, self.target_names))
+                for name, t in store.decode(store.read_rows(start, stop, names)).items()}
 
 
 def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -4,7 +4,9 @@ plus, optionally, DistilBERT's cosine loss on the last hidden state (weight `cos
 Shapes: B batch, T block, N = B·T positions, V vocab, K top-k, D hidden width. Logits are cut to the
 token store's V, so padded output layers are fine. α, τ and β may follow schedules over training
 (pipeline/schedules.py); several targets stores (teachers) are mixed or summed (`multi_teacher`).
-Which positions carry a hard label is the task's (pipeline/tasks.py).
+Which positions carry a hard label is the task's (pipeline/tasks.py). loss "uld" compares sorted
+probabilities (no shared vocabulary); a cross-tokenizer batch's ALIGNED mask keeps the KD term to the
+positions that have a teacher partner (its share is logged as `aligned`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline import losses
 from pipeline.config import SCHEDULED
+from pipeline.data.alignment import ALIGNED
 from pipeline.models import ValueStates
 from pipeline.schedules import Schedule
 from pipeline.targets import format as fmt
@@ -74,6 +77,8 @@ class Objective:
         # A scheduled alpha keeps KD on even at steps where it passes 1, so every logged row has it.
         with_kd = alpha < 1.0 or "alpha" in self.schedules
         targets = {key: batch[key].flatten(0, 1) for keys in self.kd_keys() for key in keys} if with_kd else {}
+        if with_kd and ALIGNED in batch:
+            targets[ALIGNED] = batch[ALIGNED].flatten()  # (N,)
         output_hidden = bool(self.layer_pairs and (beta or "beta" in self.schedules))  # likewise for beta
         output_hidden = output_hidden or self.cosine > 0
         gamma = values["gamma"]
@@ -118,6 +123,8 @@ class Objective:
             loss = loss + gamma * parts["attention"]
         parts["loss"] = loss
         parts.update({name: torch.tensor(values[name]) for name in self.schedules})  # logged per step
+        if ALIGNED in targets:
+            parts["aligned"] = targets[ALIGNED].float().mean()
         return parts
 
     def uses_value_relations(self) -> bool:
@@ -148,7 +155,10 @@ class Objective:
                 ce, kd = fused(logits, labels, ce_mask, *teachers[0], tau)
                 return {"ce": ce, "kd": kd}
         ce = losses.cross_entropy(logits, labels, ce_mask)
-        if self.kd_signal == "sampled":
+        if self.loss == "uld":  # sorted probabilities at the capture temperature (make_objective checks τ)
+            kd = sum(w * losses.uld_loss(logits / tau, logprobs, tail, targets.get(ALIGNED))
+                     for w, (_, logprobs, tail) in zip(weights, teachers))
+        elif self.kd_signal == "sampled":
             # Sampled KD is a cross-entropy, linear in the target: mixture and sum are the same loss.
             kd = sum(w * losses.sampled_kd(logits, ids, counts, tau) for w, (ids, counts) in zip(weights, teachers))
         elif self.kd_signal == "topk_sampled":  # at tau = tau_c; linear in the target up to a constant, as above
@@ -170,14 +180,18 @@ class Objective:
         head = model.get_output_embeddings()
         n = final_hidden.shape[0]
         ce_count = ce_mask.sum().clamp(min=1).float()
+        aligned = targets.get(ALIGNED)
+        aligned_count = aligned.sum().clamp(min=1).float() if aligned is not None else None
 
         def chunk_losses(hidden, rows):
             logits = head(hidden)[:, : self.vocab_size]  # (chunk, V)
             parts = self.logit_losses(logits, labels[rows], ce_mask[rows],
                                       {k: v[rows] for k, v in targets.items()}, temperature)
             ce = parts["ce"] * (ce_mask[rows].sum() / ce_count)
-            # KD losses average over every position (no mask), so a chunk weighs its share of N.
-            kd = parts["kd"] * ((rows.stop - rows.start) / n) if "kd" in parts else torch.zeros_like(ce)
+            # KD losses average over every position (no mask), so a chunk weighs its share of N; over
+            # the aligned ones only, with a cross-tokenizer mask.
+            share = aligned[rows].sum() / aligned_count if aligned is not None else (rows.stop - rows.start) / n
+            kd = parts["kd"] * share if "kd" in parts else torch.zeros_like(ce)
             return torch.stack([ce, kd])
 
         total = 0.0
