@@ -14,6 +14,8 @@ from pipeline.student import run_student
 from pipeline.student.adversarial import AdversarialTerm
 from pipeline.targets import format as fmt
 from pipeline.training.loop import TrainFiles
+from tests.test_classification import cls_targets, cls_teacher, cls_tokens, labelled_corpus  # noqa: F401
+from tests.test_masked import mlm_teacher, mlm_targets, mlm_tokens  # noqa: F401 (fixtures)
 from tests.test_resume import Killed, kill_at
 
 CONFIG = dict(n_layer=1, n_embd=16, n_head=2, batch_size=8, max_steps=5, warmup_steps=1, lr=3e-3, alpha=0.5,
@@ -100,3 +102,23 @@ def test_adversarial_refusals(small_tokens, small_targets, tmp_path):
     with pytest.raises(KdcacheError, match="without loss_chunk"):
         run_student(StudentConfig(**{**CONFIG, "loss_chunk": 64}), str(small_tokens), str(tmp_path / "m"),
                     str(small_targets))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_adversarial_student_of_a_classification_store(cls_tokens, cls_targets, arch, tmp_path):
+    """The discriminator reads a classification store's one position per row (every class, no tail)."""
+    config = StudentConfig(**{**CONFIG, "checkpoint_every": 0, "max_steps": 3, "arch": arch})
+    run_student(config, str(cls_tokens.path), str(tmp_path / "model"), [str(cls_targets.path)],
+                TrainFiles(str(tmp_path / "loss.csv")))
+    rows = read_csv(tmp_path / "loss.csv")
+    assert len(rows) == 3 and all(0.0 <= float(r["disc_acc"]) <= 1.0 and float(r["adversarial"]) > 0 for r in rows)
+    assert (tmp_path / "model" / "kdcache.json").exists()
+
+
+def test_adversarial_student_of_a_masked_store(mlm_tokens, mlm_teacher, mlm_targets, tmp_path):
+    """...and a masked-LM store's M masked positions per row."""
+    config = StudentConfig(**{**CONFIG, "checkpoint_every": 0, "max_steps": 3})
+    run_student(config, str(mlm_tokens.path), str(tmp_path / "model"), [str(mlm_targets.path)],
+                TrainFiles(str(tmp_path / "loss.csv")), teacher_dir=str(mlm_teacher))
+    rows = read_csv(tmp_path / "loss.csv")
+    assert len(rows) == 3 and all(0.0 <= float(r["disc_acc"]) <= 1.0 and float(r["adversarial"]) > 0 for r in rows)
