@@ -9,7 +9,8 @@ round by round so machine noise hits all of them alike, and prints ratios of med
 
 Modes: ce (hard labels only), cache_topk, cache_topk_hidden (beta = 1, when the store has layers),
 cache_sampled (when it has sampled targets; with --unfused also cache_sampled_unfused, the same
-through the reference losses instead of the fused one), online_topk (teacher in the loop), and teacher_forward:
+through the reference losses instead of the fused one), cache_tinybert and cache_minilm (gamma = 1,
+when the store has attention targets), online_topk (teacher in the loop), and teacher_forward:
 the teacher's forward alone over the same batches, which gives the ideal online / offline ratio
 (teacher forward + student step) / student step that the measured one is compared with.
 Student settings come from the `student` section of --params (the default run's student).
@@ -50,6 +51,9 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
         found["cache_sampled"] = ({"kd_signal": "sampled"}, {"targets": args.targets})
         if args.unfused:
             found["cache_sampled_unfused"] = ({"kd_signal": "sampled"}, {"targets": args.targets, "unfused": True})
+    if store.attrs.get("attention_layers"):  # attention distillation (TinyBERT per head, MiniLM)
+        for kind in ("tinybert", "minilm"):
+            found[f"cache_{kind}"] = ({"gamma": 1.0, "attention_loss": kind}, {"targets": args.targets})
     for extra in args.also:  # NAME=STORE: top-k KD from another store, e.g. another encoding
         name, path = extra.split("=", 1)
         found[f"cache_{name}"] = ({"kd_signal": "topk"}, {"targets": path})

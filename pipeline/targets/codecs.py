@@ -367,8 +367,9 @@ def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     causal keys that hold nothing, then renormalised."""
     block = dense.shape[-1]
     causal = torch.ones(block, block, dtype=torch.bool).tril()
-    dense = dense.clamp(min=0) * causal
-    empty = causal & (dense == 0)  # (..., T, T)
+    dense = dense.clamp(min=0).masked_fill_(~causal, 0)
+    # Empty causal keys per row: query t has t + 1 keys (counted, not masked: fewer passes over T × T).
+    empty = (torch.arange(1, block + 1).unsqueeze(-1) - (dense != 0).sum(-1, keepdim=True)).clamp(min=1)
     missing = (1 - dense.sum(-1, keepdim=True)).clamp(min=0)  # (..., T, 1)
-    dense = dense + empty * missing / empty.sum(-1, keepdim=True).clamp(min=1)
+    dense = torch.where((dense == 0) & causal, missing / empty, dense)
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)
