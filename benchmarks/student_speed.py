@@ -101,13 +101,15 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=100, help="steps per measured run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="loader workers decoding shards beside the training process (every mode)")
     parser.add_argument("--epoch", action="store_true", help="time one full epoch instead of --steps")
     args = parser.parse_args()
 
     section = yaml.safe_load(open(args.params))["student"]
     # Steps only: no periodic validation, and the one-off checksum pass over the store (timed below)
     # stays out of the per-mode times, as it is a fixed cost that a real run spreads over all its steps.
-    base = replace(StudentConfig(**section), eval_every=0, verify=False)
+    base = replace(StudentConfig(**section), eval_every=0, verify=False, num_workers=args.num_workers)
     base = replace(base, max_steps=0, epochs=1) if args.epoch else replace(base, max_steps=args.steps, epochs=0)
     tokens, store = TokenStore(args.tokens), TargetsStore(args.targets)
     runs = modes(args, store, tokens.vocab_size)
