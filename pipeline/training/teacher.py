@@ -58,7 +58,8 @@ def materialise_teacher(config: TeacherConfig, tokens_dir: str, out: str,
                          "fine-tune teacher" if config.model else "train teacher", files)
     if not runtime.is_main():  # torchrun: rank 0 alone saves and fingerprints the teacher
         return {"source": config.model or "default", "rank": runtime.rank()}
-    model.to(runtime.torch_dtype(config.dtype))
+    if config.model:  # --finetune: saved in --dtype, as a loaded --model is (the default teacher: float32)
+        model.to(runtime.torch_dtype(config.dtype))
     return save_teacher(model, tokens, out, config.model or "default", config, history[-1]["loss"])
 
 
