@@ -117,7 +117,10 @@ def logit_targets(logits: torch.Tensor, rows: dict, top_k: int, capture_temperat
                   min_k: int = 1) -> dict[str, torch.Tensor]:
     """The part of `teacher_targets` that reduces the logits (B, P, V): top-k, tail, samples, positions."""
     vocab_size = logits.shape[-1]
-    logprobs = torch.log_softmax(logits.float() / capture_temperature, dim=-1)
+    logits = logits.float()
+    if capture_temperature != 1.0:  # x / 1 is exact: skip a pass over (B, P, V) at the usual τ = 1
+        logits = logits / capture_temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
     result = {}
     if top_k > 0:  # top_k = 0: sampled targets only
         topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1, sorted=True)
