@@ -47,6 +47,18 @@ def test_padded_teacher_targets_cover_the_tokenizer_only(teacher_dir, tiny_token
     assert out[fmt.hidden_array(2)].shape == (3, tiny_tokens.block_size, 32)
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.5])
+def test_targets_are_the_tempered_distribution_at_the_capture_temperature(teacher_dir, tiny_tokens, tau):
+    model, _ = load_teacher(teacher_dir)
+    V = tiny_tokens.vocab_size
+    ids = torch.from_numpy(tiny_tokens.blocks("train")[:2].astype(np.int64))
+    out = teacher_targets(model, ids, V, top_k=8, capture_temperature=tau)
+    dense = torch.log_softmax(model(input_ids=ids).logits[..., :V].float() / tau, -1)
+    torch.testing.assert_close(out[fmt.TOPK_LOGPROBS], dense.topk(8, -1).values)
+    tail = torch.log1p(-dense.topk(8, -1).values.exp().sum(-1))
+    torch.testing.assert_close(out[fmt.TAIL_LOGMASS], tail, rtol=1e-4, atol=1e-5)
+
+
 def test_store_holds_what_the_teacher_says(teacher_dir, tiny_tokens, tmp_path):
     store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr")
     assert store.rows == tiny_tokens.num_rows("train") and store.layers == [0, 2]
