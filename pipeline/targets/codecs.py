@@ -347,19 +347,28 @@ def encode_attention(probs: torch.Tensor, encoding: str, top_k: int = 0) -> dict
     return {PROBS: probs.cpu().numpy().astype(np.float16)}
 
 
-def decode_attention(stored: dict[str, np.ndarray], encoding: str) -> torch.Tensor:
-    """Arrays by role → (R, H, T, T) float32 causal rows that each sum to 1 (see above)."""
+def decode_attention(stored: dict, encoding: str) -> torch.Tensor:
+    """Arrays by role (numpy, or tensors as `compact_attention` gives) → (R, H, T, T) float32 causal
+    rows that each sum to 1 (see above)."""
     check_attention_encoding(encoding)
     if encoding == "topk":
-        keys = torch.from_numpy(stored[KEYS].astype(np.int64))
-        kept = torch.from_numpy(stored[PROBS].astype(np.float32))
+        keys = torch.as_tensor(stored[KEYS]).long()
+        kept = torch.as_tensor(stored[PROBS]).float()
         block = kept.shape[-2]
         dense = torch.zeros((*kept.shape[:-1], block)).scatter_(-1, keys, kept)
     elif encoding == "q8":
-        dense = (torch.from_numpy(stored[PROBS].astype(np.float32)) / 255).square()
+        dense = (torch.as_tensor(stored[PROBS]).float() / 255).square()
     else:
-        dense = torch.from_numpy(stored[PROBS].astype(np.float32))
+        dense = torch.as_tensor(stored[PROBS]).float()
     return fill_rows(dense)
+
+
+def compact_attention(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Arrays by role → tensors as stored (keys int32, probabilities float16 / uint8): what a training
+    batch carries, decoded per batch by `sparse_attention` / `decode_attention` (4 to 8× fewer bytes
+    than the float32 rows, and no T × T matrix at all for topk)."""
+    return {role: torch.from_numpy(np.ascontiguousarray(array.astype(np.int32) if role == KEYS else array))
+            for role, array in stored.items()}
 
 
 def fill_rows(dense: torch.Tensor) -> torch.Tensor:
@@ -373,3 +382,20 @@ def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     missing = (1 - dense.sum(-1, keepdim=True)).clamp(min=0)  # (..., T, 1)
     dense = torch.where((dense == 0) & causal, missing / empty, dense)
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def sparse_attention(keys: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The topk encoding's decoded rows without their T × T matrix: (..., T, K) keys and probabilities
+    as stored → (keys int64, values (..., T, K) float32, fill (..., T) float32). Row q holds
+    values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key 0..q: the rows
+    of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per row).
+    Assumes a row's keys are distinct (topk's are)."""
+    keys, probs = keys.long(), probs.float().clamp(min=0)
+    block = probs.shape[-2]
+    keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
+    probs = torch.where(keys < keys_per_query.unsqueeze(-1), probs, 0)  # keys above the diagonal place nothing
+    kept_mass = probs.sum(-1)  # (..., T)
+    empty = keys_per_query - (probs != 0).sum(-1)  # causal keys that get the fill
+    fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
+    total = (kept_mass + empty * fill).clamp(min=1e-30)
+    return keys, probs / total.unsqueeze(-1), fill / total

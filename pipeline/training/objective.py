@@ -21,6 +21,7 @@ from pipeline.config import SCHEDULED
 from pipeline.data.alignment import ALIGNED
 from pipeline.models import ValueStates
 from pipeline.schedules import Schedule
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
 from pipeline.tasks import CAUSAL
 
@@ -51,6 +52,7 @@ class Objective:
     attention_loss: str = "minilm"  # or "tinybert" (losses.ATTENTION_LOSSES)
     attention_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student block, teacher block), 1..L
     relation_heads: int = 0  # R of the store's value relations (minilm); 0: attention KL alone
+    attention_encoding: str = "topk"  # of the batch's stored attention arrays (codecs.ATTENTION_ENCODINGS)
     # Extra terms on the logits, e.g. the adversarial student's: term(logits (N, V), targets) → parts,
     # whose "weighted" entry is added to the loss and the rest logged. Not with loss_chunk.
     logit_terms: list = field(default_factory=list)
@@ -134,11 +136,23 @@ class Objective:
         """tinybert: mean attention MSE over the block pairs; minilm: the last pair's attention KL
         (+ value-relation KL). attentions: the student's, one (B, H, T, T) per block."""
         if self.attention_loss == "tinybert":
-            return torch.stack([losses.attention_mse(attentions[s - 1], batch[fmt.attention_array(t)])
+            return torch.stack([losses.attention_mse(attentions[s - 1], self.teacher_attention(batch, t))
                                 for s, t in self.attention_pairs]).mean()
         s, t = self.attention_pairs[-1]
-        relation = batch[fmt.attention_array(t, "value_relation")] if self.uses_value_relations() else None
-        return losses.minilm_loss(attentions[s - 1], batch[fmt.attention_array(t)], value_states.get(s), relation)
+        relation = self.teacher_attention(batch, t, "value_relation") if self.uses_value_relations() else None
+        return losses.minilm_loss(attentions[s - 1], self.teacher_attention(batch, t), value_states.get(s), relation)
+
+    def teacher_attention(self, batch: dict, layer: int, kind: str = "attention"):
+        """The teacher's rows of one stored matrix for this batch: losses.SparseRows for the topk
+        encoding (no B × H × T × T tensor is built), else dense (B, H, T, T). A batch may also carry the
+        decoded matrix itself under fmt.attention_array."""
+        matrix = fmt.attention_array(layer, kind)
+        if matrix in batch:
+            return batch[matrix]
+        stored = {role: batch[f"{matrix}_{role}"] for role in (codecs.KEYS, codecs.PROBS) if f"{matrix}_{role}" in batch}
+        if self.attention_encoding == "topk":
+            return losses.SparseRows(*codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS]))
+        return codecs.decode_attention(stored, self.attention_encoding)
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
