@@ -301,16 +301,18 @@ def test_objective_reads_attention_as_stored_and_as_decoded_alike(teacher_dir, t
 
     store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", attention_encoding=encoding, attention_top_k=3)
     raw = store.read_rows(0, 4, [n for n in store.array_names() if "_layer_" in n and "hidden" not in n])
-    stored, decoded = store.decode(raw, compact_attention=True), store.decode(raw)
-    assert all(name.rpartition("_")[0] not in stored for name in decoded)  # no decoded matrix in a batch
-    assert max(t.element_size() for t in stored.values()) <= 4  # int32 keys, float16 or uint8 probabilities
+    stored, decoded = store.decode(raw, sparse_attention=True), store.decode(raw)
+    if encoding == "topk":  # as stored: int32 keys, float16 probabilities, no decoded matrix
+        assert set(stored) == set(raw) and {t.dtype for t in stored.values()} == {torch.int32, torch.float16}
+    else:
+        assert stored.keys() == decoded.keys()
     torch.manual_seed(6)
     T = tiny_tokens.block_size
     attentions = [causal_rows(torch.randn(4, 2, T, T)) for _ in range(2)]
     values = {2: torch.randn(4, T, 32)}
     for kind in ("tinybert", "minilm"):
         objective = Objective(vocab_size=10, attention_loss=kind, attention_pairs=[(1, 1), (2, 2)],
-                              relation_heads=2 if kind == "minilm" else 0, attention_encoding=encoding)
+                              relation_heads=2 if kind == "minilm" else 0)
         got = objective.attention_term(attentions, values, stored)
         expected = objective.attention_term(attentions, values, decoded)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

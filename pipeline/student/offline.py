@@ -104,8 +104,7 @@ def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> 
                                f"{relation_heads}, or re-capture with --relation-heads dividing {width}.")
     use_eager_attention(model, "student")
     return {"gamma": config.gamma, "attention_loss": config.attention_loss, "attention_pairs": pairs,
-            "relation_heads": relation_heads if config.attention_loss == "minilm" else 0,
-            "attention_encoding": fmt.attribute(store.attrs, "attention_encoding")}
+            "relation_heads": relation_heads if config.attention_loss == "minilm" else 0}
 
 
 def attention_names(store: TargetsStore, fields: dict) -> list[str]:

@@ -297,10 +297,13 @@ class Attention:
         encoding = attribute(attrs, "attention_encoding")
         return {matrix: codecs.decode_attention(roles, encoding) for matrix, roles in self.by_matrix(stored).items()}
 
-    def compact(self, stored, attrs):
-        """The arrays as stored, as tensors under their stored names (codecs.compact_attention)."""
+    def decode_sparse(self, stored, attrs):
+        """topk: the arrays as stored, as tensors under their stored names (the losses read them
+        sparsely, codecs.sparse_attention); other encodings: decoded rows, as `decode`."""
+        if attribute(attrs, "attention_encoding") != "topk":
+            return self.decode(stored, attrs)
         return {f"{matrix}_{role}": tensor for matrix, roles in self.by_matrix(stored).items()
-                for role, tensor in codecs.compact_attention(roles).items()}
+                for role, tensor in codecs.stored_topk_attention(roles).items()}
 
     @staticmethod
     def by_matrix(stored) -> dict[str, dict]:
@@ -344,22 +347,22 @@ def encode_targets(targets: dict[str, torch.Tensor], identity: dict) -> dict[str
 
 
 def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None,
-                compact_attention: bool = False) -> dict[str, torch.Tensor]:
+                sparse_attention: bool = False) -> dict[str, torch.Tensor]:
     """Encoded arrays → float32 / int64 tensors, same names.
 
     attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536) and
     for encodings that store ids and values together (sqd).
     Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
     `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
-    compact_attention: attention arrays stay as stored, under their stored names (Attention.compact);
-    the training objective decodes a batch's rows itself, the topk ones without a T × T matrix.
+    sparse_attention: topk attention arrays stay as stored, under their stored names
+    (Attention.decode_sparse): the training losses read them without building T × T rows.
     """
     attrs = attrs or {}
     out = {}
     for signal in SIGNALS.values():
         mine = {name: array for name, array in stored.items() if signal.owns(name)}
         if mine:
-            decode = signal.compact if compact_attention and isinstance(signal, Attention) else signal.decode
+            decode = signal.decode_sparse if sparse_attention and isinstance(signal, Attention) else signal.decode
             out.update(decode(mine, attrs))
     for name, array in stored.items():  # arrays of no signal (e.g. hidden bases): plain floats
         if not any(signal.owns(name) for signal in SIGNALS.values()):

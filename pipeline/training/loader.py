@@ -30,7 +30,7 @@ from pipeline.targets.reader import TargetsStore
 
 class BlockStream(IterableDataset):
     """Yields dicts: input_ids (T,) int64, row () int64, and decoded target arrays for that row
-    (attention arrays as stored: format.decode_rows(..., compact_attention=True)).
+    (topk attention arrays as stored: format.decode_rows(..., sparse_attention=True)).
 
     targets: a targets store over the same split, or a list of them (one per teacher; they must share
     rows_per_shard), or None for tokens only. Arrays of store i are keyed fmt.teacher_key(name, i).
@@ -189,9 +189,9 @@ class BlockStream(IterableDataset):
             positions = self.alignment[start:stop]  # (R, T)
             targets = stores[0].read_positions(positions, self.target_names[0])
             return {ALIGNED: torch.from_numpy(positions >= 0), **targets}
-        # Attention stays in its stored form: the objective decodes each batch (Objective.teacher_attention).
+        # topk attention stays as stored: the objective reads it sparsely (Objective.teacher_attention).
         return {fmt.teacher_key(name, i): t for i, (store, names) in enumerate(zip(stores, self.target_names))
-                for name, t in store.decode(store.read_rows(start, stop, names), compact_attention=True).items()}
+                for name, t in store.decode(store.read_rows(start, stop, names), sparse_attention=True).items()}
 
 
 def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

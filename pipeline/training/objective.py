@@ -52,7 +52,6 @@ class Objective:
     attention_loss: str = "minilm"  # or "tinybert" (losses.ATTENTION_LOSSES)
     attention_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student block, teacher block), 1..L
     relation_heads: int = 0  # R of the store's value relations (minilm); 0: attention KL alone
-    attention_encoding: str = "topk"  # of the batch's stored attention arrays (codecs.ATTENTION_ENCODINGS)
     # Extra terms on the logits, e.g. the adversarial student's: term(logits (N, V), targets) → parts,
     # whose "weighted" entry is added to the loss and the rest logged. Not with loss_chunk.
     logit_terms: list = field(default_factory=list)
@@ -143,16 +142,14 @@ class Objective:
         return losses.minilm_loss(attentions[s - 1], self.teacher_attention(batch, t), value_states.get(s), relation)
 
     def teacher_attention(self, batch: dict, layer: int, kind: str = "attention"):
-        """The teacher's rows of one stored matrix for this batch: losses.SparseRows for the topk
-        encoding (no B × H × T × T tensor is built), else dense (B, H, T, T). A batch may also carry the
-        decoded matrix itself under fmt.attention_array."""
+        """The teacher's rows of one stored matrix for this batch: decoded (B, H, T, T) as the batch
+        holds them, or, for a topk store (format.decode_rows(..., sparse_attention=True)),
+        losses.SparseRows built from the stored keys and probabilities (no T × T matrix)."""
         matrix = fmt.attention_array(layer, kind)
         if matrix in batch:
             return batch[matrix]
-        stored = {role: batch[f"{matrix}_{role}"] for role in (codecs.KEYS, codecs.PROBS) if f"{matrix}_{role}" in batch}
-        if self.attention_encoding == "topk":
-            return losses.SparseRows(*codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS]))
-        return codecs.decode_attention(stored, self.attention_encoding)
+        return losses.SparseRows(*codecs.sparse_attention(batch[f"{matrix}_{codecs.KEYS}"],
+                                                          batch[f"{matrix}_{codecs.PROBS}"]))
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
