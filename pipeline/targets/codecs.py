@@ -362,13 +362,6 @@ def decode_attention(stored: dict[str, np.ndarray], encoding: str) -> torch.Tens
     return fill_rows(dense)
 
 
-def stored_topk_attention(stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """topk arrays by role → tensors as stored (keys int32, probabilities float16): what a training
-    batch carries, 2.5× fewer bytes than sparse_attention's and 16× fewer than decoded rows at
-    T = 128, K = 32; the objective calls sparse_attention on each batch."""
-    return {KEYS: torch.from_numpy(stored[KEYS].astype(np.int32)), PROBS: torch.from_numpy(stored[PROBS])}
-
-
 def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     """(..., T, T) partial causal rows → rows summing to 1: the missing mass spread evenly over the
     causal keys that hold nothing, then renormalised."""
@@ -382,13 +375,17 @@ def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
-def sparse_attention(keys: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+SPARSE_ROLES = ("keys", "values", "fill")  # what sparse_attention gives, in order
+
+
+def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The topk encoding's decoded rows without their T × T matrix: (..., T, K) keys and probabilities
-    as stored → (keys int64, values (..., T, K) float32, fill (..., T) float32). Row q holds
-    values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key 0..q: the rows
-    of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per row).
-    Assumes a row's keys are distinct (topk's are)."""
-    keys, probs = keys.long(), probs.float().clamp(min=0)
+    as stored (arrays or tensors) → (keys int32, values (..., T, K) float32, fill (..., T) float32).
+    Row q holds values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key
+    0..q: the rows of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per
+    row). Assumes a row's keys are distinct (topk's are)."""
+    keys = torch.as_tensor(np.asarray(keys).astype(np.int32) if isinstance(keys, np.ndarray) else keys)
+    probs = torch.as_tensor(probs).float().clamp(min=0)
     block = probs.shape[-2]
     keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
     probs = torch.where(keys < keys_per_query.unsqueeze(-1), probs, 0)  # keys above the diagonal place nothing
@@ -396,4 +393,4 @@ def sparse_attention(keys: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Ten
     empty = keys_per_query - (probs != 0).sum(-1)  # causal keys that get the fill
     fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
     total = (kept_mass + empty * fill).clamp(min=1e-30)
-    return keys, probs / total.unsqueeze(-1), fill / total
+    return keys.int(), probs / total.unsqueeze(-1), fill / total

@@ -298,12 +298,13 @@ class Attention:
         return {matrix: codecs.decode_attention(roles, encoding) for matrix, roles in self.by_matrix(stored).items()}
 
     def decode_sparse(self, stored, attrs):
-        """topk: the arrays as stored, as tensors under their stored names (the losses read them
-        sparsely, codecs.sparse_attention); other encodings: decoded rows, as `decode`."""
+        """topk: each matrix decoded as `{matrix}_{role}` for role in codecs.SPARSE_ROLES (its rows as
+        K entries and a fill value, codecs.sparse_attention); other encodings: decoded rows, as `decode`."""
         if attribute(attrs, "attention_encoding") != "topk":
             return self.decode(stored, attrs)
         return {f"{matrix}_{role}": tensor for matrix, roles in self.by_matrix(stored).items()
-                for role, tensor in codecs.stored_topk_attention(roles).items()}
+                for role, tensor in zip(codecs.SPARSE_ROLES,
+                                        codecs.sparse_attention(roles[codecs.KEYS], roles[codecs.PROBS]))}
 
     @staticmethod
     def by_matrix(stored) -> dict[str, dict]:
@@ -354,8 +355,8 @@ def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None,
     for encodings that store ids and values together (sqd).
     Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
     `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
-    sparse_attention: topk attention arrays stay as stored, under their stored names
-    (Attention.decode_sparse): the training losses read them without building T × T rows.
+    sparse_attention: topk attention decoded as K entries and a fill value per row
+    (Attention.decode_sparse): the training losses read those without building T × T rows.
     """
     attrs = attrs or {}
     out = {}

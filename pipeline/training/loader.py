@@ -30,7 +30,7 @@ from pipeline.targets.reader import TargetsStore
 
 class BlockStream(IterableDataset):
     """Yields dicts: input_ids (T,) int64, row () int64, and decoded target arrays for that row
-    (topk attention arrays as stored: format.decode_rows(..., sparse_attention=True)).
+    (topk attention as K entries and a fill value per row: format.decode_rows(..., sparse_attention=True)).
 
     targets: a targets store over the same split, or a list of them (one per teacher; they must share
     rows_per_shard), or None for tokens only. Arrays of store i are keyed fmt.teacher_key(name, i).
@@ -189,7 +189,7 @@ class BlockStream(IterableDataset):
             positions = self.alignment[start:stop]  # (R, T)
             targets = stores[0].read_positions(positions, self.target_names[0])
             return {ALIGNED: torch.from_numpy(positions >= 0), **targets}
-        # topk attention stays as stored: the objective reads it sparsely (Objective.teacher_attention).
+        # topk attention as K entries + a fill per row: no T × T rows (Objective.teacher_attention).
         return {fmt.teacher_key(name, i): t for i, (store, names) in enumerate(zip(stores, self.target_names))
                 for name, t in store.decode(store.read_rows(start, stop, names), sparse_attention=True).items()}
 

@@ -142,14 +142,13 @@ class Objective:
         return losses.minilm_loss(attentions[s - 1], self.teacher_attention(batch, t), value_states.get(s), relation)
 
     def teacher_attention(self, batch: dict, layer: int, kind: str = "attention"):
-        """The teacher's rows of one stored matrix for this batch: decoded (B, H, T, T) as the batch
-        holds them, or, for a topk store (format.decode_rows(..., sparse_attention=True)),
-        losses.SparseRows built from the stored keys and probabilities (no T × T matrix)."""
+        """The teacher's rows of one stored matrix for this batch: decoded (B, H, T, T), or, from a topk
+        store (format.decode_rows(..., sparse_attention=True)), losses.SparseRows (no T × T matrix)."""
         matrix = fmt.attention_array(layer, kind)
         if matrix in batch:
             return batch[matrix]
-        return losses.SparseRows(*codecs.sparse_attention(batch[f"{matrix}_{codecs.KEYS}"],
-                                                          batch[f"{matrix}_{codecs.PROBS}"]))
+        keys, values, fill = (batch[f"{matrix}_{role}"] for role in codecs.SPARSE_ROLES)
+        return losses.SparseRows(keys.long(), values, fill)
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
