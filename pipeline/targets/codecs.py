@@ -384,7 +384,7 @@ def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Row q holds values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key
     0..q: the rows of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per
     row). Assumes a row's keys are distinct (topk's are)."""
-    keys = torch.as_tensor(np.asarray(keys).astype(np.int32) if isinstance(keys, np.ndarray) else keys)
+    keys = torch.as_tensor(np.asarray(keys, dtype=np.int32))  # uint16 as stored: no torch ops on it
     probs = torch.as_tensor(probs).float().clamp(min=0)
     block = probs.shape[-2]
     keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
@@ -393,4 +393,4 @@ def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     empty = keys_per_query - (probs != 0).sum(-1)  # causal keys that get the fill
     fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
     total = (kept_mass + empty * fill).clamp(min=1e-30)
-    return keys.int(), probs / total.unsqueeze(-1), fill / total
+    return keys, probs / total.unsqueeze(-1), fill / total
