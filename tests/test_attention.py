@@ -207,3 +207,113 @@ def test_format_md_numpy_reader_agrees_with_decode(encoding, tmp_path):
     expected = fmt.decode_rows(stored, identity)[fmt.attention_array(1)]
     got = scope["read_attention"](group, "attention_layer_1", slice(None))
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- The training path: topk rows as SparseRows, losses without a dense teacher, batches as stored ---
+
+def causal_rows(scores):
+    T = scores.shape[-1]
+    return torch.softmax(scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
+
+
+def stored_topk(teacher, top_k):
+    """Stored topk arrays of `teacher`, with some kept probabilities zeroed (they get the fill, like
+    float16 underflow) and row 0 of head 0 made a row whose kept mass is over 1 (no fill)."""
+    stored = codecs.encode_attention(teacher, "topk", top_k)
+    stored[codecs.PROBS][:, :, 5, -1] = 0
+    stored[codecs.PROBS][0, 0, -1, 0] = 1.5
+    return stored
+
+
+def sparse_rows(stored):
+    keys, values, fill = codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS])
+    return losses.SparseRows(keys.long(), values, fill)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 9, 12])
+def test_sparse_rows_are_the_decoded_rows(top_k):
+    torch.manual_seed(3)
+    stored = stored_topk(causal_rows(3 * torch.randn(2, 3, 9, 9)), top_k)
+    rows = sparse_rows(stored)
+    expected = codecs.decode_attention(stored, "topk")
+    torch.testing.assert_close(rows.dense(), expected, atol=1e-7, rtol=1e-6)  # float rounding only
+    assert float(rows.fill[0, 0, -1]) == 0.0  # kept mass over 1: renormalised, nothing filled
+
+
+@pytest.mark.parametrize("loss", [losses.attention_mse, losses.attention_kl])
+@pytest.mark.parametrize("top_k", [2, 9])
+def test_losses_on_sparse_rows_equal_their_dense_definition_and_gradients(loss, top_k):
+    torch.manual_seed(4)
+    rows = sparse_rows(stored_topk(causal_rows(3 * torch.randn(2, 3, 9, 9)), top_k))
+    scores = (4 * torch.randn(2, 3, 9, 9)).requires_grad_()
+    with torch.no_grad():
+        scores[0, 1, 6, 2] = -80.0  # a student probability below TINY: clamped in the log, no gradient
+    values, gradients = [], []
+    for teacher in (rows, rows.dense()):
+        student = causal_rows(scores)
+        student.retain_grad()
+        value = loss(student, teacher)
+        value.backward()
+        values.append(value.detach())
+        gradients += [student.grad, scores.grad.clone()]
+        scores.grad = None
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gradients[0], gradients[2], rtol=1e-5, atol=1e-7)  # wrt the weights
+    torch.testing.assert_close(gradients[1], gradients[3], rtol=1e-5, atol=1e-7)  # wrt the scores
+    # And in float64, by its definition over the decoded rows (no clamps bite but the one above).
+    student, dense = causal_rows(scores.detach().double()), rows.dense().double()
+    if loss is losses.attention_mse:
+        expected = (student - dense).pow(2).sum(-1).mean()
+    else:
+        ratio = dense.clamp(min=losses.attention.TINY).log() - student.clamp(min=losses.attention.TINY).log()
+        expected = torch.where(dense > 0, dense * ratio, 0).sum(-1).mean()
+    assert float(values[0]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_minilm_value_relations_on_sparse_rows_equal_the_dense_loss_and_gradients():
+    torch.manual_seed(7)
+    attention = sparse_rows(stored_topk(causal_rows(3 * torch.randn(2, 3, 9, 9)), 3))
+    relation = sparse_rows(stored_topk(losses.value_relation(torch.randn(2, 9, 12), 3), 3))
+    student = causal_rows(torch.randn(2, 3, 9, 9))
+    values = torch.randn(2, 9, 6)
+    values[0, 4] *= 40  # relation probabilities below TINY: clamped, no gradient
+    results = []
+    for teachers in ((attention, relation), (attention.dense(), relation.dense())):
+        leaf = values.clone().requires_grad_()
+        loss = losses.minilm_loss(student, teachers[0], leaf, teachers[1])
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_rows_against_another_head_count_are_written_out():
+    torch.manual_seed(5)
+    rows = sparse_rows(stored_topk(causal_rows(torch.randn(1, 4, 7, 7)), 3))
+    student = causal_rows(torch.randn(1, 2, 7, 7))
+    for loss in (losses.attention_mse, losses.attention_kl):
+        assert float(loss(student, rows)) == float(loss(student, rows.dense()))
+
+
+@pytest.mark.parametrize("encoding", ["topk", "q8", "fp16"])
+def test_objective_reads_attention_as_stored_and_as_decoded_alike(teacher_dir, tiny_tokens, tmp_path, encoding):
+    from pipeline.training.objective import Objective
+
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", attention_encoding=encoding, attention_top_k=3)
+    raw = store.read_rows(0, 4, [n for n in store.array_names() if "_layer_" in n and "hidden" not in n])
+    stored, decoded = store.decode(raw, sparse_attention=True), store.decode(raw)
+    if encoding == "topk":  # K entries and a fill value per row, no decoded matrix
+        assert set(stored) == {f"{m}_{role}" for m in decoded for role in codecs.SPARSE_ROLES}
+        assert all(stored[f"{m}_values"].shape[-1] == 3 for m in decoded)
+    else:
+        assert stored.keys() == decoded.keys()
+    torch.manual_seed(6)
+    T = tiny_tokens.block_size
+    attentions = [causal_rows(torch.randn(4, 2, T, T)) for _ in range(2)]
+    values = {2: torch.randn(4, T, 32)}
+    for kind in ("tinybert", "minilm"):
+        objective = Objective(vocab_size=10, attention_loss=kind, attention_pairs=[(1, 1), (2, 2)],
+                              relation_heads=2 if kind == "minilm" else 0)
+        got = objective.attention_term(attentions, values, stored)
+        expected = objective.attention_term(attentions, values, decoded)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

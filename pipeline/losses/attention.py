@@ -1,18 +1,122 @@
 """Attention losses: TinyBERT's per-head attention MSE, MiniLM's attention and value-relation KL.
 
 Shapes: B rows, H heads, T tokens (a causal T × T matrix per head: row q is a distribution over keys
-0..q), D value width, R relation heads. Teacher matrices come from the store decoded (rows sum to 1);
-the student's are its own softmax outputs. Every loss averages over B, heads and the T query rows.
+0..q), D value width, R relation heads, K kept keys per row. Teacher matrices come from the store
+decoded (rows sum to 1), either dense or as SparseRows (the topk encoding: K entries and one fill value
+per row); the student's are its own softmax outputs, zero above the diagonal. Every loss averages over
+B, heads and the T query rows. On SparseRows a loss expands its sum over keys into the K kept entries
+plus a closed form for the fill, so no teacher T × T matrix is built; it equals the dense definition
+(the `dense()` rows) up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 # A student probability that underflowed to 0 under a teacher with mass there: log of this, not −inf.
 TINY = 1e-12
+LOG_TINY = float(torch.tensor(TINY).log())  # its float32 log: max(log s, LOG_TINY) = log max(s, TINY)
+
+
+class SparseRows(NamedTuple):
+    """Causal teacher rows (codecs.sparse_attention): row q holds values[q, j] at keys[q, j] where
+    values[q, j] > 0 (distinct keys ≤ q), and fill[q] at every other key 0..q."""
+
+    keys: torch.Tensor    # (B, H, T, K) int64
+    values: torch.Tensor  # (B, H, T, K) float32, 0 where nothing is kept
+    fill: torch.Tensor    # (B, H, T) float32
+
+    def dense(self) -> torch.Tensor:
+        """(B, H, T, T) float32: the same rows written out."""
+        rows = torch.where(causal_mask(self.fill.shape[-1], self.fill.device), self.fill.unsqueeze(-1), 0.0)
+        # Unkept entries write back what is there, so only the kept keys change.
+        return rows.scatter(-1, self.keys, torch.where(self.values > 0, self.values, rows.gather(-1, self.keys)))
+
+    def above_fill(self) -> torch.Tensor:
+        """(B, H, T, K): each kept value minus the fill (0 where nothing is kept)."""
+        return torch.where(self.values > 0, self.values - self.fill.unsqueeze(-1), 0.0)
+
+
+def heads(attention) -> int:
+    """H of a dense (B, H, T, T) stack or of SparseRows."""
+    return attention.fill.shape[1] if isinstance(attention, SparseRows) else attention.shape[1]
+
+
+def xlogx(x: torch.Tensor) -> torch.Tensor:
+    """x · log x with attention_kl's guards: 0 where x = 0, log clamped at TINY."""
+    return torch.where(x > 0, x * torch.log(x.clamp(min=TINY)), 0.0)
+
+
+def causal_mask(T: int, device, dtype=torch.bool) -> torch.Tensor:
+    """(T, T): 1 on and below the diagonal (the keys 0..q of query q), else 0."""
+    return torch.ones(T, T, dtype=dtype, device=device).tril()
+
+
+# The two losses on SparseRows as autograd Functions with hand-written backward: autograd through the
+# same formulas makes about three times as many passes over the student's B × H × T × T weights, which
+# are most of their cost (masks are multiplied in as floats: broadcast `where`s are several times
+# slower). Row q's teacher is t = fill on keys 0..q, plus `above` at the kept keys.
+
+class SparseMSE(torch.autograd.Function):
+    """Σ_k (s − t)² per row, mean over rows: Σ_k d² with d = s − fill on the causal keys, corrected
+    at the kept keys by (d − above)² − d²."""
+
+    @staticmethod
+    def forward(ctx, student, keys, above, fill):
+        causal = causal_mask(student.shape[-1], student.device, student.dtype)
+        d = torch.addcmul(student, fill.unsqueeze(-1), causal, value=-1)  # (B, H, T, T)
+        at_keys = d.gather(-1, keys)  # (B, H, T, K)
+        rows = (d * d).sum(-1) + ((at_keys - above).square() - at_keys.square()).sum(-1)
+        ctx.save_for_backward(d, keys, above)
+        return rows.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, keys, above = ctx.saved_tensors
+        scale = 2 * grad / d[..., 0].numel()  # of the mean over rows of Σ (s − t)²: 2 (s − t) / rows
+        return (d * scale).scatter_add_(-1, keys, above * -scale), None, None, None
+
+
+class SparseKL(torch.autograd.Function):
+    """Σ_k t (log t − log ŝ) per row over the keys with t > 0, mean over rows, with attention_kl's
+    guard log ŝ = log max(s, TINY) = max(log s, LOG_TINY). The student comes as probabilities s
+    (from_weights) or as log-probabilities log s. own = Σ_k t log t per row (B, H, T)."""
+
+    @staticmethod
+    def forward(ctx, student, keys, above, fill, own, from_weights: bool):
+        causal = causal_mask(student.shape[-1], student.device, student.dtype)
+        # Clamping also makes −inf (log of the zeros above the diagonal) finite before the mask.
+        log_student = student.clamp(min=TINY).log_() if from_weights else student.clamp(min=LOG_TINY)
+        # Σ t log ŝ: the fill's part is 0 when the fill is (those keys have t = 0 and are left out).
+        cross = fill * (log_student * causal).sum(-1) + (above * log_student.gather(-1, keys)).sum(-1)
+        ctx.save_for_backward(student, keys, above, fill)
+        ctx.from_weights = from_weights
+        return (own - cross).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, keys, above, fill = ctx.saved_tensors
+        scale = -grad / fill.numel()
+        causal = causal_mask(student.shape[-1], student.device, student.dtype)
+        # d log ŝ / d(input), 0 where the clamp holds: 1/s (1/∞ below TINY), or 1 above LOG_TINY.
+        if ctx.from_weights:
+            slope = torch.where(student >= TINY, student, math.inf).reciprocal_()
+        else:
+            slope = (student >= LOG_TINY).to(student.dtype)
+        out = ((scale * fill).unsqueeze(-1) * causal).mul_(slope)
+        return out.scatter_add_(-1, keys, scale * above * slope.gather(-1, keys)), None, None, None, None, None
+
+
+def sparse_kl(student: torch.Tensor, teacher: SparseRows, from_weights: bool = True) -> torch.Tensor:
+    """attention_kl for SparseRows with the student's head count; student: probabilities, or
+    log-probabilities with from_weights False."""
+    kept = (teacher.values > 0).sum(-1)
+    keys_per_row = torch.arange(1, teacher.fill.shape[-1] + 1, device=kept.device)
+    own = (keys_per_row - kept) * xlogx(teacher.fill) + xlogx(teacher.values).sum(-1)
+    return SparseKL.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill, own, from_weights)
 
 
 def group_heads(attention: torch.Tensor, groups: int) -> torch.Tensor:
@@ -38,26 +142,44 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """TinyBERT: squared error of each head's attention row, summed over keys, mean over B, heads, rows.
 
     Matches attention probabilities (the store holds those), not TinyBERT's pre-softmax scores.
+    teacher: dense (B, H', T, T) or SparseRows (the closed form below needs H' = H, else it is written out).
     """
+    if isinstance(teacher, SparseRows):
+        if heads(teacher) != heads(student):
+            teacher = teacher.dense()
+        else:
+            return SparseMSE.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill)
     student, teacher = match_heads(student.float(), teacher.float())
     return (student - teacher).pow(2).sum(-1).mean()
 
 
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(teacher row ‖ student row) per head and query, mean over B, heads and rows."""
+    """KL(teacher row ‖ student row) per head and query, mean over B, heads and rows.
+    teacher: dense (B, H', T, T) or SparseRows (as in attention_mse)."""
+    if isinstance(teacher, SparseRows):
+        if heads(teacher) != heads(student):
+            teacher = teacher.dense()
+        else:
+            return sparse_kl(student, teacher)
     student, teacher = match_heads(student.float(), teacher.float())
     log_ratio = torch.log(teacher.clamp(min=TINY)) - torch.log(student.clamp(min=TINY))
     return torch.where(teacher > 0, teacher * log_ratio, torch.zeros_like(teacher)).sum(-1).mean()
 
 
-def value_relation(values: torch.Tensor, heads: int) -> torch.Tensor:
-    """MiniLM's value relation, causal: (B, T, D) values → (B, R, T, T) = softmax(V_r V_rᵀ / √(D/R)),
-    each query row over keys 0..q. R = heads relation heads, each D / R wide (any width works)."""
+def relation_scores(values: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLM's value-relation scores, causal: (B, T, D) values → (B, R, T, T) = V_r V_rᵀ / √(D/R) on
+    keys 0..q, −inf above. R = heads relation heads, each D / R wide (any width works)."""
     B, T, D = values.shape
     split = values.float().reshape(B, T, heads, D // heads).transpose(1, 2)  # (B, R, T, D/R)
-    scores = split @ split.transpose(-1, -2) / math.sqrt(D // heads)  # (B, R, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=values.device).triu(1)
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    future = torch.zeros(T, T, device=values.device).masked_fill_(causal_mask(T, values.device).logical_not(),
+                                                                  float("-inf"))
+    # Adding the (T, T) mask in place: a broadcast masked_fill over B × R × T × T is several times slower.
+    return (split @ split.transpose(-1, -2)).div_(math.sqrt(D // heads)).add_(future)
+
+
+def value_relation(values: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLM's value relation: softmax of relation_scores, each query row over keys 0..q."""
+    return torch.softmax(relation_scores(values, heads), dim=-1)
 
 
 def minilm_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor,
@@ -70,8 +192,11 @@ def minilm_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor
     count may differ from the teacher's. Without value relations: the attention KL alone.
     """
     loss = attention_kl(student_attention, teacher_attention)
-    if teacher_value_relation is not None:
-        relation = value_relation(student_values, teacher_value_relation.shape[1])
+    if isinstance(teacher_value_relation, SparseRows):  # log_softmax: no softmax, clamp and log over T × T
+        relation = torch.log_softmax(relation_scores(student_values, heads(teacher_value_relation)), dim=-1)
+        loss = loss + sparse_kl(relation, teacher_value_relation, from_weights=False)
+    elif teacher_value_relation is not None:
+        relation = value_relation(student_values, heads(teacher_value_relation))
         loss = loss + attention_kl(relation, teacher_value_relation)
     return loss
 

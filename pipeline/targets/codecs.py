@@ -373,3 +373,24 @@ def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     missing = (1 - dense.sum(-1, keepdim=True)).clamp(min=0)  # (..., T, 1)
     dense = torch.where((dense == 0) & causal, missing / empty, dense)
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+SPARSE_ROLES = ("keys", "values", "fill")  # what sparse_attention gives, in order
+
+
+def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The topk encoding's decoded rows without their T × T matrix: (..., T, K) keys and probabilities
+    as stored (arrays or tensors) → (keys int32, values (..., T, K) float32, fill (..., T) float32).
+    Row q holds values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key
+    0..q: the rows of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per
+    row). Assumes a row's keys are distinct (topk's are)."""
+    keys = torch.as_tensor(np.asarray(keys, dtype=np.int32))  # uint16 as stored: no torch ops on it
+    probs = torch.as_tensor(probs).float().clamp(min=0)
+    block = probs.shape[-2]
+    keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
+    probs = torch.where(keys < keys_per_query.unsqueeze(-1), probs, 0)  # keys above the diagonal place nothing
+    kept_mass = probs.sum(-1)  # (..., T)
+    empty = keys_per_query - (probs != 0).sum(-1)  # causal keys that get the fill
+    fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
+    total = (kept_mass + empty * fill).clamp(min=1e-30)
+    return keys, probs / total.unsqueeze(-1), fill / total

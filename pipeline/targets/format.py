@@ -294,12 +294,26 @@ class Attention:
                 for role, array in codecs.encode_attention(targets[matrix], encoding, top_k).items()}
 
     def decode(self, stored, attrs):
-        by_matrix: dict[str, dict] = {}
+        encoding = attribute(attrs, "attention_encoding")
+        return {matrix: codecs.decode_attention(roles, encoding) for matrix, roles in self.by_matrix(stored).items()}
+
+    def decode_sparse(self, stored, attrs):
+        """topk: each matrix decoded as `{matrix}_{role}` for role in codecs.SPARSE_ROLES (its rows as
+        K entries and a fill value, codecs.sparse_attention); other encodings: decoded rows, as `decode`."""
+        if attribute(attrs, "attention_encoding") != "topk":
+            return self.decode(stored, attrs)
+        return {f"{matrix}_{role}": tensor for matrix, roles in self.by_matrix(stored).items()
+                for role, tensor in zip(codecs.SPARSE_ROLES,
+                                        codecs.sparse_attention(roles[codecs.KEYS], roles[codecs.PROBS]))}
+
+    @staticmethod
+    def by_matrix(stored) -> dict[str, dict]:
+        """{`{matrix}_{role}`: array} → {matrix: {role: array}}."""
+        found: dict[str, dict] = {}
         for name, array in stored.items():
             matrix, _, role = name.rpartition("_")
-            by_matrix.setdefault(matrix, {})[role] = array
-        encoding = attribute(attrs, "attention_encoding")
-        return {matrix: codecs.decode_attention(roles, encoding) for matrix, roles in by_matrix.items()}
+            found.setdefault(matrix, {})[role] = array
+        return found
 
     def owns(self, name: str) -> bool:
         return name.startswith(tuple(f"{kind}_layer_" for kind in ATTENTION_KINDS))
@@ -333,20 +347,24 @@ def encode_targets(targets: dict[str, torch.Tensor], identity: dict) -> dict[str
             for name, array in signal.encode(targets, identity).items()}
 
 
-def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None) -> dict[str, torch.Tensor]:
+def decode_rows(stored: dict[str, np.ndarray], attrs: dict | None = None,
+                sparse_attention: bool = False) -> dict[str, torch.Tensor]:
     """Encoded arrays → float32 / int64 tensors, same names.
 
     attrs: the store's attributes (`TargetsStore.attrs`); needed for bit-packed ids (V > 65 536) and
     for encodings that store ids and values together (sqd).
     Top-k arrays are decoded together: an encoding's parameter array (`topk_logprobs_{name}`) and
     `topk_count` must be passed along with `topk_logprobs` and are consumed, not returned.
+    sparse_attention: topk attention decoded as K entries and a fill value per row
+    (Attention.decode_sparse): the training losses read those without building T × T rows.
     """
     attrs = attrs or {}
     out = {}
     for signal in SIGNALS.values():
         mine = {name: array for name, array in stored.items() if signal.owns(name)}
         if mine:
-            out.update(signal.decode(mine, attrs))
+            decode = signal.decode_sparse if sparse_attention and isinstance(signal, Attention) else signal.decode
+            out.update(decode(mine, attrs))
     for name, array in stored.items():  # arrays of no signal (e.g. hidden bases): plain floats
         if not any(signal.owns(name) for signal in SIGNALS.values()):
             out[name] = torch.from_numpy(np.asarray(array, dtype=np.float32))

@@ -96,9 +96,9 @@ class TargetsStore:
     def array_names(self) -> list[str]:
         return fmt.array_names(self.attrs)
 
-    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def decode(self, stored: dict[str, np.ndarray], sparse_attention: bool = False) -> dict[str, torch.Tensor]:
         """Arrays read from this store (read_rows) → tensors (see format.decode_rows)."""
-        return fmt.decode_rows(stored, self.attrs)
+        return fmt.decode_rows(stored, self.attrs, sparse_attention)
 
     def check_compatible(self, tokens, split: str = "train", vocab_size: int | None = None,
                          layers=()) -> None:

@@ -2,7 +2,8 @@
 
 Each epoch visits shards in a seeded permutation; shards are dealt round-robin to (rank, worker)
 pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memory is a few shards per
-worker, whatever the corpus size. Decoding runs in the DataLoader workers.
+worker, whatever the corpus size. Reading and decoding run in a thread one shard ahead of the rows
+being yielded (in each DataLoader worker, if there are workers).
 
 The row order depends only on the seeds, never on the data, so it is computed without I/O. That is
 what makes an exact resume cheap: `start_epoch(epoch, batches_done, ...)` skips the batches already
@@ -12,6 +13,7 @@ trained on and reads only the shards that still have rows to give.
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -27,7 +29,8 @@ from pipeline.targets.reader import TargetsStore
 
 
 class BlockStream(IterableDataset):
-    """Yields dicts: input_ids (T,) int64, row () int64, and decoded target arrays for that row.
+    """Yields dicts: input_ids (T,) int64, row () int64, and decoded target arrays for that row
+    (topk attention as K entries and a fill value per row: format.decode_rows(..., sparse_attention=True)).
 
     targets: a targets store over the same split, or a list of them (one per teacher; they must share
     rows_per_shard), or None for tokens only. Arrays of store i are keyed fmt.teacher_key(name, i).
@@ -147,23 +150,38 @@ class BlockStream(IterableDataset):
             return
         tokens = TokenStore(self.tokens_path)
         stores = [TargetsStore(t) for t in self.targets_paths]
+        workers = max(1, num_workers)
+        # Shards in the order their first remaining row is due. One thread reads them, each while the
+        # shard before it is trained on, so reading and decoding overlap the step (one shard ahead).
+        due = list(dict.fromkeys(row // self.rows_per_shard for n, row in enumerate(self.row_order(worker, workers))
+                                 if n >= skip))
+        following = dict(zip(due, due[1:]))
         given: dict[int, int] = {}  # shard index -> rows of it skipped or yielded so far
         decoded: dict[int, dict] = {}  # shard index -> its decoded rows, while some are still due
-        for n, row in enumerate(self.row_order(worker, max(1, num_workers))):
-            shard = row // self.rows_per_shard
-            start, stop = self.shards[shard]
-            given[shard] = given.get(shard, 0) + 1
-            done = given[shard] == stop - start
-            if done:
-                del given[shard]
-            if n < skip:  # trained on before the resume: no I/O for it
-                continue
-            if shard not in decoded:  # read a shard when its first remaining row is due
-                decoded[shard] = {**tokens.rows(self.split, start, stop), **self.read_targets(stores, start, stop)}
-            yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
-            if done:
-                del decoded[shard]  # all its rows are out: let the shard go
+        reading: dict[int, Future] = {}  # shard index -> its read, started ahead
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            for n, row in enumerate(self.row_order(worker, workers)):
+                shard = row // self.rows_per_shard
+                start, stop = self.shards[shard]
+                given[shard] = given.get(shard, 0) + 1
+                done = given[shard] == stop - start
+                if done:
+                    del given[shard]
+                if n < skip:  # trained on before the resume: no I/O for it
+                    continue
+                if shard not in decoded:  # its first remaining row is due
+                    read = reading.pop(shard, None) or reader.submit(self.read_shard, tokens, stores, shard)
+                    decoded[shard] = read.result()
+                    if shard in following:
+                        reading[following[shard]] = reader.submit(self.read_shard, tokens, stores, following[shard])
+                yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
+                if done:
+                    del decoded[shard]  # all its rows are out: let the shard go
 
+    def read_shard(self, tokens: TokenStore, stores: list[TargetsStore], shard: int) -> dict[str, torch.Tensor]:
+        """Tokens and decoded targets of one shard's rows."""
+        start, stop = self.shards[shard]
+        return {**tokens.rows(self.split, start, stop), **self.read_targets(stores, start, stop)}
 
     def read_targets(self, stores: list[TargetsStore], start: int, stop: int) -> dict[str, torch.Tensor]:
         """The decoded targets of rows [start, stop): the stores' same rows, or the aligned positions."""
@@ -171,8 +189,9 @@ class BlockStream(IterableDataset):
             positions = self.alignment[start:stop]  # (R, T)
             targets = stores[0].read_positions(positions, self.target_names[0])
             return {ALIGNED: torch.from_numpy(positions >= 0), **targets}
+        # topk attention as K entries + a fill per row: no T × T rows (Objective.teacher_attention).
         return {fmt.teacher_key(name, i): t for i, (store, names) in enumerate(zip(stores, self.target_names))
-                for name, t in store.decode(store.read_rows(start, stop, names)).items()}
+                for name, t in store.decode(store.read_rows(start, stop, names), sparse_attention=True).items()}
 
 
 def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -21,6 +21,7 @@ from pipeline.config import SCHEDULED
 from pipeline.data.alignment import ALIGNED
 from pipeline.models import ValueStates
 from pipeline.schedules import Schedule
+from pipeline.targets import codecs
 from pipeline.targets import format as fmt
 from pipeline.tasks import CAUSAL
 
@@ -134,11 +135,20 @@ class Objective:
         """tinybert: mean attention MSE over the block pairs; minilm: the last pair's attention KL
         (+ value-relation KL). attentions: the student's, one (B, H, T, T) per block."""
         if self.attention_loss == "tinybert":
-            return torch.stack([losses.attention_mse(attentions[s - 1], batch[fmt.attention_array(t)])
+            return torch.stack([losses.attention_mse(attentions[s - 1], self.teacher_attention(batch, t))
                                 for s, t in self.attention_pairs]).mean()
         s, t = self.attention_pairs[-1]
-        relation = batch[fmt.attention_array(t, "value_relation")] if self.uses_value_relations() else None
-        return losses.minilm_loss(attentions[s - 1], batch[fmt.attention_array(t)], value_states.get(s), relation)
+        relation = self.teacher_attention(batch, t, "value_relation") if self.uses_value_relations() else None
+        return losses.minilm_loss(attentions[s - 1], self.teacher_attention(batch, t), value_states.get(s), relation)
+
+    def teacher_attention(self, batch: dict, layer: int, kind: str = "attention"):
+        """The teacher's rows of one stored matrix for this batch: decoded (B, H, T, T), or, from a topk
+        store (format.decode_rows(..., sparse_attention=True)), losses.SparseRows (no T × T matrix)."""
+        matrix = fmt.attention_array(layer, kind)
+        if matrix in batch:
+            return batch[matrix]
+        keys, values, fill = (batch[f"{matrix}_{role}"] for role in codecs.SPARSE_ROLES)
+        return losses.SparseRows(keys.long(), values, fill)
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
