@@ -44,6 +44,9 @@ def main():
     parser.add_argument("--params", default="params.masked.yaml")
     parser.add_argument("--work", default="/tmp/masked-bench")
     parser.add_argument("--steps", type=int, default=0, help="student steps (0: the profile's)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="student seeds (default: the profile's); each extra seed trains the four students "
+                             "again as NAME_seedS, and the means over seeds are printed")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
     work = Path(args.work)
@@ -59,10 +62,13 @@ def main():
                                        str(targets_dir)))
     student = section(StudentConfig, params["student"], eval_every=0,
                       **({"max_steps": args.steps} if args.steps else {}))
-    runs = {"kd_init": student,
-            "mlm_init": replace(student, alpha=1.0, cosine=0.0),
-            "kd_random": replace(student, init_from_teacher=""),
-            "ce_random": replace(student, alpha=1.0, cosine=0.0, init_from_teacher="")}
+    kinds = {"kd_init": student,
+             "mlm_init": replace(student, alpha=1.0, cosine=0.0),
+             "kd_random": replace(student, init_from_teacher=""),
+             "ce_random": replace(student, alpha=1.0, cosine=0.0, init_from_teacher="")}
+    seeds = args.seeds or [student.seed]
+    runs = {name if seed == seeds[0] else f"{name}_seed{seed}": replace(config, seed=seed)
+            for seed in seeds for name, config in kinds.items()}
     for name, config in runs.items():
         if not (work / name / "kdcache.json").exists():
             distils = config.alpha < 1.0 or config.cosine > 0
@@ -81,6 +87,13 @@ def main():
     for name, m in metrics.items():
         print(f"{name:>10} {m['val_loss']:11.4f} {m['accuracy']:9.4f} {m['top1_agreement']:9.4f} {m['ece']:7.4f} "
               f"{m['params']:10,}")
+    if len(seeds) > 1:
+        print(f"\nmeans over seeds {seeds} (min..max):")
+        for kind in kinds:
+            runs_of_kind = [metrics[name] for name in runs if name == kind or name.startswith(f"{kind}_seed")]
+            for key in ("val_loss", "accuracy", "top1_agreement"):
+                values = [m[key] for m in runs_of_kind]
+                print(f"  {kind:>10} {key:>15} {sum(values) / len(values):.4f} ({min(values):.4f}..{max(values):.4f})")
     summary = summarize(TargetsStore(targets_dir))
     block = tokens.block_size
     per_row = {name: bpt * block for name, bpt in summary["arrays"].items()}
