@@ -8,12 +8,20 @@ pre-training on the train split's text, then --teacher-steps on the labels) → 
   kd_lstm / ce_lstm   a BiLSTM classifier (--arch lstm), the same two ways
   kd_bert_tau{t}      the KD BERT at training temperatures t (no recapture: the store holds every class)
 
+With --teacher-model DIR the teacher is that pretrained model instead (any AutoModelForSequenceClassification
+base: an encoder, or a decoder such as SmolLM2), fine-tuned with a new head for --teacher-steps (`teacher
+--model DIR --finetune`); the tokens use its tokenizer. --train-rows keeps the first N training rows (a
+mix of every label: rows are ordered by content hash) to bound a slow teacher's fine-tuning and capture.
+--seeds trains every student once per seed; the table then gives each seed and the mean ± spread (max − min).
+
 Printed side by side: accuracy, macro-F1, ECE, agreement with the teacher, parameters, bytes on disk,
 CPU latency per example (one example, batch 1, models timed in interleaved rounds; the machine may be
 shared), the KD/CE ratios per student kind, the teacher/BiLSTM latency ratio, and the store's bytes
 per row by array. Everything is written under --work (re-running reuses nothing: a fresh run).
 
   python benchmarks/classification.py --work /tmp/cls-bench
+  python benchmarks/classification.py --work /tmp/cls-real --block-size 64 --teacher-model /work/rq-smollm2/smollm2 \
+      --teacher-steps 120 --teacher-batch 8 --teacher-lr 5e-5 --train-rows 2000 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import CacheConfig, EvaluateConfig, PrepareConfig, StudentConfig, TeacherConfig
-from pipeline.data.tokens import prepare_tokens
+from pipeline.data.tokens import TokenStore, prepare_tokens, write_token_store
 from pipeline.evaluate import run_evaluate
 from pipeline.student import run_student
 from pipeline.teacher.capture import run_capture
@@ -42,6 +51,21 @@ def store_bytes_per_row(path: Path, rows: int) -> dict[str, float]:
     return sizes
 
 
+def first_train_rows(tokens: TokenStore, rows: int, out: Path) -> TokenStore:
+    """A classification token store of `tokens`' first `rows` training rows and its whole validation split."""
+    keep = {"train": rows, "validation": tokens.num_rows("validation")}
+    blocks = {split: tokens.blocks(split)[:n] for split, n in keep.items()}
+    columns = {split: {name: tokens.column(split, name)[:n] for name in tokens.task.columns} for split, n in keep.items()}
+    counts = {split: np.bincount(columns[split]["labels"], minlength=len(tokens.label_names)).tolist() for split in keep}
+    return write_token_store(out, tokens, blocks, {"source": str(tokens.path), "train_rows": rows}, columns,
+                             task="classification", label_names=tokens.label_names, label_counts=counts,
+                             pad_id=tokens.meta["pad_id"])
+
+
+def spread(values) -> str:
+    return f"{np.mean(values):.4f} ± {np.ptp(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/cls-bench")
@@ -49,6 +73,12 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--teacher-shape", type=int, nargs=3, default=(4, 128, 4), metavar=("L", "D", "H"))
     parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--teacher-model", default="", help="pretrained model directory or hub id to fine-tune "
+                        "as the teacher (its tokenizer prepares the tokens); empty: the default BERT")
+    parser.add_argument("--teacher-batch", type=int, default=32)
+    parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--train-rows", type=int, default=0, help="keep the first N training rows (0: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=(0,), help="student seeds (each student per seed)")
     parser.add_argument("--mlm-steps", type=int, default=600, help="teacher masked-LM pre-training steps")
     parser.add_argument("--student-shape", type=int, nargs=3, default=(2, 64, 2), metavar=("L", "D", "H"))
     parser.add_argument("--lstm-shape", type=int, nargs=2, default=(1, 64), metavar=("L", "D"))
@@ -62,19 +92,30 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    tokens = prepare_tokens(PrepareConfig(task="classification", vocab_size=args.vocab_size,
+    tokens = prepare_tokens(PrepareConfig(task="classification", vocab_size=args.vocab_size, tokenizer=args.teacher_model,
                                           block_size=args.block_size, val_fraction=0.1), work / "tokens")
+    if args.train_rows:
+        tokens = first_train_rows(tokens, args.train_rows, work / "tokens_subset")
     L, D, H = args.teacher_shape
-    materialise_teacher(TeacherConfig(n_layer=L, n_embd=D, n_head=H, max_steps=args.teacher_steps, batch_size=32,
-                                      lr=1e-3, warmup_steps=50, mlm_steps=args.mlm_steps), str(tokens.path), str(work / "teacher"))
+    teacher = dict(max_steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr)
+    if args.teacher_model:  # a pretrained model: fine-tuned with a new head, no masked-LM pre-training
+        teacher.update(model=args.teacher_model, finetune=True, warmup_steps=max(1, args.teacher_steps // 10))
+    else:
+        teacher.update(n_layer=L, n_embd=D, n_head=H, mlm_steps=args.mlm_steps, warmup_steps=50)
+    materialise_teacher(TeacherConfig(**teacher), str(tokens.path), str(work / "teacher"))
     store = run_capture(CacheConfig(batch_size=64), str(work / "teacher"), str(tokens.path), str(work / "targets.zarr"))
 
     L, D, H = args.student_shape
     common = dict(max_steps=args.steps, batch_size=32, lr=2e-3, warmup_steps=30)
     bert = dict(n_layer=L, n_embd=D, n_head=H, **common)
     lstm = dict(arch="lstm", n_layer=args.lstm_shape[0], n_embd=args.lstm_shape[1], n_head=1, **common)
-    runs = {"kd_bert": StudentConfig(alpha=args.alpha, **bert), "ce_bert": StudentConfig(alpha=1.0, **bert),
-            "kd_lstm": StudentConfig(alpha=args.alpha, **lstm), "ce_lstm": StudentConfig(alpha=1.0, **lstm)}
+    runs = {}
+    for seed in args.seeds:  # the first seed's students keep the plain names
+        tag = "" if seed == args.seeds[0] else f"_s{seed}"
+        runs.update({f"kd_bert{tag}": StudentConfig(alpha=args.alpha, seed=seed, **bert),
+                     f"ce_bert{tag}": StudentConfig(alpha=1.0, seed=seed, **bert),
+                     f"kd_lstm{tag}": StudentConfig(alpha=args.alpha, seed=seed, **lstm),
+                     f"ce_lstm{tag}": StudentConfig(alpha=1.0, seed=seed, **lstm)})
     for tau in args.temperatures:
         if tau != 1.0:  # tau 1 is kd_bert (the capture temperature)
             runs[f"kd_bert_tau{tau:g}"] = StudentConfig(alpha=args.alpha, temperature=tau, **bert)
@@ -86,17 +127,27 @@ def main():
                           str(work / "metrics.json"))
     metrics = result["models"]
     print(f"\n{result['validation_examples']} validation examples, {len(tokens.label_names)} labels, "
-          f"{tokens.num_rows('train')} training rows, students {args.steps} steps\n")
+          f"{tokens.num_rows('train')} training rows, students {args.steps} steps, seeds {list(args.seeds)}\n")
     print(f"{'model':>14} {'accuracy':>9} {'macro_f1':>9} {'ece':>7} {'agree':>7} {'params':>9} "
           f"{'disk_bytes':>11} {'ms/example':>11}")
     for name, m in metrics.items():
         print(f"{name:>14} {m['accuracy']:9.4f} {m['macro_f1']:9.4f} {m['ece']:7.4f} {m['top1_agreement']:7.4f} "
               f"{m['params']:9,} {m['disk_bytes']:11,} {m['latency_ms_per_example']:11.3f}")
     print()
+    tags = ["" if seed == args.seeds[0] else f"_s{seed}" for seed in args.seeds]
     for kind in ("bert", "lstm"):
-        kd, ce = metrics[f"kd_{kind}"], metrics[f"ce_{kind}"]
-        print(f"{kind}: KD/CE accuracy {kd['accuracy'] / max(ce['accuracy'], 1e-9):.3f}, "
-              f"macro-F1 {kd['macro_f1'] / max(ce['macro_f1'], 1e-9):.3f}")
+        mean = {}
+        for way in ("kd", "ce"):
+            runs_of = [metrics[f"{way}_{kind}{tag}"] for tag in tags]
+            mean[way] = {key: float(np.mean([m[key] for m in runs_of])) for key in ("accuracy", "macro_f1")}
+            print(f"{way}_{kind} over seeds {list(args.seeds)}: " + ", ".join(
+                f"{key} {spread([m[key] for m in runs_of])}" for key in ("accuracy", "macro_f1", "ece", "top1_agreement")))
+        print(f"{kind}: KD/CE accuracy {mean['kd']['accuracy'] / max(mean['ce']['accuracy'], 1e-9):.3f}, "
+              f"macro-F1 {mean['kd']['macro_f1'] / max(mean['ce']['macro_f1'], 1e-9):.3f} (seed means); "
+              f"KD > CE at {sum(metrics[f'kd_{kind}{t}']['accuracy'] > metrics[f'ce_{kind}{t}']['accuracy'] for t in tags)}"
+              f"/{len(tags)} seeds on accuracy, "
+              f"{sum(metrics[f'kd_{kind}{t}']['macro_f1'] > metrics[f'ce_{kind}{t}']['macro_f1'] for t in tags)}"
+              f"/{len(tags)} on macro-F1")
     teacher_ms = metrics["teacher"]["latency_ms_per_example"]
     print(f"latency teacher / kd_lstm: {teacher_ms / metrics['kd_lstm']['latency_ms_per_example']:.2f}x, "
           f"teacher / kd_bert: {teacher_ms / metrics['kd_bert']['latency_ms_per_example']:.2f}x")
