@@ -11,7 +11,9 @@ pre-training on the train split's text, then --teacher-steps on the labels) → 
 With --teacher-model DIR the teacher is that pretrained model instead (any AutoModelForSequenceClassification
 base: an encoder, or a decoder such as SmolLM2), fine-tuned with a new head for --teacher-steps (`teacher
 --model DIR --finetune`); the tokens use its tokenizer. --train-rows keeps the first N training rows (a
-mix of every label: rows are ordered by content hash) to bound a slow teacher's fine-tuning and capture.
+mix of every label: rows are ordered by content hash) to bound a slow teacher's fine-tuning and capture;
+--heldout-rows then also evaluates on the next rows (held-out chunks of the training files: the
+validation split holds other files, and its labels are skewed).
 --seeds trains every student once per seed; the table then gives each seed and the mean ± spread (max − min).
 
 Printed side by side: accuracy, macro-F1, ECE, agreement with the teacher, parameters, bytes on disk,
@@ -51,19 +53,46 @@ def store_bytes_per_row(path: Path, rows: int) -> dict[str, float]:
     return sizes
 
 
-def first_train_rows(tokens: TokenStore, rows: int, out: Path) -> TokenStore:
-    """A classification token store of `tokens`' first `rows` training rows and its whole validation split."""
-    keep = {"train": rows, "validation": tokens.num_rows("validation")}
-    blocks = {split: tokens.blocks(split)[:n] for split, n in keep.items()}
-    columns = {split: {name: tokens.column(split, name)[:n] for name in tokens.task.columns} for split, n in keep.items()}
-    counts = {split: np.bincount(columns[split]["labels"], minlength=len(tokens.label_names)).tolist() for split in keep}
-    return write_token_store(out, tokens, blocks, {"source": str(tokens.path), "train_rows": rows}, columns,
+def rows_store(tokens: TokenStore, out: Path, parts: dict[str, tuple[str, int, int]]) -> TokenStore:
+    """A classification token store whose splits are row ranges of `tokens`' splits:
+    parts = {"train": (split, start, stop), "validation": (split, start, stop)}."""
+    blocks = {name: tokens.blocks(split)[start:stop] for name, (split, start, stop) in parts.items()}
+    columns = {name: {column: tokens.column(split, column)[start:stop] for column in tokens.task.columns}
+               for name, (split, start, stop) in parts.items()}
+    counts = {name: np.bincount(columns[name]["labels"], minlength=len(tokens.label_names)).tolist() for name in parts}
+    return write_token_store(out, tokens, blocks, {"source": str(tokens.path), "parts": parts}, columns,
                              task="classification", label_names=tokens.label_names, label_counts=counts,
                              pad_id=tokens.meta["pad_id"])
 
 
+def heldout_metrics(work: Path, tokens: TokenStore, start: int, rows: int, names) -> dict:
+    """Metrics of the models under `work` on training rows [start, start + rows) of the full token store:
+    chunks no model trained on, from the same files as the training rows (unlike the validation split,
+    which holds other files)."""
+    store = rows_store(tokens, work / "tokens_heldout", {"train": ("train", 0, 1), "validation": ("train", start, start + rows)})
+    result = run_evaluate(EvaluateConfig(batch_size=64, latency_rounds=1), str(store.path),
+                          {name: str(work / name) for name in names}, str(work / "metrics_heldout.json"))
+    return result["models"]
+
+
 def spread(values) -> str:
     return f"{np.mean(values):.4f} ± {np.ptp(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def print_kd_vs_ce(metrics: dict, tags, seeds) -> None:
+    """Per student kind: each way's mean ± spread over seeds, KD/CE of the means, and at how many seeds KD won."""
+    for kind in ("bert", "lstm"):
+        mean = {}
+        for way in ("kd", "ce"):
+            runs_of = [metrics[f"{way}_{kind}{tag}"] for tag in tags]
+            mean[way] = {key: float(np.mean([m[key] for m in runs_of])) for key in ("accuracy", "macro_f1")}
+            print(f"{way}_{kind} over seeds {list(seeds)}: " + ", ".join(
+                f"{key} {spread([m[key] for m in runs_of])}" for key in ("accuracy", "macro_f1", "ece", "top1_agreement")))
+        wins = {key: sum(metrics[f"kd_{kind}{t}"][key] > metrics[f"ce_{kind}{t}"][key] for t in tags)
+                for key in ("accuracy", "macro_f1")}
+        print(f"{kind}: KD/CE accuracy {mean['kd']['accuracy'] / max(mean['ce']['accuracy'], 1e-9):.3f}, "
+              f"macro-F1 {mean['kd']['macro_f1'] / max(mean['ce']['macro_f1'], 1e-9):.3f} (seed means); KD > CE at "
+              f"{wins['accuracy']}/{len(tags)} seeds on accuracy, {wins['macro_f1']}/{len(tags)} on macro-F1")
 
 
 def main():
@@ -77,7 +106,10 @@ def main():
                         "as the teacher (its tokenizer prepares the tokens); empty: the default BERT")
     parser.add_argument("--teacher-batch", type=int, default=32)
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (initialisation, data order)")
     parser.add_argument("--train-rows", type=int, default=0, help="keep the first N training rows (0: all)")
+    parser.add_argument("--heldout-rows", type=int, default=0, help="with --train-rows: also evaluate on this many "
+                        "training rows after the kept ones (held-out chunks of the training files)")
     parser.add_argument("--seeds", type=int, nargs="+", default=(0,), help="student seeds (each student per seed)")
     parser.add_argument("--mlm-steps", type=int, default=600, help="teacher masked-LM pre-training steps")
     parser.add_argument("--student-shape", type=int, nargs=3, default=(2, 64, 2), metavar=("L", "D", "H"))
@@ -94,10 +126,12 @@ def main():
 
     tokens = prepare_tokens(PrepareConfig(task="classification", vocab_size=args.vocab_size, tokenizer=args.teacher_model,
                                           block_size=args.block_size, val_fraction=0.1), work / "tokens")
+    full = tokens
     if args.train_rows:
-        tokens = first_train_rows(tokens, args.train_rows, work / "tokens_subset")
+        tokens = rows_store(full, work / "tokens_subset", {"train": ("train", 0, args.train_rows),
+                                                          "validation": ("validation", 0, full.num_rows("validation"))})
     L, D, H = args.teacher_shape
-    teacher = dict(max_steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr)
+    teacher = dict(max_steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr, seed=args.teacher_seed)
     if args.teacher_model:  # a pretrained model: fine-tuned with a new head, no masked-LM pre-training
         teacher.update(model=args.teacher_model, finetune=True, warmup_steps=max(1, args.teacher_steps // 10))
     else:
@@ -135,24 +169,18 @@ def main():
               f"{m['params']:9,} {m['disk_bytes']:11,} {m['latency_ms_per_example']:11.3f}")
     print()
     tags = ["" if seed == args.seeds[0] else f"_s{seed}" for seed in args.seeds]
-    for kind in ("bert", "lstm"):
-        mean = {}
-        for way in ("kd", "ce"):
-            runs_of = [metrics[f"{way}_{kind}{tag}"] for tag in tags]
-            mean[way] = {key: float(np.mean([m[key] for m in runs_of])) for key in ("accuracy", "macro_f1")}
-            print(f"{way}_{kind} over seeds {list(args.seeds)}: " + ", ".join(
-                f"{key} {spread([m[key] for m in runs_of])}" for key in ("accuracy", "macro_f1", "ece", "top1_agreement")))
-        print(f"{kind}: KD/CE accuracy {mean['kd']['accuracy'] / max(mean['ce']['accuracy'], 1e-9):.3f}, "
-              f"macro-F1 {mean['kd']['macro_f1'] / max(mean['ce']['macro_f1'], 1e-9):.3f} (seed means); "
-              f"KD > CE at {sum(metrics[f'kd_{kind}{t}']['accuracy'] > metrics[f'ce_{kind}{t}']['accuracy'] for t in tags)}"
-              f"/{len(tags)} seeds on accuracy, "
-              f"{sum(metrics[f'kd_{kind}{t}']['macro_f1'] > metrics[f'ce_{kind}{t}']['macro_f1'] for t in tags)}"
-              f"/{len(tags)} on macro-F1")
+    print_kd_vs_ce(metrics, tags, args.seeds)
     teacher_ms = metrics["teacher"]["latency_ms_per_example"]
     print(f"latency teacher / kd_lstm: {teacher_ms / metrics['kd_lstm']['latency_ms_per_example']:.2f}x, "
           f"teacher / kd_bert: {teacher_ms / metrics['kd_bert']['latency_ms_per_example']:.2f}x")
     per_row = store_bytes_per_row(Path(store.path), store.rows)
     print("store bytes per row: " + ", ".join(f"{k} {v:.1f}" for k, v in per_row.items()))
+    if args.heldout_rows:
+        print(f"\non {args.heldout_rows} held-out training rows (after the first {args.train_rows}):")
+        heldout = heldout_metrics(work, full, args.train_rows, args.heldout_rows, models)
+        for name, m in heldout.items():
+            print(f"{name:>14} accuracy {m['accuracy']:.4f} macro_f1 {m['macro_f1']:.4f} agree {m['top1_agreement']:.4f}")
+        print_kd_vs_ce(heldout, tags, args.seeds)
     (work / "summary.json").write_text(json.dumps({"metrics": metrics, "store_bytes_per_row": per_row}, indent=2))
 
 
