@@ -119,6 +119,19 @@ def check_fits(model, tokens, what: str) -> None:
                            f"re-run prepare with --block-size {limit} or less.")
 
 
+def set_pad_id(model, pad_id: int, new_head: bool, what: str) -> None:
+    """Give a classifier the token store's padding id. Decoder classifiers (Llama, GPT-2, ...) pool the
+    last token that is not config.pad_token_id: unset, they refuse padded batches; another id, they pool
+    a pad. A new head follows the store's padding; a trained head must have been trained with it."""
+    current = model.config.pad_token_id
+    if current is None or (new_head and current != pad_id):
+        model.config.pad_token_id = pad_id
+    elif current != pad_id:
+        raise KdcacheError(f"the {what}'s config pads with id {current} but the token store's rows are padded "
+                           f"with id {pad_id}; prepare the tokens with the tokenizer this classifier was trained "
+                           f"with, or fine-tune it with a new head (teacher --finetune).")
+
+
 # --- GGUF files (llama.cpp's format): read through transformers' GGUF loader, dequantised ------------
 
 GGUF_INSTALL = "pip install 'kdcache[gguf]' (the gguf and accelerate packages)"

@@ -2,6 +2,8 @@
 encoder on the train split's text (`teacher --mlm-steps`), and `teacher --model ENCODER --finetune`
 (a pretrained encoder given a new head for the store's labels)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,89 @@ def test_finetune_and_mlm_steps_refuse_settings_that_make_no_sense(tiny_tokens, 
         materialise_teacher(TeacherConfig(**TEACHER, max_steps=2, mlm_steps=2), str(tiny_tokens.path),
                             str(tmp_path / "teacher"))
     assert not (tmp_path / "teacher").exists()
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(labelled_corpus, tmp_path_factory):
+    """A tiny LlamaForCausalLM built from a config, saved with a decoder's tokenizer: an end-of-text
+    token but no pad token, and no pad_token_id in the config (as GPT-2 and Llama ship)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data.tokens import train_bpe_tokenizer
+
+    texts = [json.loads(line)["text"] for line in labelled_corpus.read_text().splitlines()]
+    tokenizer = train_bpe_tokenizer(texts, 300)
+    tokenizer.pad_token = None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("decoder") / "llama"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_finetune_makes_a_decoder_a_classifier_whose_store_trains_students(kdcache, decoder_dir, labelled_corpus,
+                                                                           tmp_path):
+    result = kdcache("prepare", "--out", tmp_path / "tokens", "--task", "classification", "--corpus", labelled_corpus,
+                     "--label-field", "topic", "--tokenizer", decoder_dir, "--block-size", 24, "--val-fraction", 0.2)
+    assert result.exit_code == 0, result.output
+    tokens = TokenStore(tmp_path / "tokens")
+    eos = tokens.load_tokenizer().eos_token_id
+    assert tokens.meta["pad_id"] == eos  # no pad token: rows are padded with end of text, on the right
+    mask = tokens.column("train", "attention_mask").astype(bool)
+    assert (np.diff(mask.astype(int), axis=1) <= 0).all() and (tokens.blocks("train")[~mask] == eos).all()
+
+    result = kdcache("teacher", "--tokens", tmp_path / "tokens", "--out", tmp_path / "teacher", "--model", decoder_dir,
+                     "--finetune", "--max-steps", 3, "--batch-size", 8, "--lr", 3e-3, "--warmup-steps", 1)
+    assert result.exit_code == 0, result.output
+    model, _ = load_teacher(tmp_path / "teacher")
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.pad_token_id == eos
+    # It pools each row's last real token: a padded row scores as it does alone, unpadded.
+    rows = tokens.rows("validation", 0, 4)
+    with torch.no_grad():
+        batched = model(input_ids=rows["input_ids"].long(), attention_mask=rows["attention_mask"].long()).logits
+        for i, keep in enumerate(rows["attention_mask"].bool()):
+            alone = model(input_ids=rows["input_ids"][i][keep].long().unsqueeze(0)).logits[0]
+            assert torch.allclose(batched[i], alone, atol=1e-5)
+
+    for args in (("cache", "--teacher", tmp_path / "teacher", "--tokens", tmp_path / "tokens", "--out",
+                  tmp_path / "targets.zarr", "--batch-size", 16),
+                 ("student", "--tokens", tmp_path / "tokens", "--targets", tmp_path / "targets.zarr", "--out",
+                  tmp_path / "lstm", "--arch", "lstm", "--n-layer", 1, "--n-embd", 16, "--n-head", 1,
+                  "--max-steps", 2, "--batch-size", 8, "--alpha", 0.5),
+                 ("evaluate", "--tokens", tmp_path / "tokens", "--model", f"teacher={tmp_path / 'teacher'}",
+                  "--model", f"lstm={tmp_path / 'lstm'}", "--out", tmp_path / "metrics.json", "--latency-rounds", 1)):
+        result = kdcache(*args)
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["models"]
+    assert metrics["teacher"]["top1_agreement"] == 1.0 and 0 <= metrics["lstm"]["accuracy"] <= 1
+
+
+def test_a_trained_classifier_padded_otherwise_than_the_store_is_refused(cls_tokens, tmp_path):
+    from pipeline.teacher.load import load_pretrained
+
+    model = build_bert_classifier(SHAPE, cls_tokens.vocab_size, cls_tokens.block_size, cls_tokens.label_names,
+                                  cls_tokens.meta["pad_id"] + 1, seed=0)
+    model.save_pretrained(tmp_path / "classifier")
+    cls_tokens.load_tokenizer().save_pretrained(tmp_path / "classifier")
+    with pytest.raises(KdcacheError, match="pads with id .* padded with id"):
+        load_pretrained(str(tmp_path / "classifier"), cls_tokens)
+    assert load_pretrained(str(tmp_path / "classifier"), cls_tokens, new_head=True).config.pad_token_id == \
+        cls_tokens.meta["pad_id"]
+
+
+def test_prepare_refuses_a_tokenizer_without_pad_or_end_of_text(decoder_dir, labelled_corpus, tmp_path):
+    from pipeline.config import PrepareConfig
+    from pipeline.data.tokens import prepare_tokens
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(decoder_dir)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "bare")
+    config = PrepareConfig(corpus=str(labelled_corpus), task="classification", label_field="topic",
+                           tokenizer=str(tmp_path / "bare"), block_size=24)
+    with pytest.raises(KdcacheError, match="neither a pad nor an end-of-text token"):
+        prepare_tokens(config, tmp_path / "tokens")
+    assert not (tmp_path / "tokens").exists()

@@ -127,8 +127,9 @@ def label_names_of(train, validation, source: str) -> list[str]:
 
 
 def encode_examples(tokenizer, texts: list[str], block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Texts → ids (N, T) and attention mask (N, T) uint8: the tokenizer's specials, truncated/padded to T."""
-    encoded = tokenizer(texts, truncation=True, max_length=block_size, padding="max_length")
+    """Texts → ids (N, T) and attention mask (N, T) uint8: the tokenizer's specials, truncated/padded to T.
+    Padded on the right whatever the tokenizer's default: the BiLSTM packs rows by length from the left."""
+    encoded = tokenizer(texts, truncation=True, max_length=block_size, padding="max_length", padding_side="right")
     return (np.asarray(encoded["input_ids"], dtype=np.int64),
             np.asarray(encoded["attention_mask"], dtype=np.uint8))
 
@@ -174,9 +175,12 @@ def prepare_examples(config: PrepareConfig, out: str | Path):
     names = label_names_of(train, validation, config.corpus)
     if config.tokenizer:
         tokenizer = load_named_tokenizer(config.tokenizer)
-        if tokenizer.pad_token is None:
-            raise KdcacheError(f"tokenizer {config.tokenizer!r} has no pad token, which classification rows "
-                               f"need; use an encoder's tokenizer (e.g. a BERT's) or leave --tokenizer empty.")
+        if tokenizer.pad_token is None:  # a decoder's (GPT-2, Llama): pad with its end of text, as its classifiers do
+            if tokenizer.eos_token is None:
+                raise KdcacheError(f"tokenizer {config.tokenizer!r} has neither a pad nor an end-of-text token, "
+                                   f"one of which classification rows need to be padded with; use a tokenizer "
+                                   f"that has one, or leave --tokenizer empty.")
+            tokenizer.pad_token = tokenizer.eos_token
     else:
         tokenizer = encoder_tokenizer([t for t, _ in train], config.vocab_size)
     index = {name: i for i, name in enumerate(names)}

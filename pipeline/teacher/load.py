@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline import runtime
 from pipeline.errors import KdcacheError
 from pipeline.models import (check_fits, check_same_tokenizer, fingerprint_model_dir, gguf_file, load_model,
-                             model_fingerprint, num_layers, read_info, save_model, write_info)
+                             model_fingerprint, num_layers, read_info, save_model, set_pad_id, write_info)
 from pipeline.tasks import get_task
 
 
@@ -22,7 +22,8 @@ def load_pretrained(name_or_path: str, tokens, dtype: str = "float32", new_head:
 
     Its own tokenizer (when saved beside it) must be the token store's, id for id: a teacher reading
     ids from another tokenizer gives well-formed but meaningless targets. new_head (classification, to
-    be fine-tuned): a fresh head for the token store's labels replaces the model's own.
+    be fine-tuned): a fresh head for the token store's labels replaces the model's own, and pools
+    by the store's padding id (set_pad_id).
     """
     check_same_tokenizer(name_or_path, tokens, "the teacher --model",
                          f"prepare the tokens with the teacher's tokenizer (`kdcache prepare --tokenizer "
@@ -30,6 +31,8 @@ def load_pretrained(name_or_path: str, tokens, dtype: str = "float32", new_head:
     labels = tokens.label_names if new_head and tokens.task_name == "classification" else None
     model = load_model(name_or_path, "teacher --model", task=tokens.task, new_head_labels=labels)
     check_fits(model, tokens, "teacher")
+    if tokens.task_name == "classification":
+        set_pad_id(model, tokens.meta["pad_id"], new_head, "teacher")
     return model.to(runtime.torch_dtype(dtype))  # saved so: bfloat16 halves the teacher on disk
 
 
