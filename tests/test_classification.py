@@ -113,6 +113,38 @@ def test_stdlib_default_labels_chunks_by_package_deterministically(tmp_path):
     np.testing.assert_array_equal(first.column("train", "labels"), second.column("train", "labels"))
 
 
+def test_split_is_stratified_by_label_and_keeps_each_key_whole():
+    from collections import Counter
+
+    from pipeline.data.examples import split_examples
+
+    # Label "big": one file of 300 chunks and ten of 10; "small": five files of 8; "single": one file.
+    examples = [(f"big-{i}", "big", "big/huge.py") for i in range(300)]
+    examples += [(f"big-{f}-{i}", "big", f"big/f{f}.py") for f in range(10) for i in range(10)]
+    examples += [(f"small-{f}-{i}", "small", f"small/f{f}.py") for f in range(5) for i in range(8)]
+    examples += [(f"single-{i}", "single", "single/only.py") for i in range(30)]
+    train, validation = split_examples(examples, 0.1)
+    key_of = {text: key for text, _, key in examples}
+    assert not {key_of[t] for t, _ in train} & {key_of[t] for t, _ in validation}  # no file on both sides
+    held, total = Counter(label for _, label in validation), Counter(label for _, label, _ in examples)
+    assert 0 < held["big"] <= 0.1 * total["big"]  # the huge file can never be the label's validation
+    assert held["small"] == 8  # every file is over the share: the smallest one (a fifth of the label)
+    assert held["single"] == 0  # its one file stays in training
+    assert split_examples(examples, 0.1) == (train, validation)  # deterministic
+
+
+def test_stdlib_default_validation_split_holds_every_package_in_proportion():
+    from collections import Counter
+
+    from pipeline.data.examples import split_examples, stdlib_examples
+
+    train, validation = split_examples(stdlib_examples(), 0.1)
+    held, trained = Counter(label for _, label in validation), Counter(label for _, label in train)
+    assert set(held) == set(trained)  # every package is scored
+    assert max(held.values()) <= 0.2 * len(validation)  # no package decides the accuracy (it was 38%)
+    assert all(held[p] <= 0.2 * (held[p] + trained[p]) for p in held)
+
+
 def test_capture_stores_the_full_class_distribution_at_one_position(cls_tokens, cls_teacher, cls_targets):
     from pipeline.models import load_model
 

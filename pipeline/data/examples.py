@@ -8,7 +8,8 @@ Sources:
 
 Each example becomes one row of the token store: its ids truncated or padded to block_size, an
 attention mask, and the index of its label among the label names (sorted, from the train split).
-The split is by content hash (for stdlib: by file, so no file has chunks on both sides).
+The split is stratified by label and keeps each split key whole (for stdlib the file, so no file has
+chunks on both sides; for other sources the text): split_examples.
 """
 
 from __future__ import annotations
@@ -101,12 +102,33 @@ def read_examples(source: str, text_field: str, label_field: str,
 
 
 def split_examples(examples, val_fraction: float):
-    """Deterministic (train, validation) by the hash of each example's split key; at least one held out."""
-    keys = sorted({key for _, _, key in examples})
-    buckets = {key: hash_bucket(key) for key in keys}
-    held = {key for key in keys if buckets[key] < val_fraction}
-    if not held and len(keys) >= 2:
-        held = {min(keys, key=buckets.get)}
+    """Deterministic (train, validation), stratified by label, whole split keys on one side.
+
+    Each label's keys (for stdlib its files, so no file has chunks on both sides) are held out in hash
+    order, skipping any that would take the label's validation share past val_fraction of its
+    examples (if every key is larger than that, its smallest key, when it holds at most a third); a
+    label with one key keeps it for training. A split by key alone let one large file decide
+    a label: the stdlib validation split was 38% `logging`, a package with 1% of the training rows.
+    """
+    sizes: dict[str, dict[str, int]] = {}  # label -> key -> examples
+    for _, label, key in examples:
+        sizes.setdefault(label, {}).setdefault(key, 0)
+        sizes[label][key] += 1
+    held = set()
+    for label, keys in sizes.items():
+        total, room, mine = sum(keys.values()), val_fraction * sum(keys.values()), []
+        for key in sorted(keys, key=lambda k: (hash_bucket(k), k))[:-1] if len(keys) > 1 else ():
+            if keys[key] <= room:
+                mine.append(key)
+                room -= keys[key]
+        smallest = min(keys, key=lambda k: (keys[k], k))
+        if not mine and len(keys) > 1 and val_fraction > 0 and 3 * keys[smallest] <= total:
+            mine = [smallest]  # every key is larger than the share: the smallest, if a third at most
+        held.update(mine)
+    if not held:  # at least one held out
+        keys = sorted({key for _, _, key in examples})
+        if len(keys) >= 2:
+            held = {min(keys, key=hash_bucket)}
     train = [(t, label) for t, label, key in examples if key not in held]
     return train, [(t, label) for t, label, key in examples if key in held]
 
