@@ -12,8 +12,8 @@ With --teacher-model DIR the teacher is that pretrained model instead (any AutoM
 base: an encoder, or a decoder such as SmolLM2), fine-tuned with a new head for --teacher-steps (`teacher
 --model DIR --finetune`); the tokens use its tokenizer. --train-rows keeps the first N training rows (a
 mix of every label: rows are ordered by content hash) to bound a slow teacher's fine-tuning and capture;
---heldout-rows then also evaluates on the next rows (held-out chunks of the training files: the
-validation split holds other files, and its labels are skewed).
+--heldout-rows then also evaluates on the next rows (held-out chunks of the training files, where the
+validation split holds other files).
 --seeds trains every student once per seed; the table then gives each seed and the mean ± spread (max − min).
 
 Printed side by side: accuracy, macro-F1, ECE, agreement with the teacher, parameters, bytes on disk,

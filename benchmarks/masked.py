@@ -27,6 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark modules
+from classification import spread  # noqa: E402
 from generated_data import section, timed  # noqa: E402
 
 from pipeline.config import CacheConfig, EvaluateConfig, PrepareConfig, StudentConfig, TeacherConfig  # noqa: E402
@@ -46,7 +47,7 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="student steps (0: the profile's)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[],
                         help="student seeds (default: the profile's); each extra seed trains the four students "
-                             "again as NAME_seedS, and the means over seeds are printed")
+                             "again as NAME_sS, and the means over seeds are printed")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
     work = Path(args.work)
@@ -67,8 +68,8 @@ def main():
              "kd_random": replace(student, init_from_teacher=""),
              "ce_random": replace(student, alpha=1.0, cosine=0.0, init_from_teacher="")}
     seeds = args.seeds or [student.seed]
-    runs = {name if seed == seeds[0] else f"{name}_seed{seed}": replace(config, seed=seed)
-            for seed in seeds for name, config in kinds.items()}
+    tags = ["" if seed == seeds[0] else f"_s{seed}" for seed in seeds]  # as benchmarks/classification.py names them
+    runs = {f"{name}{tag}": replace(config, seed=seed) for seed, tag in zip(seeds, tags) for name, config in kinds.items()}
     for name, config in runs.items():
         if not (work / name / "kdcache.json").exists():
             distils = config.alpha < 1.0 or config.cosine > 0
@@ -88,12 +89,10 @@ def main():
         print(f"{name:>10} {m['val_loss']:11.4f} {m['accuracy']:9.4f} {m['top1_agreement']:9.4f} {m['ece']:7.4f} "
               f"{m['params']:10,}")
     if len(seeds) > 1:
-        print(f"\nmeans over seeds {seeds} (min..max):")
+        print(f"\nmean ± spread (max − min) over seeds {seeds}:")
         for kind in kinds:
-            runs_of_kind = [metrics[name] for name in runs if name == kind or name.startswith(f"{kind}_seed")]
-            for key in ("val_loss", "accuracy", "top1_agreement"):
-                values = [m[key] for m in runs_of_kind]
-                print(f"  {kind:>10} {key:>15} {sum(values) / len(values):.4f} ({min(values):.4f}..{max(values):.4f})")
+            print(f"  {kind:>10} " + ", ".join(f"{key} {spread([metrics[kind + tag][key] for tag in tags])}"
+                                              for key in ("val_loss", "accuracy", "top1_agreement")))
     summary = summarize(TargetsStore(targets_dir))
     block = tokens.block_size
     per_row = {name: bpt * block for name, bpt in summary["arrays"].items()}

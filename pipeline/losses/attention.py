@@ -138,17 +138,23 @@ def match_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
     return group_heads(student, 1), group_heads(teacher, 1)
 
 
+def sparse_if_same_heads(teacher, student: torch.Tensor):
+    """SparseRows stay sparse when the student has their head count (the closed forms need it); with
+    another count they are written out, for match_heads to group. Dense teachers pass through."""
+    if isinstance(teacher, SparseRows) and heads(teacher) != heads(student):
+        return teacher.dense()
+    return teacher
+
+
 def attention_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """TinyBERT: squared error of each head's attention row, summed over keys, mean over B, heads, rows.
 
     Matches attention probabilities (the store holds those), not TinyBERT's pre-softmax scores.
     teacher: dense (B, H', T, T) or SparseRows (the closed form below needs H' = H, else it is written out).
     """
+    teacher = sparse_if_same_heads(teacher, student)
     if isinstance(teacher, SparseRows):
-        if heads(teacher) != heads(student):
-            teacher = teacher.dense()
-        else:
-            return SparseMSE.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill)
+        return SparseMSE.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill)
     student, teacher = match_heads(student.float(), teacher.float())
     return (student - teacher).pow(2).sum(-1).mean()
 
@@ -156,11 +162,9 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """KL(teacher row ‖ student row) per head and query, mean over B, heads and rows.
     teacher: dense (B, H', T, T) or SparseRows (as in attention_mse)."""
+    teacher = sparse_if_same_heads(teacher, student)
     if isinstance(teacher, SparseRows):
-        if heads(teacher) != heads(student):
-            teacher = teacher.dense()
-        else:
-            return sparse_kl(student, teacher)
+        return sparse_kl(student, teacher)
     student, teacher = match_heads(student.float(), teacher.float())
     log_ratio = torch.log(teacher.clamp(min=TINY)) - torch.log(student.clamp(min=TINY))
     return torch.where(teacher > 0, teacher * log_ratio, torch.zeros_like(teacher)).sum(-1).mean()
