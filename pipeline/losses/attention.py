@@ -59,25 +59,33 @@ def causal_mask(T: int, device, dtype=torch.bool) -> torch.Tensor:
 # same formulas makes about three times as many passes over the student's B × H × T × T weights, which
 # are most of their cost (masks are multiplied in as floats: broadcast `where`s are several times
 # slower). Row q's teacher is t = fill on keys 0..q, plus `above` at the kept keys.
+#
+# The student's rows are a causal softmax: zero above the diagonal, whatever its parameters. So sums
+# over keys 0..q are sums over the whole row, and the gradient above the diagonal is never used (the
+# softmax's backward multiplies it by those zeros): SparseMSE leaves it unmasked, saving passes over
+# T × T. Its values, and its gradient on keys 0..q, are the dense definition's.
 
 class SparseMSE(torch.autograd.Function):
-    """Σ_k (s − t)² per row, mean over rows: Σ_k d² with d = s − fill on the causal keys, corrected
-    at the kept keys by (d − above)² − d²."""
+    """Σ_k (s − t)² per row, mean over rows, for rows s zero above the diagonal:
+    Σ s² − 2·fill·Σ s + (q + 1)·fill² over keys 0..q, corrected at the kept keys by (d − above)² − d²
+    with d = s − fill there. Only reads of the T × T rows forward, one write backward."""
 
     @staticmethod
     def forward(ctx, student, keys, above, fill):
-        causal = causal_mask(student.shape[-1], student.device, student.dtype)
-        d = torch.addcmul(student, fill.unsqueeze(-1), causal, value=-1)  # (B, H, T, T)
-        at_keys = d.gather(-1, keys)  # (B, H, T, K)
-        rows = (d * d).sum(-1) + ((at_keys - above).square() - at_keys.square()).sum(-1)
-        ctx.save_for_backward(d, keys, above)
+        keys_per_row = torch.arange(1, student.shape[-1] + 1, device=student.device, dtype=student.dtype)
+        at_keys = student.gather(-1, keys) - fill.unsqueeze(-1)  # (B, H, T, K)
+        rows = (torch.linalg.vecdot(student, student) - 2 * fill * student.sum(-1) + keys_per_row * fill.square()
+                + ((at_keys - above).square() - at_keys.square()).sum(-1))
+        ctx.save_for_backward(student, keys, above, fill)
         return rows.mean()
 
     @staticmethod
     def backward(ctx, grad):
-        d, keys, above = ctx.saved_tensors
-        scale = 2 * grad / d[..., 0].numel()  # of the mean over rows of Σ (s − t)²: 2 (s − t) / rows
-        return (d * scale).scatter_add_(-1, keys, above * -scale), None, None, None
+        student, keys, above, fill = ctx.saved_tensors
+        scale = 2 * grad / fill.numel()  # of the mean over rows of Σ (s − t)²: 2 (s − t) / rows
+        # scale · (s − fill) in one pass (unmasked above the diagonal: see above), then the kept keys.
+        out = torch.addcmul((fill * -scale).unsqueeze(-1), student, scale)
+        return out.scatter_add_(-1, keys, above * -scale), None, None, None
 
 
 class SparseKL(torch.autograd.Function):
@@ -91,7 +99,8 @@ class SparseKL(torch.autograd.Function):
         # Clamping also makes −inf (log of the zeros above the diagonal) finite before the mask.
         log_student = student.clamp(min=TINY).log_() if from_weights else student.clamp(min=LOG_TINY)
         # Σ t log ŝ: the fill's part is 0 when the fill is (those keys have t = 0 and are left out).
-        cross = fill * (log_student * causal).sum(-1) + (above * log_student.gather(-1, keys)).sum(-1)
+        at_keys = log_student.gather(-1, keys)
+        cross = fill * log_student.mul_(causal).sum(-1) + (above * at_keys).sum(-1)  # (a fresh tensor: in place)
         ctx.save_for_backward(student, keys, above, fill)
         ctx.from_weights = from_weights
         return (own - cross).mean()
@@ -100,14 +109,14 @@ class SparseKL(torch.autograd.Function):
     def backward(ctx, grad):
         student, keys, above, fill = ctx.saved_tensors
         scale = -grad / fill.numel()
-        causal = causal_mask(student.shape[-1], student.device, student.dtype)
-        # d log ŝ / d(input), 0 where the clamp holds: 1/s (1/∞ below TINY), or 1 above LOG_TINY.
+        # d log ŝ / d(input), 0 where the clamp holds: 1/s (1/∞ below TINY), or 1 above LOG_TINY. Above
+        # the diagonal the clamp always holds (s = 0, log s = −∞), so no causal mask is needed.
         if ctx.from_weights:
             slope = torch.where(student >= TINY, student, math.inf).reciprocal_()
         else:
             slope = (student >= LOG_TINY).to(student.dtype)
-        out = ((scale * fill).unsqueeze(-1) * causal).mul_(slope)
-        return out.scatter_add_(-1, keys, scale * above * slope.gather(-1, keys)), None, None, None, None, None
+        at_keys = scale * above * slope.gather(-1, keys)
+        return slope.mul_((scale * fill).unsqueeze(-1)).scatter_add_(-1, keys, at_keys), None, None, None, None, None
 
 
 def sparse_kl(student: torch.Tensor, teacher: SparseRows, from_weights: bool = True) -> torch.Tensor:
@@ -174,11 +183,13 @@ def relation_scores(values: torch.Tensor, heads: int) -> torch.Tensor:
     """MiniLM's value-relation scores, causal: (B, T, D) values → (B, R, T, T) = V_r V_rᵀ / √(D/R) on
     keys 0..q, −inf above. R = heads relation heads, each D / R wide (any width works)."""
     B, T, D = values.shape
-    split = values.float().reshape(B, T, heads, D // heads).transpose(1, 2)  # (B, R, T, D/R)
+    split = values.float().reshape(B, T, heads, D // heads).transpose(1, 2).flatten(0, 1)  # (B·R, T, D/R)
     future = torch.zeros(T, T, device=values.device).masked_fill_(causal_mask(T, values.device).logical_not(),
                                                                   float("-inf"))
-    # Adding the (T, T) mask in place: a broadcast masked_fill over B × R × T × T is several times slower.
-    return (split @ split.transpose(-1, -2)).div_(math.sqrt(D // heads)).add_(future)
+    # One pass: the product, its scale and the (T, T) mask together (a broadcast masked_fill over
+    # B × R × T × T is several times slower).
+    scores = torch.baddbmm(future, split, split.transpose(-1, -2), alpha=1 / math.sqrt(D // heads))
+    return scores.unflatten(0, (B, heads))
 
 
 def value_relation(values: torch.Tensor, heads: int) -> torch.Tensor:

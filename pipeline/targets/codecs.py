@@ -380,17 +380,20 @@ SPARSE_ROLES = ("keys", "values", "fill")  # what sparse_attention gives, in ord
 
 def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The topk encoding's decoded rows without their T × T matrix: (..., T, K) keys and probabilities
-    as stored (arrays or tensors) → (keys int32, values (..., T, K) float32, fill (..., T) float32).
+    as stored (arrays or tensors) → (keys int64, values (..., T, K) float32, fill (..., T) float32).
     Row q holds values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key
     0..q: the rows of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per
     row). Assumes a row's keys are distinct (topk's are)."""
-    keys = torch.as_tensor(np.asarray(keys, dtype=np.int32))  # uint16 as stored: no torch ops on it
-    probs = torch.as_tensor(probs).float().clamp(min=0)
-    block = probs.shape[-2]
+    # uint16 as stored has no torch ops; int64 is what gather / scatter take (made here, off the step).
+    keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
+    probs = torch.as_tensor(probs).to(torch.float32, copy=True).clamp_(min=0)  # a copy: edited in place below
+    block, top_k = probs.shape[-2:]
     keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
-    probs = torch.where(keys < keys_per_query.unsqueeze(-1), probs, 0)  # keys above the diagonal place nothing
+    # Keys above the diagonal place nothing; only queries q < K have fewer causal keys than K.
+    early = min(top_k, block)
+    probs[..., :early, :].masked_fill_(keys[..., :early, :] >= keys_per_query[:early].unsqueeze(-1), 0)
     kept_mass = probs.sum(-1)  # (..., T)
-    empty = keys_per_query - (probs != 0).sum(-1)  # causal keys that get the fill
+    empty = keys_per_query - torch.count_nonzero(probs, dim=-1)  # causal keys that get the fill
     fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
     total = (kept_mass + empty * fill).clamp(min=1e-30)
-    return keys, probs / total.unsqueeze(-1), fill / total
+    return keys, probs.div_(total.unsqueeze(-1)), fill / total
