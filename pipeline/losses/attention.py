@@ -95,12 +95,17 @@ class SparseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, keys, above, fill, own, from_weights: bool):
-        causal = causal_mask(student.shape[-1], student.device, student.dtype)
-        # Clamping also makes −inf (log of the zeros above the diagonal) finite before the mask.
-        log_student = student.clamp(min=TINY).log_() if from_weights else student.clamp(min=LOG_TINY)
+        # The guard's floor on keys 0..q; above the diagonal (s = 0, log s = −∞) a bound whose log ŝ is 0,
+        # so the one clamp also masks and a row's sum is its sum over keys 0..q.
+        floor, above_diagonal = (TINY, 1.0) if from_weights else (LOG_TINY, 0.0)
+        T = student.shape[-1]
+        bound = torch.full((T, T), above_diagonal, dtype=student.dtype, device=student.device)
+        bound.masked_fill_(causal_mask(T, student.device), floor)
+        log_student = student.clamp(min=bound)
+        if from_weights:
+            log_student.log_()
         # Σ t log ŝ: the fill's part is 0 when the fill is (those keys have t = 0 and are left out).
-        at_keys = log_student.gather(-1, keys)
-        cross = fill * log_student.mul_(causal).sum(-1) + (above * at_keys).sum(-1)  # (a fresh tensor: in place)
+        cross = fill * log_student.sum(-1) + (above * log_student.gather(-1, keys)).sum(-1)
         ctx.save_for_backward(student, keys, above, fill)
         ctx.from_weights = from_weights
         return (own - cross).mean()
