@@ -53,21 +53,25 @@ def encodings(args) -> None:
     blocks = list(range(1, num_layers(model) + 1))
     rows = min(args.max_rows, tokens.num_rows("validation"))
     ids = torch.from_numpy(tokens.blocks("validation")[:rows].astype(np.int64))
+    # As many relation heads as attention heads, unless given (they must divide the value width, which
+    # grouped-query attention makes narrower than the model).
+    relation_heads = args.relation_heads or int(model.config.num_attention_heads)
     truth = {}
     for lo in range(0, rows, 16):
         part = teacher_targets(model, ids[lo:lo + 16], tokens.vocab_size, 1, attention_layers=blocks,
-                               value_relation_heads=int(model.config.num_attention_heads))
+                               value_relation_heads=relation_heads)
         for name, tensor in part.items():
             if fmt.SIGNALS["attention"].owns(name):
                 truth.setdefault(name, []).append(tensor)
     truth = {name: torch.cat(parts) for name, parts in truth.items()}
     print(f"teacher: {num_layers(model)} blocks, {model.config.num_attention_heads} heads, T = "
-          f"{tokens.block_size}; {rows} validation rows; value relations with as many heads")
+          f"{tokens.block_size}; {rows} validation rows; value relations with {relation_heads} heads")
     print(f"{'encoding':<12} {'raw B/tok/layer':>15} {'stored':>8} {'KL':>9} {'KL(vr)':>9} {'max|e|':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for encoding, top_k in args.variants:
             config = CacheConfig(top_k=1, split="validation", attention_layers=tuple(blocks),
                                  attention_encoding=encoding, attention_top_k=top_k, attention_budget=0,
+                                 relation_heads=relation_heads,
                                  batch_size=16, rows_per_chunk=8, rows_per_shard=64, device="cpu")
             store = run_capture(config, args.teacher, args.tokens, str(Path(tmp) / f"{encoding}{top_k}.zarr"))
             decoded = store.decode(store.read_rows(0, rows, fmt.signal_names(store.attrs, "attention")))
@@ -128,6 +132,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--relation-heads", type=int, default=0,
+                        help="encodings: value-relation heads (0: the teacher's attention heads)")
     parser.add_argument("--gamma-tinybert", type=float, default=1.0)
     parser.add_argument("--gamma-minilm", type=float, default=1.0)
     parser.add_argument("--student-shape", type=int, nargs=3, default=[1, 32, 2], metavar=("LAYERS", "WIDTH", "HEADS"))

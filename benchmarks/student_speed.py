@@ -6,6 +6,7 @@ round by round so machine noise hits all of them alike, and prints ratios of med
   python benchmarks/student_speed.py --tokens data/tokens --targets data/targets.zarr \
       --teacher models/teacher --steps 100 --rounds 3          # step throughput, per mode
   python benchmarks/student_speed.py ... --epoch --rounds 1     # one full epoch offline vs online
+  python benchmarks/student_speed.py ... --preread              # diagnostic: shards served from memory
 
 Modes: ce (hard labels only), cache_topk, cache_topk_hidden (beta = 1, when the store has layers),
 cache_sampled (when it has sampled targets; with --unfused also cache_sampled_unfused, the same
@@ -65,6 +66,28 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
 
 
 @contextmanager
+def preread_shards(enabled: bool):
+    """Serve every shard from memory once read (diagnostic): the run's time without the reader's work,
+    after an untimed first pass of each mode has filled it. Off: the real reader, reading each time."""
+    if not enabled:
+        yield
+        return
+    read, kept = BlockStream.read_shard, {}
+
+    def from_memory(self, tokens, stores, shard):
+        key = (tuple(self.targets_paths), repr(self.target_names), self.split, shard)
+        if key not in kept:
+            kept[key] = read(self, tokens, stores, shard)
+        return kept[key]
+
+    BlockStream.read_shard = from_memory
+    try:
+        yield
+    finally:
+        BlockStream.read_shard = read
+
+
+@contextmanager
 def unfused_sampled_kd():
     """Sampled KD through the reference losses (cross_entropy + sampled_kd, autograd) instead of the fused one."""
     fused = losses.ce_and_sampled_kd
@@ -104,6 +127,9 @@ def main():
     parser.add_argument("--num-workers", type=int, default=0,
                         help="loader workers decoding shards beside the training process (every mode)")
     parser.add_argument("--epoch", action="store_true", help="time one full epoch instead of --steps")
+    parser.add_argument("--preread", action="store_true",
+                        help="diagnostic: read and decode each shard once, untimed, and serve it from memory, "
+                             "so the times leave out the loader's reading")
     args = parser.parse_args()
 
     section = yaml.safe_load(open(args.params))["student"]
@@ -122,20 +148,27 @@ def main():
     cpu = {name: [] for name in runs}  # this process's CPU seconds: less sensitive to other tenants
     with tempfile.TemporaryDirectory() as out:  # untimed: the first run in a process pays the imports
         run_student(replace(base, alpha=1.0, max_steps=2, epochs=0), args.tokens, out)
-    for round_index in range(args.rounds):
-        for name, (overrides, kwargs) in runs.items():
-            config = replace(base, **overrides)
-            with tempfile.TemporaryDirectory() as out:
+    def run_mode(name: str) -> None:
+        overrides, kwargs = runs[name]
+        config = replace(base, **overrides)
+        with tempfile.TemporaryDirectory() as out:
+            if "teacher_only" in kwargs:
+                teacher_forward(config, args.tokens, kwargs["teacher_only"])
+            else:
+                with unfused_sampled_kd() if "unfused" in kwargs else nullcontext():
+                    run_student(config, args.tokens, out, **{k: v for k, v in kwargs.items() if k != "unfused"})
+
+    with preread_shards(args.preread):
+        if args.preread:  # untimed: one pass of every mode fills the memory
+            for name in runs:
+                run_mode(name)
+        for round_index in range(args.rounds):
+            for name in runs:
                 start, cpu_start = time.perf_counter(), time.process_time()
-                if "teacher_only" in kwargs:
-                    teacher_forward(config, args.tokens, kwargs["teacher_only"])
-                else:
-                    kwargs = {key: value for key, value in kwargs.items() if key != "unfused"}
-                    with unfused_sampled_kd() if "unfused" in runs[name][1] else nullcontext():
-                        run_student(config, args.tokens, out, **kwargs)
+                run_mode(name)
                 seconds[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - cpu_start)
-            print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s", flush=True)
+                print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s", flush=True)
 
     unit = "1 epoch" if args.epoch else f"{args.steps} steps"
     print(f"\nmedian wall time for {unit} (batch {base.batch_size} x {tokens.block_size} tokens), "
