@@ -57,8 +57,8 @@ def causal_mask(T: int, device, dtype=torch.bool) -> torch.Tensor:
 
 # The two losses on SparseRows as autograd Functions with hand-written backward: autograd through the
 # same formulas makes about three times as many passes over the student's B × H × T × T weights, which
-# are most of their cost (masks are multiplied in as floats: broadcast `where`s are several times
-# slower). Row q's teacher is t = fill on keys 0..q, plus `above` at the kept keys.
+# are most of their cost (masks go in as clamp bounds, or are not needed: broadcast `where`s are several
+# times slower). Row q's teacher is t = fill on keys 0..q, plus `above` at the kept keys.
 #
 # The student's rows are a causal softmax: zero above the diagonal, whatever its parameters. So sums
 # over keys 0..q are sums over the whole row, and the gradient above the diagonal is never used (the
