@@ -94,7 +94,8 @@ def students(args) -> None:
     work = Path(args.work)
     store = work / "targets.zarr"
     config = CacheConfig(top_k=32, layers=(blocks // 2, blocks), attention_layers=(blocks // 2, blocks),
-                         attention_budget=args.budget, batch_size=16, device="cpu")
+                         attention_budget=args.budget, relation_heads=args.relation_heads, batch_size=16,
+                         device="cpu")
     start = time.perf_counter()
     run_capture(config, args.teacher, args.tokens, str(store))
     print(f"capture: {time.perf_counter() - start:.0f} s, {tokens.num_rows('train')} rows")
@@ -133,7 +134,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--relation-heads", type=int, default=0,
-                        help="encodings: value-relation heads (0: the teacher's attention heads)")
+                        help="value-relation heads (0: the teacher's attention heads); they must divide the "
+                             "teacher's value width, and for MiniLM the student's")
     parser.add_argument("--gamma-tinybert", type=float, default=1.0)
     parser.add_argument("--gamma-minilm", type=float, default=1.0)
     parser.add_argument("--student-shape", type=int, nargs=3, default=[1, 32, 2], metavar=("LAYERS", "WIDTH", "HEADS"))
