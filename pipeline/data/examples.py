@@ -117,7 +117,7 @@ def split_examples(examples, val_fraction: float):
     held = set()
     for label, keys in sizes.items():
         total, room, mine = sum(keys.values()), val_fraction * sum(keys.values()), []
-        for key in sorted(keys, key=lambda k: (hash_bucket(k), k))[:-1] if len(keys) > 1 else ():
+        for key in sorted(keys, key=lambda k: (hash_bucket(k), k))[:-1]:  # the last stays for training
             if keys[key] <= room:
                 mine.append(key)
                 room -= keys[key]

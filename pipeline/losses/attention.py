@@ -55,6 +55,11 @@ def causal_mask(T: int, device, dtype=torch.bool) -> torch.Tensor:
     return torch.ones(T, T, dtype=dtype, device=device).tril()
 
 
+def causal_keys(T: int, device, dtype=torch.int64) -> torch.Tensor:
+    """(T,): how many keys each query row has, q + 1 for query q."""
+    return torch.arange(1, T + 1, device=device, dtype=dtype)
+
+
 # The two losses on SparseRows as autograd Functions with hand-written backward: autograd through the
 # same formulas makes about three times as many passes over the student's B × H × T × T weights, which
 # are most of their cost (masks go in as clamp bounds, or are not needed: broadcast `where`s are several
@@ -72,7 +77,7 @@ class SparseMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, keys, above, fill):
-        keys_per_row = torch.arange(1, student.shape[-1] + 1, device=student.device, dtype=student.dtype)
+        keys_per_row = causal_keys(student.shape[-1], student.device, student.dtype)
         at_keys = student.gather(-1, keys) - fill.unsqueeze(-1)  # (B, H, T, K)
         rows = (torch.linalg.vecdot(student, student) - 2 * fill * student.sum(-1) + keys_per_row * fill.square()
                 + ((at_keys - above).square() - at_keys.square()).sum(-1))
@@ -128,8 +133,8 @@ def sparse_kl(student: torch.Tensor, teacher: SparseRows, from_weights: bool = T
     """attention_kl for SparseRows with the student's head count; student: probabilities, or
     log-probabilities with from_weights False."""
     kept = (teacher.values > 0).sum(-1)
-    keys_per_row = torch.arange(1, teacher.fill.shape[-1] + 1, device=kept.device)
-    own = (keys_per_row - kept) * xlogx(teacher.fill) + xlogx(teacher.values).sum(-1)
+    filled = causal_keys(teacher.fill.shape[-1], kept.device) - kept  # keys holding the fill, per row
+    own = filled * xlogx(teacher.fill) + xlogx(teacher.values).sum(-1)
     return SparseKL.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill, own, from_weights)
 
 
