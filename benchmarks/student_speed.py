@@ -37,6 +37,7 @@ from pipeline.targets.reader import TargetsStore
 from pipeline.student.online import OnlineTargets
 from pipeline.data.tokens import TokenStore
 from pipeline.student import run_student
+from pipeline import runtime
 from pipeline.runtime import resolve_device
 
 
@@ -130,7 +131,12 @@ def main():
     parser.add_argument("--preread", action="store_true",
                         help="diagnostic: read and decode each shard once, untimed, and serve it from memory, "
                              "so the times leave out the loader's reading")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator at its defaults (the kdcache command keeps large freed "
+                             "blocks for reuse, runtime.keep_freed_memory; by default this benchmark does too)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        runtime.keep_freed_memory()
 
     section = yaml.safe_load(open(args.params))["student"]
     # Steps only: no periodic validation, and the one-off checksum pass over the store (timed below)

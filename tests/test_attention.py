@@ -226,8 +226,7 @@ def stored_topk(teacher, top_k):
 
 
 def sparse_rows(stored):
-    keys, values, fill = codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS])
-    return losses.SparseRows(keys.long(), values, fill)
+    return losses.SparseRows(*codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS]))
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 9, 12])
@@ -237,6 +236,9 @@ def test_sparse_rows_are_the_decoded_rows(top_k):
     rows = sparse_rows(stored)
     expected = codecs.decode_attention(stored, "topk")
     torch.testing.assert_close(rows.dense(), expected, atol=1e-7, rtol=1e-6)  # float rounding only
+    entropy = -torch.where(expected > 0, expected * expected.clamp(min=1e-30).log(), 0).sum(-1)
+    torch.testing.assert_close(rows.entropy, entropy, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows.mass(), torch.ones_like(rows.fill))
     assert float(rows.fill[0, 0, -1]) == 0.0  # kept mass over 1: renormalised, nothing filled
 
 
@@ -278,15 +280,24 @@ def test_minilm_value_relations_on_sparse_rows_equal_the_dense_loss_and_gradient
     relation = sparse_rows(stored_topk(losses.value_relation(torch.randn(2, 9, 12), 3), 3))
     student = causal_rows(torch.randn(2, 3, 9, 9))
     values = torch.randn(2, 9, 6)
-    values[0, 4] *= 40  # relation probabilities below TINY: clamped, no gradient
+    values[0, 4] *= 40  # relation probabilities far below TINY: exact in log space, not clamped
     results = []
     for teachers in ((attention, relation), (attention.dense(), relation.dense())):
         leaf = values.clone().requires_grad_()
         loss = losses.minilm_loss(student, teachers[0], leaf, teachers[1])
         loss.backward()
         results.append((loss.detach(), leaf.grad))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+    # The relation term by its definition, in float64: Σ t (log t − log_softmax(scores)) on keys 0..q.
+    teacher = relation.dense().double()
+    scores = torch.einsum("brqd,brkd->brqk", *[losses.attention.split_values(values.double(), 3)] * 2) / 2 ** 0.5
+    log_student = torch.log_softmax(scores.masked_fill(~losses.attention.causal_mask(9, "cpu"), float("-inf")), -1)
+    expected = torch.where(teacher > 0, teacher * (teacher.clamp(min=1e-300).log() - log_student), 0).sum(-1).mean()
+    assert float(log_student[0, :, 4].min()) < -100  # far below log TINY (−27.6)
+    relation_only = float(results[0][0]) - float(losses.attention_kl(student, attention))
+    assert relation_only == pytest.approx(float(expected), rel=1e-5)
+    assert results[0][1][0, 4].abs().sum() > 0  # that row still gets a gradient
 
 
 def test_sparse_rows_against_another_head_count_are_written_out():
@@ -306,7 +317,7 @@ def test_objective_reads_attention_as_stored_and_as_decoded_alike(teacher_dir, t
     stored, decoded = store.decode(raw, sparse_attention=True), store.decode(raw)
     if encoding == "topk":  # K entries and a fill value per row, no decoded matrix
         assert set(stored) == {f"{m}_{role}" for m in decoded for role in codecs.SPARSE_ROLES}
-        assert all(stored[f"{m}_values"].shape[-1] == 3 for m in decoded)
+        assert all(stored[f"{m}_above"].shape[-1] == 3 for m in decoded)
     else:
         assert stored.keys() == decoded.keys()
     torch.manual_seed(6)

@@ -18,36 +18,30 @@ import torch
 
 # A student probability that underflowed to 0 under a teacher with mass there: log of this, not −inf.
 TINY = 1e-12
-LOG_TINY = float(torch.tensor(TINY).log())  # its float32 log: max(log s, LOG_TINY) = log max(s, TINY)
 
 
 class SparseRows(NamedTuple):
-    """Causal teacher rows (codecs.sparse_attention): row q holds values[q, j] at keys[q, j] where
-    values[q, j] > 0 (distinct keys ≤ q), and fill[q] at every other key 0..q."""
+    """Causal teacher rows (codecs.sparse_attention, whose roles these are): row q holds fill[q] at
+    every key 0..q, plus above[q, j] at keys[q, j] (distinct keys; 0 where nothing is kept)."""
 
-    keys: torch.Tensor    # (B, H, T, K) int64
-    values: torch.Tensor  # (B, H, T, K) float32, 0 where nothing is kept
-    fill: torch.Tensor    # (B, H, T) float32
+    keys: torch.Tensor     # (B, H, T, K) int64
+    above: torch.Tensor    # (B, H, T, K) float32: a kept probability minus the fill, else 0
+    fill: torch.Tensor     # (B, H, T) float32
+    entropy: torch.Tensor  # (B, H, T) float32: −Σ_k t log t of each row
 
     def dense(self) -> torch.Tensor:
         """(B, H, T, T) float32: the same rows written out."""
         rows = torch.where(causal_mask(self.fill.shape[-1], self.fill.device), self.fill.unsqueeze(-1), 0.0)
-        # Unkept entries write back what is there, so only the kept keys change.
-        return rows.scatter(-1, self.keys, torch.where(self.values > 0, self.values, rows.gather(-1, self.keys)))
+        return rows.scatter_add_(-1, self.keys, self.above)  # unkept entries add 0
 
-    def above_fill(self) -> torch.Tensor:
-        """(B, H, T, K): each kept value minus the fill (0 where nothing is kept)."""
-        return torch.where(self.values > 0, self.values - self.fill.unsqueeze(-1), 0.0)
+    def mass(self) -> torch.Tensor:
+        """(B, H, T): Σ_k t of each row (1 up to rounding)."""
+        return causal_keys(self.fill.shape[-1], self.fill.device, self.fill.dtype) * self.fill + self.above.sum(-1)
 
 
 def heads(attention) -> int:
     """H of a dense (B, H, T, T) stack or of SparseRows."""
     return attention.fill.shape[1] if isinstance(attention, SparseRows) else attention.shape[1]
-
-
-def xlogx(x: torch.Tensor) -> torch.Tensor:
-    """x · log x with attention_kl's guards: 0 where x = 0, log clamped at TINY."""
-    return torch.where(x > 0, x * torch.log(x.clamp(min=TINY)), 0.0)
 
 
 def causal_mask(T: int, device, dtype=torch.bool) -> torch.Tensor:
@@ -60,7 +54,7 @@ def causal_keys(T: int, device, dtype=torch.int64) -> torch.Tensor:
     return torch.arange(1, T + 1, device=device, dtype=dtype)
 
 
-# The two losses on SparseRows as autograd Functions with hand-written backward: autograd through the
+# The losses on SparseRows as autograd Functions with hand-written backward: autograd through the
 # same formulas makes about three times as many passes over the student's B × H × T × T weights, which
 # are most of their cost (masks go in as clamp bounds, or are not needed: broadcast `where`s are several
 # times slower). Row q's teacher is t = fill on keys 0..q, plus `above` at the kept keys.
@@ -94,48 +88,76 @@ class SparseMSE(torch.autograd.Function):
 
 
 class SparseKL(torch.autograd.Function):
-    """Σ_k t (log t − log ŝ) per row over the keys with t > 0, mean over rows, with attention_kl's
-    guard log ŝ = log max(s, TINY) = max(log s, LOG_TINY). The student comes as probabilities s
-    (from_weights) or as log-probabilities log s. own = Σ_k t log t per row (B, H, T)."""
+    """Σ_k t (log t − log ŝ) per row over the keys with t > 0, mean over rows, for student
+    probabilities s, with attention_kl's guard log ŝ = log max(s, TINY)."""
 
     @staticmethod
-    def forward(ctx, student, keys, above, fill, own, from_weights: bool):
-        # The guard's floor on keys 0..q; above the diagonal (s = 0, log s = −∞) a bound whose log ŝ is 0,
-        # so the one clamp also masks and a row's sum is its sum over keys 0..q.
-        floor, above_diagonal = (TINY, 1.0) if from_weights else (LOG_TINY, 0.0)
+    def forward(ctx, student, keys, above, fill, entropy):
+        # The guard's floor on keys 0..q; above the diagonal (s = 0) a bound of 1, whose log is 0, so the
+        # one clamp also masks and a row's sum is its sum over keys 0..q.
         T = student.shape[-1]
-        bound = torch.full((T, T), above_diagonal, dtype=student.dtype, device=student.device)
-        bound.masked_fill_(causal_mask(T, student.device), floor)
-        log_student = student.clamp(min=bound)
-        if from_weights:
-            log_student.log_()
+        bound = torch.ones(T, T, dtype=student.dtype, device=student.device).masked_fill_(
+            causal_mask(T, student.device), TINY)
+        at_keys = student.gather(-1, keys)  # (B, H, T, K); unkept keys (above = 0) may be above the diagonal
         # Σ t log ŝ: the fill's part is 0 when the fill is (those keys have t = 0 and are left out).
-        cross = fill * log_student.sum(-1) + (above * log_student.gather(-1, keys)).sum(-1)
-        ctx.save_for_backward(student, keys, above, fill)
-        ctx.from_weights = from_weights
-        return (own - cross).mean()
+        cross = fill * student.clamp(min=bound).log_().sum(-1) + (above * at_keys.clamp(min=TINY).log()).sum(-1)
+        ctx.save_for_backward(student, keys, above, fill, at_keys)
+        return (-entropy - cross).mean()
 
     @staticmethod
     def backward(ctx, grad):
-        student, keys, above, fill = ctx.saved_tensors
+        student, keys, above, fill, at_keys = ctx.saved_tensors
         scale = -grad / fill.numel()
-        # d log ŝ / d(input), 0 where the clamp holds: 1/s (1/∞ below TINY), or 1 above LOG_TINY. Above
-        # the diagonal the clamp always holds (s = 0, log s = −∞), so no causal mask is needed.
-        if ctx.from_weights:
-            slope = torch.where(student >= TINY, student, math.inf).reciprocal_()
-        else:
-            slope = (student >= LOG_TINY).to(student.dtype)
-        at_keys = scale * above * slope.gather(-1, keys)
-        return slope.mul_((scale * fill).unsqueeze(-1)).scatter_add_(-1, keys, at_keys), None, None, None, None, None
+        # d log ŝ / ds = 1/s, 0 where the clamp holds (s ≤ TINY → ∞ → 1/∞). Above the diagonal the clamp
+        # always holds (s = 0), so no causal mask is needed.
+        slope = torch.nn.functional.threshold(student, TINY, math.inf).reciprocal_()
+        at_keys = torch.nn.functional.threshold(at_keys, TINY, math.inf).reciprocal_().mul_(above * scale)
+        return slope.mul_((scale * fill).unsqueeze(-1)).scatter_add_(-1, keys, at_keys), None, None, None, None
 
 
-def sparse_kl(student: torch.Tensor, teacher: SparseRows, from_weights: bool = True) -> torch.Tensor:
-    """attention_kl for SparseRows with the student's head count; student: probabilities, or
-    log-probabilities with from_weights False."""
-    kept = (teacher.values > 0).sum(-1)
-    filled = causal_keys(teacher.fill.shape[-1], kept.device) - kept  # keys holding the fill, per row
-    own = filled * xlogx(teacher.fill) + xlogx(teacher.values).sum(-1)
-    return SparseKL.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill, own, from_weights)
+class RelationKL(torch.autograd.Function):
+    """MiniLM's value-relation KL against SparseRows, from the student's split values (B, R, T, d):
+    scores z = α V_r V_rᵀ on keys 0..q and log ŝ = z − lse (exact, finite: no guard needed).
+
+    Σ_k t log ŝ = fill·Σ_{k≤q} z_k + Σ_j above_j·z[keys_j] − mass·lse, and Σ_{k≤q} z_k = α v_q·(v_0 + … + v_q)
+    is a prefix sum: no pass over T × T. The gradient wrt z is (mass·ŝ − t) / rows; t's fill part
+    (fill_q on keys k ≤ q) goes back to the values through prefix sums too, so the T × T work is the
+    product, one softmax, the scaled ŝ and the two products of the backward."""
+
+    @staticmethod
+    def forward(ctx, split, keys, above, fill, entropy, mass, alpha: float):
+        T = split.shape[-2]
+        future = torch.zeros(T, T, device=split.device).masked_fill_(
+            causal_mask(T, split.device).logical_not(), float("-inf"))
+        flat = split.flatten(0, 1)  # (B·R, T, d)
+        scores = torch.baddbmm(future, flat, flat.transpose(-1, -2), alpha=alpha).unflatten(0, split.shape[:2])
+        student = torch.softmax(scores, dim=-1)
+        # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
+        lse = scores.amax(-1) - student.amax(-1).log()
+        prefix = split.cumsum(-2)  # (B, R, T, d): v_0 + … + v_q
+        at_keys = torch.where(above != 0, above * scores.gather(-1, keys), 0.0)  # unkept keys may be −∞
+        cross = fill * alpha * torch.linalg.vecdot(split, prefix) + at_keys.sum(-1) - mass * lse
+        ctx.save_for_backward(split, student, keys, above, fill, mass, prefix)
+        ctx.alpha = alpha
+        return (-entropy - cross).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        split, student, keys, above, fill, mass, prefix = ctx.saved_tensors
+        scale = grad / fill.numel()
+        # dz = scale · (mass·ŝ − above at the kept keys − fill on keys 0..q); the fill part is added below.
+        dz = (student * (scale * mass).unsqueeze(-1)).scatter_add_(-1, keys, above * -scale).flatten(0, 1)
+        flat = split.flatten(0, 1)
+        out = torch.bmm(dz, flat).baddbmm_(dz.transpose(-1, -2), flat).unflatten(0, split.shape[:2])
+        # −scale·fill_q on keys k ≤ q: row q gets fill_q·Σ_{k≤q} v_k, key k gets Σ_{q≥k} fill_q·v_q.
+        weighted = (fill * -scale).unsqueeze(-1)
+        later = (weighted * split).flip(-2).cumsum(-2).flip(-2)
+        return (out + weighted * prefix + later) * ctx.alpha, None, None, None, None, None, None
+
+
+def sparse_kl(student: torch.Tensor, teacher: SparseRows) -> torch.Tensor:
+    """attention_kl for SparseRows with the student's head count; student: probabilities."""
+    return SparseKL.apply(student.float(), teacher.keys, teacher.above, teacher.fill, teacher.entropy)
 
 
 def group_heads(attention: torch.Tensor, groups: int) -> torch.Tensor:
@@ -173,7 +195,7 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     teacher = sparse_if_same_heads(teacher, student)
     if isinstance(teacher, SparseRows):
-        return SparseMSE.apply(student.float(), teacher.keys, teacher.above_fill(), teacher.fill)
+        return SparseMSE.apply(student.float(), teacher.keys, teacher.above, teacher.fill)
     student, teacher = match_heads(student.float(), teacher.float())
     return (student - teacher).pow(2).sum(-1).mean()
 
@@ -189,22 +211,44 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return torch.where(teacher > 0, teacher * log_ratio, torch.zeros_like(teacher)).sum(-1).mean()
 
 
+def split_values(values: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, D) → (B, R, T, D / R): the relation heads' slices of the values, in float32."""
+    B, T, D = values.shape
+    return values.float().reshape(B, T, heads, D // heads).transpose(1, 2)
+
+
 def relation_scores(values: torch.Tensor, heads: int) -> torch.Tensor:
     """MiniLM's value-relation scores, causal: (B, T, D) values → (B, R, T, T) = V_r V_rᵀ / √(D/R) on
     keys 0..q, −inf above. R = heads relation heads, each D / R wide (any width works)."""
-    B, T, D = values.shape
-    split = values.float().reshape(B, T, heads, D // heads).transpose(1, 2).flatten(0, 1)  # (B·R, T, D/R)
+    split = split_values(values, heads).flatten(0, 1)  # (B·R, T, D/R)
+    T, width = split.shape[-2:]
     future = torch.zeros(T, T, device=values.device).masked_fill_(causal_mask(T, values.device).logical_not(),
                                                                   float("-inf"))
     # One pass: the product, its scale and the (T, T) mask together (a broadcast masked_fill over
     # B × R × T × T is several times slower).
-    scores = torch.baddbmm(future, split, split.transpose(-1, -2), alpha=1 / math.sqrt(D // heads))
-    return scores.unflatten(0, (B, heads))
+    scores = torch.baddbmm(future, split, split.transpose(-1, -2), alpha=1 / math.sqrt(width))
+    return scores.unflatten(0, (values.shape[0], heads))
 
 
 def value_relation(values: torch.Tensor, heads: int) -> torch.Tensor:
     """MiniLM's value relation: softmax of relation_scores, each query row over keys 0..q."""
     return torch.softmax(relation_scores(values, heads), dim=-1)
+
+
+def relation_kl(values: torch.Tensor, teacher) -> torch.Tensor:
+    """KL(teacher's value-relation row ‖ the student's) per relation head and query, mean over B, heads
+    and rows. values (B, T, D): the student's, split into the teacher's R = heads(teacher) relation heads.
+    The student's relation is taken in log space (log-softmax of its scores), where it is finite on
+    every key 0..q: no TINY guard, a row far off the teacher's still gets its gradient."""
+    R = heads(teacher)
+    if isinstance(teacher, SparseRows):
+        split = split_values(values, R)
+        return RelationKL.apply(split, teacher.keys, teacher.above, teacher.fill, teacher.entropy, teacher.mass(),
+                                1 / math.sqrt(split.shape[-1]))
+    log_student, teacher = torch.log_softmax(relation_scores(values, R), dim=-1), teacher.float()
+    # Above the diagonal t = 0 and log ŝ = −∞: left out by the `where` (its gradient there is 0).
+    log_ratio = torch.log(teacher.clamp(min=TINY)) - log_student
+    return torch.where(teacher > 0, teacher * log_ratio, 0.0).sum(-1).mean()
 
 
 def minilm_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor,
@@ -213,16 +257,12 @@ def minilm_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor
     """MiniLM on one (last) layer: attention KL + value-relation KL.
 
     student_values (B, T, D_s): the student's value projections of that layer, split into the
-    teacher's relation heads R = teacher_value_relation.shape[1], so the student's width and head
+    teacher's relation heads R = heads(teacher_value_relation), so the student's width and head
     count may differ from the teacher's. Without value relations: the attention KL alone.
     """
     loss = attention_kl(student_attention, teacher_attention)
-    if isinstance(teacher_value_relation, SparseRows):  # log_softmax: no softmax, clamp and log over T × T
-        relation = torch.log_softmax(relation_scores(student_values, heads(teacher_value_relation)), dim=-1)
-        loss = loss + sparse_kl(relation, teacher_value_relation, from_weights=False)
-    elif teacher_value_relation is not None:
-        relation = value_relation(student_values, heads(teacher_value_relation))
-        loss = loss + attention_kl(relation, teacher_value_relation)
+    if teacher_value_relation is not None:
+        loss = loss + relation_kl(student_values, teacher_value_relation)
     return loss
 
 

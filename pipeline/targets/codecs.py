@@ -375,16 +375,18 @@ def fill_rows(dense: torch.Tensor) -> torch.Tensor:
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
-SPARSE_ROLES = ("keys", "values", "fill")  # what sparse_attention gives, in order
+SPARSE_ROLES = ("keys", "above", "fill", "entropy")  # what sparse_attention gives, in order
 
 
-def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The topk encoding's decoded rows without their T × T matrix: (..., T, K) keys and probabilities
-    as stored (arrays or tensors) → (keys int64, values (..., T, K) float32, fill (..., T) float32).
-    Row q holds values[q, j] at keys[q, j] where values[q, j] > 0, and fill[q] at every other key
-    0..q: the rows of `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per
-    row). Assumes a row's keys are distinct (topk's are)."""
-    # uint16 as stored has no torch ops; int64 is what gather / scatter take (made here, off the step).
+def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The topk encoding's decoded rows without their T × T matrix, in the form the attention losses
+    read: (..., T, K) keys and probabilities as stored (arrays or tensors) → keys (int64), above
+    (..., T, K), fill (..., T), entropy (..., T), all float32 but the keys.
+    Row q holds fill[q] at every key 0..q, plus above[q, j] at keys[q, j] (a kept probability minus
+    the fill; 0 where nothing is kept); entropy[q] = −Σ_k t log t over the row. These are the rows of
+    `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per row). Assumes a
+    row's keys are distinct (topk's are). Computed here, in the loader's reader thread, off the step."""
+    # uint16 as stored has no torch ops; int64 is what gather / scatter take.
     keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
     probs = torch.as_tensor(probs).to(torch.float32, copy=True).clamp_(min=0)  # a copy: edited in place below
     block, top_k = probs.shape[-2:]
@@ -393,7 +395,15 @@ def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     early = min(top_k, block)
     probs[..., :early, :].masked_fill_(keys[..., :early, :] >= keys_per_query[:early].unsqueeze(-1), 0)
     kept_mass = probs.sum(-1)  # (..., T)
-    empty = keys_per_query - torch.count_nonzero(probs, dim=-1)  # causal keys that get the fill
+    kept = probs.sign()  # 1 where a probability is kept, else 0 (probs ≥ 0); sign + sum beats count_nonzero
+    empty = keys_per_query - kept.sum(-1)  # causal keys that get the fill
     fill = (1 - kept_mass).clamp(min=0) / empty.clamp(min=1)
     total = (kept_mass + empty * fill).clamp(min=1e-30)
-    return keys, probs.div_(total.unsqueeze(-1)), fill / total
+    probs.div_(total.unsqueeze(-1))
+    fill = fill / total
+    # −Σ t log t: the kept entries (0 log 0 = 0: the clamp only keeps the log finite) and `empty` fills.
+    # In place and as a dot product: few T × K temporaries (each a fresh allocation, slow at this size).
+    kept_part = torch.linalg.vecdot(probs, probs.clamp(min=1e-30).log_())
+    entropy = -(empty * fill * fill.clamp(min=1e-30).log() + kept_part)
+    above = probs.sub_(fill.unsqueeze(-1)).mul_(kept)
+    return keys, above, fill, entropy
