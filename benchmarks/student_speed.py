@@ -112,6 +112,17 @@ def teacher_forward(config: StudentConfig, tokens: str, online: OnlineTargets) -
             online(batch)
 
 
+def parse_with_allocator(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """parser's arguments plus --default-malloc; without it, the allocator set as `kdcache` sets it."""
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator at its defaults (the kdcache command keeps large freed "
+                             "blocks for reuse, runtime.keep_freed_memory; by default this benchmark does too)")
+    args = parser.parse_args()
+    if not args.default_malloc:
+        runtime.keep_freed_memory()
+    return args
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="data/tokens")
@@ -131,12 +142,7 @@ def main():
     parser.add_argument("--preread", action="store_true",
                         help="diagnostic: read and decode each shard once, untimed, and serve it from memory, "
                              "so the times leave out the loader's reading")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator at its defaults (the kdcache command keeps large freed "
-                             "blocks for reuse, runtime.keep_freed_memory; by default this benchmark does too)")
-    args = parser.parse_args()
-    if not args.default_malloc:
-        runtime.keep_freed_memory()
+    args = parse_with_allocator(parser)
 
     section = yaml.safe_load(open(args.params))["student"]
     # Steps only: no periodic validation, and the one-off checksum pass over the store (timed below)

@@ -23,13 +23,13 @@ from dataclasses import replace
 import torch
 import yaml
 
-from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.student.offline import attention_names, attention_plan, signal_names
 from pipeline.student.setup import build_student, make_objective
 from pipeline.targets.reader import TargetsStore
 from pipeline.training.loader import BlockStream, make_loader
+from student_speed import parse_with_allocator
 
 MODES = {"ce": {"alpha": 1.0}, "cache_topk": {},
          "cache_tinybert": {"gamma": 1.0, "attention_loss": "tinybert"},
@@ -65,12 +65,7 @@ def main():
     parser.add_argument("--params", default="params.yaml", help="its `student` section sets the student")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--rounds", type=int, default=60, help="steps per mode (the first 5 are not counted)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator at its defaults (the kdcache command keeps large freed "
-                             "blocks for reuse, runtime.keep_freed_memory; by default this benchmark does too)")
-    args = parser.parse_args()
-    if not args.default_malloc:
-        runtime.keep_freed_memory()
+    args = parse_with_allocator(parser)
     with open(args.params) as f:
         base = StudentConfig(**yaml.safe_load(f)["student"])
     store = TargetsStore(args.targets)
