@@ -3,7 +3,8 @@
 Shapes: B rows, H heads, T tokens (a causal T × T matrix per head: row q is a distribution over keys
 0..q), D value width, R relation heads, K kept keys per row. Teacher matrices come from the store
 decoded (rows sum to 1), either dense or as SparseRows (the topk encoding: K entries and one fill value
-per row); the student's are its own softmax outputs, zero above the diagonal. Every loss averages over
+per row); the student's are its own softmax outputs, zero above the diagonal (its value relations
+come as its values, compared in log space: relation_kl). Every loss averages over
 B, heads and the T query rows. On SparseRows a loss expands its sum over keys into the K kept entries
 plus a closed form for the fill, so no teacher T × T matrix is built; it equals the dense definition
 (the `dense()` rows) up to float rounding.
