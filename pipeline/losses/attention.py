@@ -127,11 +127,7 @@ class RelationKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, split, keys, above, fill, entropy, mass, alpha: float):
-        T = split.shape[-2]
-        future = torch.zeros(T, T, device=split.device).masked_fill_(
-            causal_mask(T, split.device).logical_not(), float("-inf"))
-        flat = split.flatten(0, 1)  # (B·R, T, d)
-        scores = torch.baddbmm(future, flat, flat.transpose(-1, -2), alpha=alpha).unflatten(0, split.shape[:2])
+        scores = causal_products(split, alpha)
         student = torch.softmax(scores, dim=-1)
         # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
         lse = scores.amax(-1) - student.amax(-1).log()
@@ -218,17 +214,22 @@ def split_values(values: torch.Tensor, heads: int) -> torch.Tensor:
     return values.float().reshape(B, T, heads, D // heads).transpose(1, 2)
 
 
+def causal_products(split: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, R, T, d) → (B, R, T, T): alpha · V_r V_rᵀ on keys 0..q, −inf above. One pass: the product,
+    its scale and the (T, T) mask together (a broadcast masked_fill over B × R × T × T is several
+    times slower)."""
+    T = split.shape[-2]
+    future = torch.zeros(T, T, device=split.device).masked_fill_(causal_mask(T, split.device).logical_not(),
+                                                                 float("-inf"))
+    flat = split.flatten(0, 1)  # (B·R, T, d)
+    return torch.baddbmm(future, flat, flat.transpose(-1, -2), alpha=alpha).unflatten(0, split.shape[:2])
+
+
 def relation_scores(values: torch.Tensor, heads: int) -> torch.Tensor:
     """MiniLM's value-relation scores, causal: (B, T, D) values → (B, R, T, T) = V_r V_rᵀ / √(D/R) on
     keys 0..q, −inf above. R = heads relation heads, each D / R wide (any width works)."""
-    split = split_values(values, heads).flatten(0, 1)  # (B·R, T, D/R)
-    T, width = split.shape[-2:]
-    future = torch.zeros(T, T, device=values.device).masked_fill_(causal_mask(T, values.device).logical_not(),
-                                                                  float("-inf"))
-    # One pass: the product, its scale and the (T, T) mask together (a broadcast masked_fill over
-    # B × R × T × T is several times slower).
-    scores = torch.baddbmm(future, split, split.transpose(-1, -2), alpha=1 / math.sqrt(width))
-    return scores.unflatten(0, (values.shape[0], heads))
+    split = split_values(values, heads)
+    return causal_products(split, 1 / math.sqrt(split.shape[-1]))
 
 
 def value_relation(values: torch.Tensor, heads: int) -> torch.Tensor:
