@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -411,6 +412,90 @@ def use_eager_attention(model, what: str) -> None:
     if not attentions or len(attentions) != num_layers(model) or attentions[0] is None:
         raise KdcacheError(f"the {what} ({name}) returns no attention weights even in eager mode; "
                            f"attention distillation needs a model that does.")
+
+
+# The student's attention: the fused kernel (SDPA) in every block, except those a DistilledBlocks asks
+# for. Eager attention would make and keep every block's T × T weights, and the loss would then pass
+# over them again; here an asked block makes them once, and with SparseRows computes its loss inside
+# (losses.DistilledAttention), so its weights never leave the kernel.
+DISTILLING_ATTENTION = "kdcache_distilling"
+_OPEN_BLOCKS: ContextVar = ContextVar("kdcache_distilled_blocks", default=None)
+
+
+class DistilledBlocks:
+    """Context manager: while open, a model in distilling attention (use_distilling_attention) keeps, for
+    each asked block b (1..L), its attention weights in weights[b] (B, H, T, T), or, asked with
+    (kind, SparseRows) ("tinybert" or "minilm", the teacher's rows with this block's head count), that
+    block's attention loss in losses[b]. A block whose mask the kernel cannot take (padding, dropout)
+    or whose head count differs from the rows' falls back to its weights."""
+
+    def __init__(self, asked: dict[int, tuple | None]):
+        self.asked, self.weights, self.losses = asked, {}, {}
+
+    def __enter__(self) -> "DistilledBlocks":
+        self.token = _OPEN_BLOCKS.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _OPEN_BLOCKS.reset(self.token)
+
+
+def distilling_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: (B, H, T, d) query, key, value → ((B, T, H, d) output, None)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    from pipeline.losses.attention import DistilledAttention, SparseRows
+
+    blocks, layer = _OPEN_BLOCKS.get(), getattr(module, "layer_idx", None)
+    if blocks is None or layer is None or layer + 1 not in blocks.asked:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    key, value = (repeat_kv(x, query.shape[1] // x.shape[1]) for x in (key, value))  # grouped-query heads
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    asked, causal = blocks.asked[layer + 1], getattr(module, "is_causal", True)
+    if (isinstance(asked, tuple) and isinstance(asked[1], SparseRows) and attention_mask is None and causal
+            and not (dropout and module.training) and asked[1].fill.shape[1] == query.shape[1]):
+        kind, rows = asked
+        output, blocks.losses[layer + 1] = DistilledAttention.apply(query, key, value, scale, kind, *rows,
+                                                                    rows.mass())
+    else:  # the weights, as eager attention makes them
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if attention_mask is not None:
+            mask = attention_mask[..., : key.shape[-2]]
+            scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool \
+                else scores + mask
+        elif causal:
+            T = scores.shape[-1]
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1),
+                                        float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+        blocks.weights[layer + 1] = weights
+        output = torch.matmul(torch.nn.functional.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def use_distilling_attention(model, what: str) -> bool:
+    """Put a student in distilling attention (True), or, where its architecture does not call
+    transformers' attention interface per block, in eager attention (False; use_eager_attention's
+    checks). Called only when attention is distilled."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DISTILLING_ATTENTION, distilling_attention)
+    AttentionMaskInterface.register(DISTILLING_ATTENTION, sdpa_mask)  # padding masks as SDPA gets them
+    blocks = DistilledBlocks(dict.fromkeys(range(1, num_layers(model) + 1)))
+    try:
+        model.set_attn_implementation(DISTILLING_ATTENTION)
+        length = min(4, max_positions(model) or 4)
+        ids = torch.zeros(1, length, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad(), blocks:
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001  (any failure: the architecture takes no custom attention)
+        blocks.weights = {}
+    if len(blocks.weights) == num_layers(model):
+        return True
+    use_eager_attention(model, what)
+    return False
 
 
 def value_projections(model) -> list[tuple[torch.nn.Module, slice | None]]:

@@ -11,7 +11,7 @@ from pipeline import losses
 from pipeline.config import CacheConfig, ModelShape, StudentConfig, TeacherConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import build_gpt2, use_eager_attention
+from pipeline.models import DistilledBlocks, build_gpt2, use_eager_attention
 from pipeline.student import run_student
 from pipeline.targets import codecs
 from pipeline.targets import format as fmt
@@ -322,11 +322,84 @@ def test_objective_reads_attention_as_stored_and_as_decoded_alike(teacher_dir, t
         assert stored.keys() == decoded.keys()
     torch.manual_seed(6)
     T = tiny_tokens.block_size
-    attentions = [causal_rows(torch.randn(4, 2, T, T)) for _ in range(2)]
+    blocks = DistilledBlocks({})  # the student's weights, as a block in eager attention returns them
+    blocks.weights = {b: causal_rows(torch.randn(4, 2, T, T)) for b in (1, 2)}
     values = {2: torch.randn(4, T, 32)}
     for kind in ("tinybert", "minilm"):
         objective = Objective(vocab_size=10, attention_loss=kind, attention_pairs=[(1, 1), (2, 2)],
                               relation_heads=2 if kind == "minilm" else 0)
-        got = objective.attention_term(attentions, values, stored)
-        expected = objective.attention_term(attentions, values, decoded)
+        got = objective.attention_term(blocks, values, stored)
+        expected = objective.attention_term(blocks, values, decoded)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+# --- The student's kernel: a distilled block's attention and loss in one pass ---------------------
+
+@pytest.mark.parametrize("kind", ["tinybert", "minilm"])
+def test_distilled_attention_is_attention_and_its_loss_by_definition(kind):
+    torch.manual_seed(8)
+    B, H, T, d = 2, 3, 9, 4
+    rows = sparse_rows(stored_topk(causal_rows(3 * torch.randn(B, H, T, T)), 3))
+    inputs = [torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3)]
+    inputs[0][0, 1, 6] *= 30  # a row whose student probabilities underflow far below TINY
+    upstream = torch.randn(B, H, T, d, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        q, k, v = (x.clone().requires_grad_() for x in inputs)
+        if fused:
+            output, loss = losses.attention.DistilledAttention.apply(q.float(), k.float(), v.float(), d ** -0.5, kind,
+                                                                     *rows, rows.mass())
+        else:  # in float64, from the definitions over the decoded rows (log space for the KL)
+            scores = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~losses.attention.causal_mask(T, "cpu"),
+                                                                        float("-inf"))
+            output, teacher = torch.softmax(scores, -1) @ v, rows.dense().double()
+            if kind == "tinybert":
+                loss = (torch.softmax(scores, -1) - teacher).pow(2).sum(-1).mean()
+            else:
+                log_ratio = teacher.clamp(min=1e-300).log() - torch.log_softmax(scores, -1)
+                loss = torch.where(teacher > 0, teacher * log_ratio, 0).sum(-1).mean()
+        ((output.double() * upstream).sum() + 3 * loss.double()).backward()
+        results.append((output.detach().double(), loss.detach().double(), [x.grad for x in (q, k, v)]))
+    (out, loss, grads), (out_ref, loss_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-5)
+    for got, expected in zip(grads, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if kind == "minilm":  # the underflowing row keeps its gradient (no TINY clamp in log space)
+        assert float(torch.log_softmax(inputs[0][0, 1, 6] @ inputs[1][0, 1].T * d ** -0.5, -1)[:7].min()) < -30
+        assert grads[0][0, 1, 6].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["tinybert", "minilm"])
+def test_a_student_in_distilling_attention_trains_as_in_eager_attention(kind):
+    """The same GPT-2 student, batch and sparse teacher rows through the Objective: distilling attention
+    (SDPA in block 1, the kernel's loss in block 2, or the weights where a block is paired twice) and
+    eager attention give the same loss and the same gradients."""
+    from pipeline.models import use_distilling_attention
+    from pipeline.training.objective import Objective
+
+    torch.manual_seed(9)
+    B, T, V = 2, 12, 40
+    student = build_gpt2(ModelShape(n_layer=2, n_embd=24, n_head=3), V, T, seed=0)
+    twin = build_gpt2(ModelShape(n_layer=2, n_embd=24, n_head=3), V, T, seed=0)
+    assert use_distilling_attention(student, "student")
+    use_eager_attention(twin, "student")
+    batch = {"input_ids": torch.randint(0, V, (B, T))}
+    for layer in (1, 2):
+        stored = stored_topk(causal_rows(3 * torch.randn(B, 3, T, T)), 4)
+        for role, tensor in zip(codecs.SPARSE_ROLES, sparse_rows(stored)):
+            batch[f"{fmt.attention_array(layer)}_{role}"] = tensor
+    for pairs in ([(2, 2)], [(1, 1), (2, 1), (2, 2)]) if kind == "tinybert" else ([(2, 2)],):
+        objective = Objective(vocab_size=V, alpha=1.0, gamma=0.5, attention_loss=kind, attention_pairs=pairs)
+        with torch.no_grad(), DistilledBlocks(objective.distilled_blocks(batch)) as blocks:
+            student(**batch)
+        assert (set(blocks.losses), set(blocks.weights)) == (({2}, set()) if len(pairs) == 1 else ({1}, {2}))
+        results = []
+        for model in (student, twin):
+            model.zero_grad()
+            parts = objective(model, batch)
+            parts["loss"].backward()
+            results.append((parts["attention"].detach(), [p.grad.clone() for p in model.parameters()]))
+        assert float(results[0][0]) == pytest.approx(float(results[1][0]), rel=1e-5)
+        for got, expected in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ uld.py         Universal Logit Distillation: sorted probabilities, no shared voc
 """
 
 from pipeline.losses.attention import (ATTENTION_LOSSES, SparseRows, attention_kl, attention_mse, minilm_loss,
-                                       value_relation)
+                                       relation_kl, value_relation)
 from pipeline.losses.buckets import (LOG_ZERO, SUPPORTS, TAIL_MODELS, cross_entropy, masked_mean,
                                      student_buckets, teacher_buckets, tempered_tail)
 from pipeline.losses.divergences import (DIVERGENCES, KD_LOSS_FUNCTIONS, KD_LOSSES, jsd_from_logprobs,
@@ -21,7 +21,7 @@ from pipeline.losses.mixture import mixture_buckets, mixture_kd
 from pipeline.losses.sampled import sampled_kd, topk_sampled_kd
 from pipeline.losses.uld import uld_loss
 
-__all__ = ["ATTENTION_LOSSES", "SparseRows", "attention_kl", "attention_mse", "minilm_loss", "value_relation", "LOG_ZERO", "SUPPORTS", "TAIL_MODELS", "DIVERGENCES", "KD_LOSSES", "KD_LOSS_FUNCTIONS", "ce_and_sampled_kd", "ce_and_tail_kl",
+__all__ = ["ATTENTION_LOSSES", "SparseRows", "attention_kl", "attention_mse", "minilm_loss", "relation_kl", "value_relation", "LOG_ZERO", "SUPPORTS", "TAIL_MODELS", "DIVERGENCES", "KD_LOSSES", "KD_LOSS_FUNCTIONS", "ce_and_sampled_kd", "ce_and_tail_kl",
            "ce_and_topk_sampled_kd",
            "cross_entropy", "hidden_cosine", "hidden_mse", "jsd_from_logprobs", "kd_loss", "kl_from_logprobs",
            "masked_mean", "mixture_buckets", "mixture_kd", "reverse_kl_from_logprobs", "sampled_kd",

@@ -152,6 +152,76 @@ class RelationKL(torch.autograd.Function):
         return (out + weighted * prefix + later) * ctx.alpha, None, None, None, None, None, None
 
 
+class DistilledAttention(torch.autograd.Function):
+    """One block's causal attention and its loss against SparseRows of the same heads, together: the
+    student's T × T weights are made once, serve the output and the loss, and never leave the function.
+
+    query, key, value (B, H, T, d) → (output (B, H, T, d), loss). kind "tinybert": SparseMSE's row sum
+    with Σ_k s = 1 (softmax rows). kind "minilm": the attention KL in log space, as RelationKL (exact:
+    log s = scores − lse; a row far off the teacher's keeps its gradient), the fill part through prefix
+    sums of the keys. Backward folds the loss's gradient into the attention's own passes: for the MSE,
+    2c·s joins dO Vᵀ in one baddbmm (the fill's −2c·fill is constant along a row, and a softmax's
+    backward cancels row constants); for the KL, c·(mass·s − t) joins the scores' gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float, kind: str, keys, above, fill, entropy, mass):
+        B, H, T, _ = query.shape
+        q, k, v = (x.float().flatten(0, 1) for x in (query, key, value))  # (B·H, T, d)
+        scores = causal_scores(q, k, scale)
+        weights = torch.softmax(scores, dim=-1)
+        output = torch.bmm(weights, v).unflatten(0, (B, H)).to(value.dtype)
+        rows = weights.unflatten(0, (B, H))
+        prefix = None
+        if kind == "tinybert":
+            at_keys = rows.gather(-1, keys) - fill.unsqueeze(-1)  # d = s − fill at the kept keys
+            row_loss = (torch.linalg.vecdot(rows, rows) - 2 * fill + causal_keys(T, q.device, fill.dtype) * fill.square()
+                        + ((at_keys - above).square() - at_keys.square()).sum(-1))
+        else:
+            lse = (scores.amax(-1) - weights.amax(-1).log()).unflatten(0, (B, H))  # as in RelationKL
+            prefix = k.cumsum(-2)  # (B·H, T, d): k_0 + … + k_q
+            at_keys = torch.where(above != 0, above * scores.unflatten(0, (B, H)).gather(-1, keys), 0.0)
+            fill_part = fill * scale * torch.linalg.vecdot(q, prefix).unflatten(0, (B, H))
+            row_loss = -entropy - (fill_part + at_keys.sum(-1) - mass * lse)
+        ctx.save_for_backward(q, k, v, weights, keys, above, fill, mass, prefix)
+        ctx.scale, ctx.kind, ctx.dtypes = scale, kind, (query.dtype, key.dtype, value.dtype)
+        return output, row_loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_loss):
+        q, k, v, weights, keys, above, fill, mass, prefix = ctx.saved_tensors
+        B, H = keys.shape[:2]
+        c = grad_loss / fill.numel()  # the loss is a mean over rows
+        d_out = grad_output.float().flatten(0, 1)
+        if ctx.kind == "tinybert":  # dL/ds = 2c (s − t): 2c·s here, −2c·above at the kept keys below
+            # Folded into the product, which takes a number (on a GPU reading it waits for the step so far).
+            d_weights = torch.baddbmm(weights, d_out, v.transpose(-1, -2), beta=2 * float(c))
+            d_weights.unflatten(0, (B, H)).scatter_add_(-1, keys, above * (-2 * c))
+            d_scores = torch._softmax_backward_data(d_weights, weights, -1, weights.dtype)
+        else:  # dL/dz = c (mass·s − t): the kept keys here, the fill (keys 0..q) through prefix sums below
+            d_scores = torch._softmax_backward_data(torch.bmm(d_out, v.transpose(-1, -2)), weights, -1, weights.dtype)
+            d_scores.addcmul_(weights, (c * mass).flatten(0, 1).unsqueeze(-1))
+            d_scores.unflatten(0, (B, H)).scatter_add_(-1, keys, above * -c)
+        d_query = torch.bmm(d_scores, k).mul_(ctx.scale)
+        d_key = torch.bmm(d_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        if ctx.kind != "tinybert":  # −c·fill_q on keys k ≤ q: row q gets fill_q Σ_{k≤q} k_k, key k Σ_{q≥k} fill_q q_q
+            weighted = (fill * (-c * ctx.scale)).flatten(0, 1).unsqueeze(-1)
+            d_query.addcmul_(weighted, prefix)
+            d_key.add_((weighted * q).flip(-2).cumsum(-2).flip(-2))
+        d_value = torch.bmm(weights.transpose(-1, -2), d_out)
+        grads = (g.unflatten(0, (B, H)).to(dtype) for g, dtype in zip((d_query, d_key, d_value), ctx.dtypes))
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N, T, d) queries and keys → (N, T, T): scale · q kᵀ on keys 0..q, −inf above. One pass: the
+    product, its scale and the (T, T) mask together (a broadcast masked_fill over N × T × T is several
+    times slower)."""
+    T = q.shape[-2]
+    future = torch.zeros(T, T, device=q.device).masked_fill_(causal_mask(T, q.device).logical_not(), float("-inf"))
+    return torch.baddbmm(future, q, k.transpose(-1, -2), alpha=scale)
+
+
 def sparse_kl(student: torch.Tensor, teacher: SparseRows) -> torch.Tensor:
     """attention_kl for SparseRows with the student's head count; student: probabilities."""
     return SparseKL.apply(student.float(), teacher.keys, teacher.above, teacher.fill, teacher.entropy)
@@ -215,14 +285,9 @@ def split_values(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def causal_products(split: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(B, R, T, d) → (B, R, T, T): alpha · V_r V_rᵀ on keys 0..q, −inf above. One pass: the product,
-    its scale and the (T, T) mask together (a broadcast masked_fill over B × R × T × T is several
-    times slower)."""
-    T = split.shape[-2]
-    future = torch.zeros(T, T, device=split.device).masked_fill_(causal_mask(T, split.device).logical_not(),
-                                                                 float("-inf"))
+    """(B, R, T, d) → (B, R, T, T): alpha · V_r V_rᵀ on keys 0..q, −inf above."""
     flat = split.flatten(0, 1)  # (B·R, T, d)
-    return torch.baddbmm(future, flat, flat.transpose(-1, -2), alpha=alpha).unflatten(0, split.shape[:2])
+    return causal_scores(flat, flat, alpha).unflatten(0, split.shape[:2])
 
 
 def relation_scores(values: torch.Tensor, heads: int) -> torch.Tensor:

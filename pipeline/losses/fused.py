@@ -30,42 +30,46 @@ class _CrossEntropyAndBucketKD(torch.autograd.Function):
                 kl=True):
         z = logits.float()  # (N, V)
         # Each (N, V) buffer is allocated once and then reused in place: on CPU, fresh buffers of this
-        # size cost as much as the arithmetic (page faults on first touch).
-        log_q1 = torch.log_softmax(z, dim=-1)
-        ce = -log_q1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        # size cost as much as the arithmetic (page faults on first touch). Log-probs are needed only at
+        # the label and the top-k ids: z − lse there, with lse from the softmax's row maxima (at the
+        # largest logit q = e⁰/Σ, so lse = max z − log max q). One softmax pass instead of a log_softmax
+        # and an exp, each of which costs about twice a softmax on CPU.
+        q1 = torch.softmax(z, dim=-1)
+        lse1 = z.amax(-1, keepdim=True) - q1.amax(-1, keepdim=True).log()  # (N, 1)
+        ce = (lse1 - z.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
+        z_topk = z.gather(-1, topk_ids)  # (N, K)
+        q1_topk = (z_topk - lse1).exp()
         if temperature == 1.0:
-            log_q_topk = log_q1.gather(-1, topk_ids)  # (N, K)
-            q1 = q = log_q1.exp_()  # one buffer serves CE and KD
+            log_q_topk, q = z_topk - lse1, q1  # one buffer serves CE and KD
         else:
-            q1 = log_q1.exp_()
-            log_q = torch.log_softmax(z / temperature, dim=-1)
-            log_q_topk = log_q.gather(-1, topk_ids)
-            q = log_q.exp_()  # student probabilities at τ
-        q_topk = q.gather(-1, topk_ids)
-        q.scatter_(-1, topk_ids, 0.0)
-        q_tail = q.sum(-1)  # (N,)
-        q.scatter_(-1, topk_ids, q_topk)
+            scaled = z / temperature
+            q = torch.softmax(scaled, dim=-1)  # student probabilities at τ
+            log_q_topk = (z_topk / temperature) - (scaled.amax(-1, keepdim=True) - q.amax(-1, keepdim=True).log())
+            del scaled
+        # The tail is summed over its own ids. The top-k entries are left zeroed: backward overwrites them.
+        q_tail = q.scatter_(-1, topk_ids, 0.0).sum(-1)  # (N,)
         p = teacher_logprobs.exp()  # (N, K+1)
         # Clamped: an empty bucket (p = 0) adds 0, not NaN, where the student's logit is −inf.
         log_q = torch.cat([log_q_topk, q_tail.log().unsqueeze(-1)], dim=-1).clamp(min=LOG_ZERO)
         kd = ((torch.special.xlogy(p, p) if kl else 0.0) - p * log_q).sum(-1)
-        ctx.save_for_backward(q1, q, topk_ids, p, q_tail, labels, ce_weight, kd_weight)
+        ctx.save_for_backward(q1, q, q1_topk, log_q_topk.exp(), topk_ids, p, q_tail, labels, ce_weight, kd_weight)
         ctx.temperature, ctx.absent = temperature, absent
         return torch.stack([(ce * ce_weight).sum(), (kd * kd_weight).sum()])
 
     @staticmethod
     def backward(ctx, grad):
-        q1, q, topk_ids, p, q_tail, labels, ce_weight, kd_weight = ctx.saved_tensors
+        q1, q, q1_topk, q_topk, topk_ids, p, q_tail, labels, ce_weight, kd_weight = ctx.saved_tensors
         tau = ctx.temperature
         ce_coef = (ce_weight * grad[0]).unsqueeze(-1)  # (N, 1)
         kd_coef = (kd_weight * grad[1] / tau).unsqueeze(-1)
         # If every tail probability underflowed to 0, so does this factor (logit gaps > ~87 nats).
         ratio = torch.where(q_tail > 0, p[:, -1] / q_tail.clamp(min=1e-38), torch.zeros_like(q_tail))
         tail_coef = kd_coef * (1.0 - ratio.unsqueeze(-1))
-        topk_grad = ce_coef * q1.gather(-1, topk_ids) + kd_coef * (q.gather(-1, topk_ids) - p[:, :-1])
+        topk_grad = ce_coef * q1_topk + kd_coef * (q_topk - p[:, :-1])
         # Absent slots point at the first id: give them its gradient, so the scatter below is deterministic.
         topk_grad = torch.where(ctx.absent, topk_grad[:, :1], topk_grad)
-        # The saved buffers become the gradient in place (backward runs once; no double backward).
+        # The saved buffers become the gradient in place (backward runs once; no double backward). Their
+        # top-k entries (zeroed in q) are written by the scatter below; q1's other entries are intact.
         if tau == 1.0:  # q and q1 are one buffer
             out = q1.mul_(ce_coef + tail_coef)
         else:

@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.data.tokens import TokenStore
 from pipeline.errors import KdcacheError
-from pipeline.models import check_room, hidden_size, num_layers, use_eager_attention, value_width
+from pipeline.models import check_room, hidden_size, num_layers, use_distilling_attention, value_width
 from pipeline.student.setup import build_student, distills, make_objective, save_student
 from pipeline.targets import format as fmt
 from pipeline.targets.reader import TargetsStore
@@ -102,7 +102,7 @@ def attention_plan(config: StudentConfig, stores: list[TargetsStore], model) -> 
             raise KdcacheError(f"the store's value relations have {relation_heads} relation heads, which do not "
                                f"divide the student's value width {width}; pick n_embd a multiple of "
                                f"{relation_heads}, or re-capture with --relation-heads dividing {width}.")
-    use_eager_attention(model, "student")
+    use_distilling_attention(model, "student")
     return {"gamma": config.gamma, "attention_loss": config.attention_loss, "attention_pairs": pairs,
             "relation_heads": relation_heads if config.attention_loss == "minilm" else 0}
 

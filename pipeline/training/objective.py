@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline import losses
 from pipeline.config import SCHEDULED
 from pipeline.data.alignment import ALIGNED
-from pipeline.models import ValueStates
+from pipeline.models import DISTILLING_ATTENTION, DistilledBlocks, ValueStates
 from pipeline.schedules import Schedule
 from pipeline.targets import codecs
 from pipeline.targets import format as fmt
@@ -85,8 +85,11 @@ class Objective:
         gamma = values["gamma"]
         output_attention = bool(self.attention_pairs and (gamma or "gamma" in self.schedules))  # and gamma
         value_layers = [self.attention_pairs[-1][0]] if output_attention and self.uses_value_relations() else []
-        asked = {"output_attentions": True} if output_attention else {}  # as the plain model call had it
-        with ValueStates(model, value_layers) as value_states:
+        blocks = DistilledBlocks(self.distilled_blocks(batch) if output_attention else {})
+        # Eager attention (a student that takes no custom attention) returns every block's weights.
+        eager = output_attention and getattr(model.config, "_attn_implementation", None) != DISTILLING_ATTENTION
+        asked = {"output_attentions": True} if eager else {}  # as the plain model call had it
+        with ValueStates(model, value_layers) as value_states, blocks:
             flat = None  # the (N, V) logits, for logit_terms
             if self.loss_chunk:
                 out = model.base_model(input_ids=input_ids, output_hidden_states=output_hidden, use_cache=False,
@@ -120,7 +123,9 @@ class Objective:
             parts["hidden"] = self.hidden_scale * torch.stack(hidden).mean()
             loss = loss + beta * parts["hidden"]
         if output_attention:
-            parts["attention"] = self.attention_term(out.attentions, value_states, batch)
+            if eager:
+                blocks.weights = {b: out.attentions[b - 1] for b in blocks.asked}
+            parts["attention"] = self.attention_term(blocks, value_states, batch)
             loss = loss + gamma * parts["attention"]
         parts["loss"] = loss
         parts.update({name: torch.tensor(values[name]) for name in self.schedules})  # logged per step
@@ -131,15 +136,32 @@ class Objective:
     def uses_value_relations(self) -> bool:
         return self.attention_loss == "minilm" and self.relation_heads > 0
 
-    def attention_term(self, attentions, value_states: dict, batch: dict) -> torch.Tensor:
+    def distilled_blocks(self, batch: dict) -> dict[int, tuple | None]:
+        """DistilledBlocks' request: each student block the attention term reads, with (kind, teacher rows)
+        where the term is that block's alone and the rows are sparse (its loss is then computed in the
+        attention kernel), else None (its weights)."""
+        pairs = self.attention_pairs if self.attention_loss == "tinybert" else self.attention_pairs[-1:]
+        uses = [s for s, _ in pairs]
+        asked = {}
+        for s, t in pairs:
+            rows = self.teacher_attention(batch, t)
+            alone = uses.count(s) == 1 and isinstance(rows, losses.SparseRows)
+            asked[s] = (self.attention_loss, rows) if alone else None
+        return asked
+
+    def attention_term(self, blocks: DistilledBlocks, value_states: dict, batch: dict) -> torch.Tensor:
         """tinybert: mean attention MSE over the block pairs; minilm: the last pair's attention KL
-        (+ value-relation KL). attentions: the student's, one (B, H, T, T) per block."""
+        (+ value-relation KL). Each block's loss from the kernel where it made one, else from its weights."""
+        def block_loss(s, t, loss):
+            return blocks.losses[s] if s in blocks.losses else loss(blocks.weights[s], self.teacher_attention(batch, t))
+
         if self.attention_loss == "tinybert":
-            return torch.stack([losses.attention_mse(attentions[s - 1], self.teacher_attention(batch, t))
-                                for s, t in self.attention_pairs]).mean()
+            return torch.stack([block_loss(s, t, losses.attention_mse) for s, t in self.attention_pairs]).mean()
         s, t = self.attention_pairs[-1]
-        relation = self.teacher_attention(batch, t, "value_relation") if self.uses_value_relations() else None
-        return losses.minilm_loss(attentions[s - 1], self.teacher_attention(batch, t), value_states.get(s), relation)
+        loss = block_loss(s, t, losses.attention_kl)
+        if self.uses_value_relations():
+            loss = loss + losses.relation_kl(value_states[s], self.teacher_attention(batch, t, "value_relation"))
+        return loss
 
     def teacher_attention(self, batch: dict, layer: int, kind: str = "attention"):
         """The teacher's rows of one stored matrix for this batch: decoded (B, H, T, T), or, from a topk
