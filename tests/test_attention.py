@@ -226,7 +226,7 @@ def stored_topk(teacher, top_k):
 
 
 def sparse_rows(stored):
-    return losses.SparseRows(*codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS]))
+    return losses.SparseRows.of(*codecs.sparse_attention(stored[codecs.KEYS], stored[codecs.PROBS]))
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 9, 12])
@@ -403,3 +403,16 @@ def test_a_student_in_distilling_attention_trains_as_in_eager_attention(kind):
         assert float(results[0][0]) == pytest.approx(float(results[1][0]), rel=1e-5)
         for got, expected in zip(results[0][1], results[1][1]):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_rows_decode_alike_in_pieces_with_narrow_keys(teacher_dir, tiny_tokens, tmp_path, monkeypatch):
+    """The loader decodes topk rows a few MiB at a time (format.SPARSE_PIECE_BYTES); one row at a time
+    gives the same tensors, and keys travel as int16."""
+    store = capture(teacher_dir, tiny_tokens, tmp_path / "t.zarr", attention_encoding="topk", attention_top_k=3)
+    raw = store.read_rows(0, 10, [n for n in store.array_names() if "_layer_" in n and "hidden" not in n])
+    whole = store.decode(raw, sparse_attention=True)
+    monkeypatch.setattr(fmt, "SPARSE_PIECE_BYTES", 1)
+    pieces = store.decode(raw, sparse_attention=True)
+    assert whole.keys() == pieces.keys() and all(torch.equal(whole[n], pieces[n]) for n in whole)
+    assert {whole[n].dtype for n in whole if n.endswith("_keys")} == {torch.int16}
+    assert whole[f"{fmt.attention_array(1)}_keys"].shape[0] == 10

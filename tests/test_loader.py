@@ -1,5 +1,8 @@
 """Streaming: every row exactly once per epoch, a new order each epoch, rows joined with their targets."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +123,20 @@ def test_tokens_only_stream_gives_every_rank_rows(tiny_tokens):
     assert len(streams[0].shards) >= 2 * 8  # about 8 shards per rank, whatever the row count
     rows = [epoch_rows(s, 0, 0) for s in streams]
     assert all(rows) and not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(n))
+
+
+def test_decoding_in_one_thread_leaves_zarr_one_thread(store_path):
+    """runtime.decode_in_one_thread (run_student calls it): zarr decompresses the shards a loader reads
+    in one pool thread, instead of asyncio's default pool of up to cores + 4 beside the step."""
+    code = ("import sys, threading\n"
+            "from pipeline import runtime\n"
+            "from pipeline.targets.reader import TargetsStore\n"
+            "if sys.argv[1] == 'one':\n"
+            "    runtime.decode_in_one_thread()\n"
+            f"store = TargetsStore({str(store_path)!r})\n"
+            "for start, stop in store.shard_ranges:\n"
+            "    store.read_rows(start, stop)\n"
+            "print(sum(t.name.startswith(('asyncio_', 'zarr_pool')) for t in threading.enumerate()))\n")
+    counts = {setting: int(subprocess.run([sys.executable, "-c", code, setting], capture_output=True, text=True,
+                                          check=True).stdout) for setting in ("default", "one")}
+    assert counts == {"default": counts["default"], "one": 1} and counts["default"] > 1, counts

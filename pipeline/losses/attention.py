@@ -30,6 +30,12 @@ class SparseRows(NamedTuple):
     fill: torch.Tensor     # (B, H, T) float32
     entropy: torch.Tensor  # (B, H, T) float32: −Σ_k t log t of each row
 
+    @classmethod
+    def of(cls, keys, above, fill, entropy) -> "SparseRows":
+        """From codecs.sparse_attention's arrays (batched or not): keys widened to the int64 that
+        gather and scatter take."""
+        return cls(keys.long(), above, fill, entropy)
+
     def dense(self) -> torch.Tensor:
         """(B, H, T, T) float32: the same rows written out."""
         rows = torch.where(causal_mask(self.fill.shape[-1], self.fill.device), self.fill.unsqueeze(-1), 0.0)

@@ -10,6 +10,7 @@ setup.py    what the three share
 
 from __future__ import annotations
 
+from pipeline import runtime
 from pipeline.config import StudentConfig
 from pipeline.errors import KdcacheError
 from pipeline.student.adversarial import run_adversarial
@@ -34,6 +35,7 @@ def run_student(config: StudentConfig, tokens_dir: str, out: str, targets=None,
     student's own (another tokenizer over the same documents; cross.py).
     """
     Location(out).check_writable()  # a read-only --out fails now, not after training
+    runtime.decode_in_one_thread()  # the loader's reading leaves the step its cores
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     unused = {"offline": ("--teacher", None if config.init_from_teacher else teacher_dir), "online": ("--targets", targets),
               "mutual": ("--targets/--teacher", targets or teacher_dir)}[config.mode]

@@ -380,16 +380,18 @@ SPARSE_ROLES = ("keys", "above", "fill", "entropy")  # what sparse_attention giv
 
 def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The topk encoding's decoded rows without their T × T matrix, in the form the attention losses
-    read: (..., T, K) keys and probabilities as stored (arrays or tensors) → keys (int64), above
-    (..., T, K), fill (..., T), entropy (..., T), all float32 but the keys.
+    read: (..., T, K) keys and probabilities as stored (arrays or tensors) → keys (int16; int32 past
+    32 767 keys: a quarter of int64's bytes through the loader, widened in the step by
+    losses.SparseRows.of), above (..., T, K), fill (..., T), entropy (..., T), all float32 but the keys.
     Row q holds fill[q] at every key 0..q, plus above[q, j] at keys[q, j] (a kept probability minus
     the fill; 0 where nothing is kept); entropy[q] = −Σ_k t log t over the row. These are the rows of
     `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per row). Assumes a
     row's keys are distinct (topk's are). Computed here, in the loader's reader thread, off the step."""
-    # uint16 as stored has no torch ops; int64 is what gather / scatter take.
-    keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
+    # uint16 as stored has few torch ops; the narrowest signed type that holds every key does.
+    block = np.shape(keys)[-2]
+    keys = torch.as_tensor(np.asarray(keys, dtype=np.int16 if block <= np.iinfo(np.int16).max + 1 else np.int32))
     probs = torch.as_tensor(probs).to(torch.float32, copy=True).clamp_(min=0)  # a copy: edited in place below
-    block, top_k = probs.shape[-2:]
+    top_k = probs.shape[-1]
     keys_per_query = torch.arange(1, block + 1)  # (T,): query q has q + 1 causal keys
     # Keys above the diagonal place nothing; only queries q < K have fewer causal keys than K.
     early = min(top_k, block)

@@ -45,6 +45,7 @@ SAMPLED_COUNTS = "sampled_counts"  # (R, P, N) uint8 draw counts of those ids (0
 HIDDEN_PREFIX = "hidden_layer_"
 TARGET_POSITIONS = "target_positions"  # (R, P) uint16: masked LM, the block positions the targets are at
 ATTENTION_KINDS = ("attention", "value_relation")  # attention_layer_L, value_relation_layer_L
+SPARSE_PIECE_BYTES = 4 << 20  # float32 bytes of topk attention rows decoded at a time (Attention.decode_sparse)
 
 
 def hidden_array(layer: int) -> str:
@@ -302,9 +303,16 @@ class Attention:
         K entries and a fill value, codecs.sparse_attention); other encodings: decoded rows, as `decode`."""
         if attribute(attrs, "attention_encoding") != "topk":
             return self.decode(stored, attrs)
-        return {f"{matrix}_{role}": tensor for matrix, roles in self.by_matrix(stored).items()
-                for role, tensor in zip(codecs.SPARSE_ROLES,
-                                        codecs.sparse_attention(roles[codecs.KEYS], roles[codecs.PROBS]))}
+        decoded = {}
+        for matrix, roles in self.by_matrix(stored).items():
+            keys, probs = roles[codecs.KEYS], roles[codecs.PROBS]
+            # A few MiB of rows at a time: the float32 temporaries are reused from one piece to the next
+            # instead of being fresh (page-faulted) memory as large as the shard (BENCHMARKS §17).
+            step = max(1, SPARSE_PIECE_BYTES // (4 * int(np.prod(probs.shape[1:]))))
+            pieces = [codecs.sparse_attention(keys[i:i + step], probs[i:i + step]) for i in range(0, len(probs), step)]
+            decoded.update({f"{matrix}_{role}": torch.cat(parts) if len(parts) > 1 else parts[0]
+                            for role, parts in zip(codecs.SPARSE_ROLES, zip(*pieces))})
+        return decoded
 
     @staticmethod
     def by_matrix(stored) -> dict[str, dict]:

@@ -169,7 +169,7 @@ class Objective:
         matrix = fmt.attention_array(layer, kind)
         if matrix in batch:
             return batch[matrix]
-        return losses.SparseRows(*(batch[f"{matrix}_{role}"] for role in codecs.SPARSE_ROLES))
+        return losses.SparseRows.of(*(batch[f"{matrix}_{role}"] for role in codecs.SPARSE_ROLES))
 
     def logit_losses(self, logits, labels, ce_mask, targets: dict, temperature: float) -> dict:
         """{"ce"} (no targets) or {"ce", "kd"}: masked means over the rows of logits (n, V)."""
