@@ -416,3 +416,22 @@ def test_topk_rows_decode_alike_in_pieces_with_narrow_keys(teacher_dir, tiny_tok
     assert whole.keys() == pieces.keys() and all(torch.equal(whole[n], pieces[n]) for n in whole)
     assert {whole[n].dtype for n in whole if n.endswith("_keys")} == {torch.int16}
     assert whole[f"{fmt.attention_array(1)}_keys"].shape[0] == 10
+
+
+def test_the_fused_attention_losses_train_under_bfloat16_autocast():
+    """`--dtype bfloat16` runs the forward under autocast: the kernel and the value-relation KL keep
+    float32 inside (their backward runs outside autocast) and return gradients in the inputs' dtype."""
+    torch.manual_seed(10)
+    B, H, T, d = 2, 3, 9, 4
+    rows = sparse_rows(stored_topk(causal_rows(3 * torch.randn(B, H, T, T)), 3))
+    for kind in ("tinybert", "minilm"):
+        q, k, v = (torch.randn(B, H, T, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, loss = losses.attention.DistilledAttention.apply(q, k, v, d ** -0.5, kind, *rows, rows.mass())
+        (output.float().sum() + loss).backward()
+        assert output.dtype == q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    values = torch.randn(B, T, 6, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = losses.relation_kl(values, rows)
+    loss.backward()
+    assert values.grad.dtype == torch.bfloat16 and torch.isfinite(values.grad.float()).all()

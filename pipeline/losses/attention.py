@@ -7,7 +7,9 @@ per row); the student's are its own softmax outputs, zero above the diagonal (it
 come as its values, compared in log space: relation_kl). Every loss averages over
 B, heads and the T query rows. On SparseRows a loss expands its sum over keys into the K kept entries
 plus a closed form for the fill, so no teacher T × T matrix is built; it equals the dense definition
-(the `dense()` rows) up to float rounding.
+(the `dense()` rows) up to float rounding. DistilledAttention takes the student's queries, keys and
+values instead of its weights: a block's attention and its loss in one pass (the student's attention
+kernel, models.distilling_attention, calls it).
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ class RelationKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, split, keys, above, fill, entropy, mass, alpha: float):
+        with torch.autocast(split.device.type, enabled=False):  # float32 throughout, as the backward runs
+            return RelationKL.compute(ctx, split, keys, above, fill, entropy, mass, alpha)
+
+    @staticmethod
+    def compute(ctx, split, keys, above, fill, entropy, mass, alpha):
         scores = causal_products(split, alpha)
         student = torch.softmax(scores, dim=-1)
         # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
@@ -172,6 +179,11 @@ class DistilledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, scale: float, kind: str, keys, above, fill, entropy, mass):
+        with torch.autocast(query.device.type, enabled=False):  # float32 throughout, as the backward runs
+            return DistilledAttention.compute(ctx, query, key, value, scale, kind, keys, above, fill, entropy, mass)
+
+    @staticmethod
+    def compute(ctx, query, key, value, scale, kind, keys, above, fill, entropy, mass):
         B, H, T, _ = query.shape
         q, k, v = (x.float().flatten(0, 1) for x in (query, key, value))  # (B·H, T, d)
         scores = causal_scores(q, k, scale)
