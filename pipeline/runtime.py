@@ -23,17 +23,21 @@ def keep_freed_memory() -> int:
     By default glibc maps each block over a threshold (128 KiB, rising to at most 32 MiB) afresh and
     unmaps it on free, so the large CPU tensors every step makes (logits, T × T attention, decoded
     shards) fault their pages in again each time: about a third of the default student's CE step on
-    these CPUs (BENCHMARKS §17). Blocks up to 64 MiB are kept (32 MiB where an older glibc caps it),
-    and up to twice that stays free at the heap's top. Returns that block size, or 0 off glibc.
+    these CPUs (BENCHMARKS §17). Blocks up to 64 MiB (32 MiB where an older glibc caps it) now come
+    from the heap, and the heap's free top is never trimmed: a step frees several such blocks at once,
+    and any trim threshold they outgrow hands them all back to be faulted in again by the next step
+    (at twice the block size, half the runs of tests/test_allocator.py did). A training process's
+    peak recurs every step, so holding it costs nothing it would not take again.
+    Returns that block size, or 0 off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): its allocator is left as it is
         return 0
-    mmap_threshold, trim_threshold = -3, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    mmap_threshold, trim_threshold, never = -3, -1, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     for size in (64 << 20, 32 << 20):
-        if libc.mallopt(mmap_threshold, size) and libc.mallopt(trim_threshold, 2 * size):
-            return size
+        if libc.mallopt(mmap_threshold, size):
+            return size if libc.mallopt(trim_threshold, never) else 0
     return 0
 
 
