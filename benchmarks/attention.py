@@ -9,9 +9,10 @@
               max|e|  largest absolute error of a decoded probability
               The teacher's own rows come from `teacher_targets` in float32 on the same rows.
   students    captures the TRAIN split once (top-k, hidden states and attention of the chosen blocks),
-              then trains the same student for --steps steps each: logits-only KD; + hidden (beta);
-              + TinyBERT attention (gamma); + MiniLM (gamma); and CE only. Prints the validation loss
-              and training tokens/s of each, and tokens/s ÷ CE's.
+              then trains the same student for --steps steps each: logits-only KD; + hidden (--beta,
+              MSE and relative MSE); + TinyBERT attention (gamma); + MiniLM (gamma); and CE only
+              (--only picks some). Prints the validation loss and training tokens/s of each, and
+              tokens/s ÷ CE's.
 
   python benchmarks/attention.py encodings --tokens data/tokens --teacher models/teacher
   python benchmarks/attention.py students --tokens data/tokens --teacher models/teacher --steps 100
@@ -104,11 +105,14 @@ def students(args) -> None:
                   n_head=args.student_shape[2], seed=args.seed)
     runs = {"CE only": (dict(alpha=1.0), None),
             "KD (logits)": (dict(), store),
-            "KD + hidden": (dict(beta=1.0), store),
+            "KD + hidden": (dict(beta=args.beta), store),
+            "KD + hidden, relative": (dict(beta=args.beta, hidden_loss="relative"), store),
             "KD + TinyBERT": (dict(gamma=args.gamma_tinybert, attention_loss="tinybert"), store),
             "KD + MiniLM": (dict(gamma=args.gamma_minilm, attention_loss="minilm"), store)}
     results = {}
     for name, (settings, targets) in runs.items():
+        if name != "CE only" and args.only and not any(part in name for part in args.only):
+            continue
         out = work / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "")
         start = time.perf_counter()
         last = run_student(StudentConfig(**common, **settings), args.tokens, str(out / "model"),
@@ -117,9 +121,9 @@ def students(args) -> None:
         val = float((out / "val.csv").read_text().strip().splitlines()[-1].split(",")[-1])
         results[name] = (val, args.steps * args.batch_size * tokens.block_size / seconds, last)
     base = results["CE only"][1]
-    print(f"{'student':<15} {'val loss':>9} {'tok/s':>8} {'÷ CE':>6}  {'attention term (last step)':>26}")
+    print(f"{'student':<22} {'val loss':>9} {'tok/s':>8} {'÷ CE':>6}  {'attention term (last step)':>26}")
     for name, (val, rate, last) in results.items():
-        print(f"{name:<15} {val:>9.4f} {rate:>8.0f} {rate / base:>6.2f}  {last.get('attention', float('nan')):>26.4f}")
+        print(f"{name:<22} {val:>9.4f} {rate:>8.0f} {rate / base:>6.2f}  {last.get('attention', float('nan')):>26.4f}")
 
 
 def main() -> None:
@@ -136,10 +140,13 @@ def main() -> None:
     parser.add_argument("--relation-heads", type=int, default=0,
                         help="value-relation heads (0: the teacher's attention heads); they must divide the "
                              "teacher's value width, and for MiniLM the student's")
+    parser.add_argument("--beta", type=float, default=1.0, help="weight of the hidden-state rows' term")
     parser.add_argument("--gamma-tinybert", type=float, default=1.0)
     parser.add_argument("--gamma-minilm", type=float, default=1.0)
     parser.add_argument("--student-shape", type=int, nargs=3, default=[1, 32, 2], metavar=("LAYERS", "WIDTH", "HEADS"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="students: run only those whose name contains one of these (CE always runs)")
     parser.add_argument("--work", default="")
     args = parser.parse_args()
     torch.manual_seed(0)

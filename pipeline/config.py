@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pipeline import runtime
 from pipeline.errors import KdcacheError
-from pipeline.losses import ATTENTION_LOSSES, KD_LOSSES, TAIL_MODELS
+from pipeline.losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES, TAIL_MODELS
 from pipeline.schedules import Schedule, make_schedule
 from pipeline.targets.codecs import ATTENTION_ENCODINGS, ENCODINGS, HIDDEN_DTYPES
 
@@ -312,6 +312,10 @@ class StudentConfig(ModelShape, TrainSettings):
                              "the capture temperature), or auto (top-k when the store has them, else sampled).",
                              aliases=("--kd-targets", "--kd_targets"))
     beta: float = setting(0.0, "Weight of hidden-state MSE (needs layers captured by `cache`).")
+    hidden_loss: str = setting("mse", "The hidden-state term (--beta): mse (mean squared error over the width, "
+                               "TinyBERT's) or relative (that MSE over the teacher's variance at the layer on "
+                               "the batch: 1 for predicting the mean state, whatever the teacher's activation "
+                               "scale; for pretrained teachers, whose residual streams run large).")
     cosine: float = setting(0.0, "Weight of DistilBERT's cosine loss: 1 - cos(student's last hidden state, "
                             "teacher's last layer) per position (needs the teacher's last layer captured; "
                             "through a learned projection when the widths differ). 0: off.")
@@ -380,6 +384,8 @@ class StudentConfig(ModelShape, TrainSettings):
         _check(self.temperature >= 0, f"temperature must be > 0 (or 0: the capture temperature), "
                f"got {self.temperature}.")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        _check(self.hidden_loss in HIDDEN_LOSSES,
+               f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}.")
         _check(self.cosine >= 0, f"cosine must be >= 0 (0: off), got {self.cosine}.")
         _check(self.kd_signal in KD_SIGNALS,
                f"kd_signal must be one of {', '.join(KD_SIGNALS)}, got {self.kd_signal!r}.")

@@ -86,6 +86,20 @@ def test_hidden_loss_chunked_equals_unchunked(batch):
     assert parts["hidden"] > 0 and grads["1.1.weight"].abs().sum() > 0  # the projection learns
 
 
+def test_relative_hidden_loss_is_the_same_for_a_teacher_on_a_thousand_times_the_scale(batch):
+    def hidden_part(hidden_loss: str, scale: float) -> float:
+        torch.manual_seed(5)
+        projections = torch.nn.ModuleDict({"1": torch.nn.Linear(16, D_TEACHER, bias=False)})
+        projections["1"].weight.data *= scale  # the projection that keeps up with that teacher
+        scaled = {**batch, fmt.hidden_array(2): scale * batch[fmt.hidden_array(2)]}
+        objective = Objective(vocab_size=V, alpha=0.5, beta=0.8, layer_pairs=[(1, 2)], projections=projections,
+                              hidden_loss=hidden_loss)
+        return loss_and_grads(objective, scaled)[0]["hidden"].item()
+
+    assert hidden_part("relative", 1000.0) == pytest.approx(hidden_part("relative", 1.0), rel=1e-4)
+    assert hidden_part("mse", 1000.0) == pytest.approx(1e6 * hidden_part("mse", 1.0), rel=1e-4)
+
+
 def test_a_model_with_soft_capped_logits_is_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 

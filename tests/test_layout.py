@@ -32,8 +32,8 @@ def test_ce_baseline_gets_every_student_setting_except_the_kd_ones():
     import yaml
 
     # The baseline reads no teacher: neither its targets nor its layers (init_from_teacher).
-    kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "layer_map", "tail_model", "mode", "cosine",
-               "init_from_teacher"}
+    kd_only = {"alpha", "temperature", "loss", "kd_signal", "beta", "hidden_loss", "layer_map", "tail_model", "mode",
+               "cosine", "init_from_teacher"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for params_file in ("params.yaml", "params.smoke.yaml", "params.classification.yaml",
                         "params.classification.smoke.yaml", "params.masked.yaml", "params.masked.smoke.yaml"):

@@ -95,7 +95,7 @@ def test_temperature_change_reweights_buckets():
     torch.testing.assert_close(buckets[0], raw / raw.sum())
 
 
-@pytest.mark.parametrize("fn", ["tail_kl", "topk_kl", "cross_entropy", "hidden_mse"])
+@pytest.mark.parametrize("fn", ["tail_kl", "topk_kl", "cross_entropy", "hidden_mse", "hidden_relative_mse"])
 def test_all_masked_is_zero(logits, fn):
     teacher, student = logits
     ids, lp, tail = teacher_topk(teacher, 4)
@@ -108,7 +108,7 @@ def test_all_masked_is_zero(logits, fn):
     elif fn == "cross_entropy":
         value = losses.cross_entropy(student, ids[:, 0], mask)
     else:
-        value = losses.hidden_mse(student, teacher, mask)
+        value = getattr(losses, fn)(student, teacher, mask)
     assert value.item() == 0.0
     value.backward()
     assert (student.grad == 0).all()
@@ -128,6 +128,24 @@ def test_hidden_mse_matches_reference():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g)
     assert losses.hidden_mse(a, b).item() == pytest.approx(F.mse_loss(a, b).item(), rel=1e-6)
+
+
+def test_hidden_relative_mse_is_the_mse_over_the_teachers_variance_and_scale_free():
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(N, 8, generator=g), 3 + 5 * torch.randn(N, 8, generator=g)
+    reference = F.mse_loss(student, teacher) / teacher.var(0, unbiased=False).mean()
+    relative = losses.hidden_relative_mse(student, teacher)
+    assert relative.item() == pytest.approx(reference.item(), rel=1e-6)
+    # A teacher 1 000 × larger (a pretrained LM's residual stream) and a student that keeps up: the same value.
+    assert losses.hidden_relative_mse(1000 * student, 1000 * teacher).item() == pytest.approx(relative.item(), rel=1e-5)
+    # Predicting the teacher's mean state scores 1; the teacher itself 0.
+    assert losses.hidden_relative_mse(teacher.mean(0).expand_as(teacher), teacher).item() == pytest.approx(1.0, rel=1e-6)
+    assert losses.hidden_relative_mse(teacher, teacher).item() == 0.0
+    # A mask keeps positions out of the variance as well as the error.
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[:5] = True
+    assert losses.hidden_relative_mse(student, teacher, mask).item() == pytest.approx(
+        losses.hidden_relative_mse(student[:5], teacher[:5]).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

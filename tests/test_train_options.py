@@ -134,6 +134,11 @@ def test_unknown_dtype_is_refused():
         StudentConfig(dtype="fp8")
 
 
+def test_unknown_hidden_loss_is_refused():
+    with pytest.raises(KdcacheError, match="hidden_loss must be one of mse, relative, got 'l1'"):
+        StudentConfig(hidden_loss="l1")
+
+
 def test_teacher_model_loaded_in_bfloat16_is_saved_so_and_captures(kdcache, small_tokens, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 

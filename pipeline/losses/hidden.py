@@ -19,6 +19,24 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask=
     return masked_mean((student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1), mask)
 
 
+def hidden_relative_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask=None) -> torch.Tensor:
+    """`hidden_mse` ÷ the teacher's variance over these positions (per width unit, about its mean
+    state): (N, D), (N, D) → scalar, 1 for a student that predicts the mean state.
+
+    Scale-free, so one weight fits any teacher: a pretrained LM's residual stream can run orders of
+    magnitude larger than a small model's (BENCHMARKS §17), and its plain MSE then swamps the other
+    terms. The variance is the teacher's, a constant of the batch (no gradient flows through it).
+    """
+    teacher = teacher_hidden.float() if mask is None else teacher_hidden.float()[mask.reshape(-1).bool()]
+    if len(teacher) == 0:  # every position masked: hidden_mse's zero, not 0 / an empty variance
+        return hidden_mse(student_hidden, teacher_hidden, mask)
+    variance = (teacher - teacher.mean(0)).pow(2).mean().clamp(min=1e-12)
+    return hidden_mse(student_hidden, teacher_hidden, mask) / variance
+
+
+HIDDEN_LOSSES = {"mse": hidden_mse, "relative": hidden_relative_mse}
+
+
 def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask=None) -> torch.Tensor:
     """Mean of 1 − cosine similarity per position: (N, D), (N, D) → scalar in [0, 2].
 

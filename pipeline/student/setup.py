@@ -83,7 +83,7 @@ def make_objective(config: StudentConfig, tokens: TokenStore, distill: bool, cap
                      cosine=config.cosine,
                      temperature=config.temperature or capture_temperature,
                      capture_temperature=capture_temperature, loss=config.loss, tail_model=config.tail_model,
-                     beta=config.beta, schedules=schedules, loss_chunk=config.loss_chunk,
+                     beta=config.beta, hidden_loss=config.hidden_loss, schedules=schedules, loss_chunk=config.loss_chunk,
                      multi_teacher=config.multi_teacher, **fields)
 
 

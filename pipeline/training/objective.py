@@ -43,6 +43,7 @@ class Objective:
     # P / D_t for a rank-P store: the MSE over the P coefficients, scaled so, equals the full-width MSE
     # of μ + (projected)·Bᵀ against the teacher's h, up to a constant (the variance the basis leaves out).
     hidden_scale: float = 1.0
+    hidden_loss: str = "mse"  # or "relative" (losses.HIDDEN_LOSSES)
     schedules: dict[str, Schedule] = field(default_factory=dict)  # alpha/temperature/beta over progress
     loss_chunk: int = 0  # positions per chunk of LM head + CE + KD; 0: all N at once
     teacher_weights: tuple[float, ...] = (1.0,)  # one per targets store, summing to 1
@@ -116,11 +117,14 @@ class Objective:
                                                    batch[fmt.hidden_array(t)].flatten(0, 1))
             loss = loss + self.cosine * parts["cosine"]
         if self.layer_pairs and (beta or "beta" in self.schedules):
-            hidden = []
+            hidden, compare = [], losses.HIDDEN_LOSSES[self.hidden_loss]
             for s, t in self.layer_pairs:
                 projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, D_t)
-                hidden.append(losses.hidden_mse(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
-            parts["hidden"] = self.hidden_scale * torch.stack(hidden).mean()
+                hidden.append(compare(projected.flatten(0, 1), batch[fmt.hidden_array(t)].flatten(0, 1)))
+            # A rank-P store's relative MSE is taken on its coefficients, over the variance its basis
+            # keeps: both sums are in the same space, so their P/D scale cancels.
+            scale = self.hidden_scale if self.hidden_loss == "mse" else 1.0
+            parts["hidden"] = scale * torch.stack(hidden).mean()
             loss = loss + beta * parts["hidden"]
         if output_attention:
             if eager:
