@@ -26,7 +26,7 @@ def keep_freed_memory() -> int:
     these CPUs (BENCHMARKS §17). Blocks up to 64 MiB (32 MiB where an older glibc caps it) now come
     from the heap, and the heap's free top is never trimmed: a step frees several such blocks at once,
     and any trim threshold they outgrow hands them all back to be faulted in again by the next step
-    (at twice the block size, half the runs of tests/test_allocator.py did). A training process's
+    (at twice the block size, 2 of 4 runs of tests/test_allocator.py did). A training process's
     peak recurs every step, so holding it costs nothing it would not take again.
     Returns that block size, or 0 off glibc.
     """

@@ -139,7 +139,8 @@ def test_hidden_relative_mse_is_the_mse_over_the_teachers_variance_and_scale_fre
     # A teacher 1 000 × larger (a pretrained LM's residual stream) and a student that keeps up: the same value.
     assert losses.hidden_relative_mse(1000 * student, 1000 * teacher).item() == pytest.approx(relative.item(), rel=1e-5)
     # Predicting the teacher's mean state scores 1; the teacher itself 0.
-    assert losses.hidden_relative_mse(teacher.mean(0).expand_as(teacher), teacher).item() == pytest.approx(1.0, rel=1e-6)
+    mean_state = teacher.mean(0).expand_as(teacher)
+    assert losses.hidden_relative_mse(mean_state, teacher).item() == pytest.approx(1.0, rel=1e-6)
     assert losses.hidden_relative_mse(teacher, teacher).item() == 0.0
     # A mask keeps positions out of the variance as well as the error.
     mask = torch.zeros(N, dtype=torch.bool)

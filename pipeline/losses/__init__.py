@@ -23,7 +23,8 @@ from pipeline.losses.uld import uld_loss
 
 __all__ = ["ATTENTION_LOSSES", "SparseRows", "attention_kl", "attention_mse", "minilm_loss", "relation_kl", "value_relation", "LOG_ZERO", "SUPPORTS", "TAIL_MODELS", "DIVERGENCES", "KD_LOSSES", "KD_LOSS_FUNCTIONS", "ce_and_sampled_kd", "ce_and_tail_kl",
            "ce_and_topk_sampled_kd",
-           "cross_entropy", "HIDDEN_LOSSES", "hidden_cosine", "hidden_mse", "hidden_relative_mse", "jsd_from_logprobs", "kd_loss", "kl_from_logprobs",
+           "cross_entropy", "HIDDEN_LOSSES", "hidden_cosine", "hidden_mse", "hidden_relative_mse",
+           "jsd_from_logprobs", "kd_loss", "kl_from_logprobs",
            "masked_mean", "mixture_buckets", "mixture_kd", "reverse_kl_from_logprobs", "sampled_kd",
            "student_buckets", "tail_kl", "topk_sampled_kd", "teacher_buckets", "tempered_tail", "tv_from_logprobs",
            "uld_loss"]

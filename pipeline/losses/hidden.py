@@ -23,9 +23,9 @@ def hidden_relative_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
     """`hidden_mse` ÷ the teacher's variance over these positions (per width unit, about its mean
     state): (N, D), (N, D) → scalar, 1 for a student that predicts the mean state.
 
-    Scale-free, so one weight fits any teacher: a pretrained LM's residual stream can run orders of
-    magnitude larger than a small model's (BENCHMARKS §17), and its plain MSE then swamps the other
-    terms. The variance is the teacher's, a constant of the batch (no gradient flows through it).
+    Scale-free, so β weighs the term the same whatever the teacher's activation scale: a pretrained
+    LM's residual stream can run orders of magnitude larger than a small model's, and its plain MSE
+    then swamps the other terms (SmolLM2, BENCHMARKS §17). The variance is the teacher's, a constant of the batch (no gradient flows through it).
     """
     teacher = teacher_hidden.float() if mask is None else teacher_hidden.float()[mask.reshape(-1).bool()]
     if len(teacher) == 0:  # every position masked: hidden_mse's zero, not 0 / an empty variance

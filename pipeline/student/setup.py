@@ -83,8 +83,8 @@ def make_objective(config: StudentConfig, tokens: TokenStore, distill: bool, cap
                      cosine=config.cosine,
                      temperature=config.temperature or capture_temperature,
                      capture_temperature=capture_temperature, loss=config.loss, tail_model=config.tail_model,
-                     beta=config.beta, hidden_loss=config.hidden_loss, schedules=schedules, loss_chunk=config.loss_chunk,
-                     multi_teacher=config.multi_teacher, **fields)
+                     beta=config.beta, hidden_loss=config.hidden_loss, schedules=schedules,
+                     loss_chunk=config.loss_chunk, multi_teacher=config.multi_teacher, **fields)
 
 
 def save_student(model, tokens: TokenStore, out: str | Path, config: StudentConfig, history: list[dict],
