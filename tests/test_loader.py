@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -140,3 +141,43 @@ def test_decoding_in_one_thread_leaves_zarr_one_thread(store_path):
     counts = {setting: int(subprocess.run([sys.executable, "-c", code, setting], capture_output=True, text=True,
                                           check=True).stdout) for setting in ("default", "one")}
     assert counts == {"default": counts["default"], "one": 1} and counts["default"] > 1, counts
+
+
+def test_older_shards_keep_only_their_rows_still_due(tiny_tokens, store_path, monkeypatch):
+    """The shuffle buffer leaves rows of many shards due at once; once the reader moves on, each older
+    shard is cut down to those rows (in the reader thread), so what is held stays near the buffer's size
+    plus the shard being read, not every open shard whole. Rows still join their targets."""
+    from pipeline.training import loader
+
+    alive = weakref.WeakSet()
+    peak = [0]
+
+    class Counted(loader.HeldShard):
+        def __init__(self, *args):
+            super().__init__(*args)
+            alive.add(self)
+
+        def compact_in(self, reader):
+            super().compact_in(reader)
+            if self.compacting is not None:  # the copy done before the next row (the reader's speed aside)
+                self.compacting.result()
+
+        def take(self, row):
+            peak[0] = max(peak[0], sum(len(shard.position) for shard in alive))
+            return super().take(row)
+
+    monkeypatch.setattr(loader, "HeldShard", Counted)
+    buffer, per_shard = 12, 4
+    stream = BlockStream(str(tiny_tokens.path), "train", str(store_path), shuffle_buffer=buffer, seed=5)
+    rows = []
+    for item in stream:
+        rows.append(int(item["row"]))
+        assert int(item[fmt.TAIL_LOGMASS][0]) == rows[-1]
+    assert sorted(rows) == list(range(tiny_tokens.num_rows("train")))
+    # Held whole, the open shards would hold (the shards with a row out and a row still due, in full):
+    whole, given = 0, {}
+    for n, row in enumerate(rows):
+        given[row // per_shard] = given.get(row // per_shard, 0) + 1
+        whole = max(whole, per_shard * sum(1 for shard, k in given.items() if 0 < k < per_shard))
+    bound = 2 * buffer + 2 * per_shard  # the rows still due (twice: a copy halves), the shard read now
+    assert whole > bound >= peak[0]

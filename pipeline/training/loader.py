@@ -2,7 +2,8 @@
 
 Each epoch visits shards in a seeded permutation; shards are dealt round-robin to (rank, worker)
 pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memory is a few shards per
-worker, whatever the corpus size. Reading and decoding run in a thread one shard ahead of the rows
+worker, whatever the corpus size: the shard being read, the one ahead, and the rows of older shards
+still in the buffer (HeldShard). Reading and decoding run in a thread one shard ahead of the rows
 being yielded (in each DataLoader worker, if there are workers).
 
 The row order depends only on the seeds, never on the data, so it is computed without I/O. That is
@@ -157,7 +158,7 @@ class BlockStream(IterableDataset):
                                  if n >= skip))
         following = dict(zip(due, due[1:]))
         given: dict[int, int] = {}  # shard index -> rows of it skipped or yielded so far
-        decoded: dict[int, dict] = {}  # shard index -> its decoded rows, while some are still due
+        held: dict[int, HeldShard] = {}  # shard index -> its decoded rows, while some are still due
         reading: dict[int, Future] = {}  # shard index -> its read, started ahead
         with ThreadPoolExecutor(max_workers=1) as reader:
             for n, row in enumerate(self.row_order(worker, workers)):
@@ -169,14 +170,18 @@ class BlockStream(IterableDataset):
                     del given[shard]
                 if n < skip:  # trained on before the resume: no I/O for it
                     continue
-                if shard not in decoded:  # its first remaining row is due
+                if shard not in held:  # its first remaining row is due
                     read = reading.pop(shard, None) or reader.submit(self.read_shard, tokens, stores, shard)
-                    decoded[shard] = read.result()
+                    for older in held.values():  # the buffer has moved on: keep only their rows still due
+                        older.compact_in(reader)
+                    held[shard] = HeldShard(start, stop, read.result())
                     if shard in following:
                         reading[following[shard]] = reader.submit(self.read_shard, tokens, stores, following[shard])
-                yield {"row": torch.tensor(row), **{name: t[row - start] for name, t in decoded[shard].items()}}
+                for each in held.values():
+                    each.settle()
+                yield {"row": torch.tensor(row), **held[shard].take(row)}
                 if done:
-                    del decoded[shard]  # all its rows are out: let the shard go
+                    del held[shard]  # all its rows are out: let the shard go
 
     def read_shard(self, tokens: TokenStore, stores: list[TargetsStore], shard: int) -> dict[str, torch.Tensor]:
         """Tokens and decoded targets of one shard's rows."""
@@ -192,6 +197,39 @@ class BlockStream(IterableDataset):
         # topk attention as K entries + a fill per row: no T × T rows (Objective.teacher_attention).
         return {fmt.teacher_key(name, i): t for i, (store, names) in enumerate(zip(stores, self.target_names))
                 for name, t in store.decode(store.read_rows(start, stop, names), sparse_attention=True).items()}
+
+
+class HeldShard:
+    """A decoded shard's rows while some are still due. The shuffle buffer yields a shard's last rows
+    long after its first (with 256 rows each, about 8 shards are open at once), and attention rows make
+    a shard tens to hundreds of MB: so once the reader has moved on to a later shard, the rows still
+    due are copied out of this one in the reader thread, and the whole shard's memory goes."""
+
+    def __init__(self, start: int, stop: int, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.due = tensors, set(range(start, stop))
+        self.position = {row: row - start for row in self.due}  # row -> its index in the tensors
+        self.compacting: Future | None = None
+
+    def settle(self) -> None:
+        """Swap in the copy of the rows still due, once made (the shard's memory goes with the swap)."""
+        if self.compacting is not None and self.compacting.done():
+            self.tensors, self.position = self.compacting.result()
+            self.compacting = None
+
+    def take(self, row: int) -> dict[str, torch.Tensor]:
+        """`row`'s tensors (views)."""
+        self.due.discard(row)
+        index = self.position[row]
+        return {name: t[index] for name, t in self.tensors.items()}
+
+    def compact_in(self, reader: ThreadPoolExecutor) -> None:
+        """Copy the rows still due out, in `reader`, once that at least halves what is held. Rows taken
+        before the copy is swapped in are in it too: it holds every row due when it started."""
+        if self.compacting is None and 2 * len(self.due) <= len(self.position):
+            rows, tensors = sorted(self.due), self.tensors
+            index = torch.tensor([self.position[row] for row in rows])
+            self.compacting = reader.submit(lambda: ({name: t.index_select(0, index) for name, t in tensors.items()},
+                                                      {row: i for i, row in enumerate(rows)}))
 
 
 def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
