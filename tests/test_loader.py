@@ -176,8 +176,9 @@ def test_older_shards_keep_only_their_rows_still_due(tiny_tokens, store_path, mo
     assert sorted(rows) == list(range(tiny_tokens.num_rows("train")))
     # Held whole, the open shards would hold (the shards with a row out and a row still due, in full):
     whole, given = 0, {}
-    for n, row in enumerate(rows):
+    for row in rows:
         given[row // per_shard] = given.get(row // per_shard, 0) + 1
         whole = max(whole, per_shard * sum(1 for shard, k in given.items() if 0 < k < per_shard))
-    bound = 2 * buffer + 2 * per_shard  # the rows still due (twice: a copy halves), the shard read now
+    # The rows still due (twice: a shard is copied once halved), the shard being taken and the one before it.
+    bound = 2 * buffer + 2 * per_shard
     assert whole > bound >= peak[0]

@@ -226,10 +226,14 @@ class HeldShard:
         """Copy the rows still due out, in `reader`, once that at least halves what is held. Rows taken
         before the copy is swapped in are in it too: it holds every row due when it started."""
         if self.compacting is None and 2 * len(self.due) <= len(self.position):
-            rows, tensors = sorted(self.due), self.tensors
-            index = torch.tensor([self.position[row] for row in rows])
-            self.compacting = reader.submit(lambda: ({name: t.index_select(0, index) for name, t in tensors.items()},
-                                                      {row: i for i, row in enumerate(rows)}))
+            rows = sorted(self.due)
+            self.compacting = reader.submit(copy_rows, self.tensors, [self.position[row] for row in rows], rows)
+
+
+def copy_rows(tensors: dict[str, torch.Tensor], indices: list[int], rows: list[int]):
+    """(the tensors' rows at `indices`, copied; row -> its index in the copy): HeldShard's new state."""
+    index = torch.tensor(indices)
+    return {name: t.index_select(0, index) for name, t in tensors.items()}, {row: i for i, row in enumerate(rows)}
 
 
 def make_loader(stream: BlockStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
