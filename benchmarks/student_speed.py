@@ -7,6 +7,7 @@ round by round so machine noise hits all of them alike, and prints ratios of med
       --teacher models/teacher --steps 100 --rounds 3          # step throughput, per mode
   python benchmarks/student_speed.py ... --epoch --rounds 1     # one full epoch offline vs online
   python benchmarks/student_speed.py ... --preread              # diagnostic: shards served from memory
+  python benchmarks/student_speed.py ... --readers process,thread,preread   # the readers side by side
 
 Modes: ce (hard labels only), cache_topk, cache_topk_hidden (beta = 1, when the store has layers),
 cache_sampled (when it has sampled targets; with --unfused also cache_sampled_unfused, the same
@@ -15,6 +16,15 @@ when the store has attention targets), online_topk (teacher in the loop), and te
 the teacher's forward alone over the same batches, which gives the ideal online / offline ratio
 (teacher forward + student step) / student step that the measured one is compared with.
 Student settings come from the `student` section of --params (the default run's student).
+
+Readers (--readers, each mode runs under each, alternating in every round): process (the student's
+default, `reader: process`: a forked reader process hands batches over in shared memory), thread
+(`reader: thread`: a thread of the training process reads and decodes one shard ahead), preread
+(diagnostic: the thread reader with every shard served from memory once read: no reading at all).
+Besides whole-run times it prints, from step 20 on, the mean step time (the steady rate of a long
+run: a whole short run also carries its start, e.g. the first shards read before the first step)
+and the 25th percentile of the steps' own times (the gaps between batches: other tenants' bursts on
+a shared machine move the means far more), and the seconds to the first batch.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import yaml
 
 from pipeline import losses
 from pipeline.config import StudentConfig
+from pipeline.training import loop
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.targets.reader import TargetsStore
 from pipeline.student.online import OnlineTargets
@@ -66,14 +77,14 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
     return found
 
 
+READERS = ("process", "thread", "preread")
+
+
 @contextmanager
-def preread_shards(enabled: bool):
-    """Serve every shard from memory once read (diagnostic): the run's time without the reader's work,
-    after an untimed first pass of each mode has filled it. Off: the real reader, reading each time."""
-    if not enabled:
-        yield
-        return
-    read, kept = BlockStream.read_shard, {}
+def reading(reader: str, kept: dict):
+    """Inside, shards are served from memory once read if `reader` is preread (`kept` holds them);
+    gives the `reader` setting the runs take (preread runs in the training process, as thread)."""
+    read = BlockStream.read_shard
 
     def from_memory(self, tokens, stores, shard):
         key = (tuple(self.targets_paths), repr(self.target_names), self.split, shard)
@@ -81,11 +92,36 @@ def preread_shards(enabled: bool):
             kept[key] = read(self, tokens, stores, shard)
         return kept[key]
 
-    BlockStream.read_shard = from_memory
+    if reader == "preread":
+        BlockStream.read_shard = from_memory
+    try:
+        yield "process" if reader == "process" else "thread"
+    finally:
+        BlockStream.read_shard = read
+
+
+class Stamped:
+    """A loader that appends to `stamps` the time each of its batches comes out."""
+
+    def __init__(self, loader, stamps: list):
+        self.loader, self.stamps = loader, stamps
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.stamps.append(time.perf_counter())
+            yield batch
+
+
+@contextmanager
+def stamped(stamps: list):
+    """Inside, the training loop's loaders (either reader) stamp their batches into `stamps`."""
+    make, shared = loop.make_loader, loop.SharedBatches
+    loop.make_loader = lambda *args, **kwargs: Stamped(make(*args, **kwargs), stamps)
+    loop.SharedBatches = lambda *args, **kwargs: Stamped(shared(*args, **kwargs), stamps)
     try:
         yield
     finally:
-        BlockStream.read_shard = read
+        loop.make_loader, loop.SharedBatches = make, shared
 
 
 @contextmanager
@@ -139,10 +175,13 @@ def main():
     parser.add_argument("--num-workers", type=int, default=0,
                         help="loader workers decoding shards beside the training process (every mode)")
     parser.add_argument("--epoch", action="store_true", help="time one full epoch instead of --steps")
-    parser.add_argument("--preread", action="store_true",
-                        help="diagnostic: read and decode each shard once, untimed, and serve it from memory, "
-                             "so the times leave out the loader's reading")
+    parser.add_argument("--readers", default="process",
+                        help=f"comma-separated, of {', '.join(READERS)} (see above); every mode runs under each")
+    parser.add_argument("--preread", action="store_true", help="the same as --readers preread")
     args = parse_with_allocator(parser)
+    readers = ["preread"] if args.preread else args.readers.split(",")
+    if unknown := set(readers) - set(READERS):
+        parser.error(f"unknown readers {sorted(unknown)}; choose from {', '.join(READERS)}")
 
     section = yaml.safe_load(open(args.params))["student"]
     # Steps only: no periodic validation, and the one-off checksum pass over the store (timed below)
@@ -156,13 +195,17 @@ def main():
     start = time.perf_counter()
     store.check_shards(store.topk_names())
     print(f"verifying the top-k arrays of {args.targets} before training: {time.perf_counter() - start:.2f} s")
-    seconds = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}  # this process's CPU seconds: less sensitive to other tenants
+    timed = [(reader, name) for reader in readers for name in runs]
+    seconds = {run: [] for run in timed}
+    cpu = {run: [] for run in timed}  # this process's CPU seconds (not the reader process's): steadier
+    steps = {run: [] for run in timed}  # each step's own time (the gaps between its batches), from step 20
+    steady = {run: [] for run in timed}  # per run: the mean step time from step 20
+    first = {run: [] for run in timed}  # per run: seconds to its first batch
     with tempfile.TemporaryDirectory() as out:  # untimed: the first run in a process pays the imports
         run_student(replace(base, alpha=1.0, max_steps=2, epochs=0), args.tokens, out)
-    def run_mode(name: str) -> None:
+    def run_mode(name: str, reader: str = "process") -> None:
         overrides, kwargs = runs[name]
-        config = replace(base, **overrides)
+        config = replace(base, **overrides, reader=reader)
         with tempfile.TemporaryDirectory() as out:
             if "teacher_only" in kwargs:
                 teacher_forward(config, args.tokens, kwargs["teacher_only"])
@@ -170,36 +213,60 @@ def main():
                 with unfused_sampled_kd() if "unfused" in kwargs else nullcontext():
                     run_student(config, args.tokens, out, **{k: v for k, v in kwargs.items() if k != "unfused"})
 
-    with preread_shards(args.preread):
-        if args.preread:  # untimed: one pass of every mode fills the memory
+    kept: dict = {}
+    if "preread" in readers:  # untimed: one pass of every mode fills the memory
+        with reading("preread", kept) as setting:
             for name in runs:
-                run_mode(name)
-        for round_index in range(args.rounds):
-            for name in runs:
+                run_mode(name, setting)
+    for round_index in range(args.rounds):
+        for reader, name in timed:
+            stamps: list[float] = []
+            with reading(reader, kept) as setting, stamped(stamps):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                run_mode(name)
-                seconds[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - cpu_start)
-                print(f"round {round_index}: {name:>18} {seconds[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s", flush=True)
+                run_mode(name, setting)
+                seconds[reader, name].append(time.perf_counter() - start)
+                cpu[reader, name].append(time.process_time() - cpu_start)
+            gaps = [b - a for a, b in zip(stamps[20:], stamps[21:])]
+            steps[reader, name] += gaps
+            steady[reader, name].append(statistics.mean(gaps) if gaps else math.nan)
+            first[reader, name].append(stamps[0] - start if stamps else math.nan)
+            label = f"{name} ({reader})" if len(readers) > 1 else name
+            print(f"round {round_index}: {label:>28} {seconds[reader, name][-1]:7.2f} s  "
+                  f"cpu {cpu[reader, name][-1]:7.2f} s", flush=True)
 
     unit = "1 epoch" if args.epoch else f"{args.steps} steps"
     print(f"\nmedian wall time for {unit} (batch {base.batch_size} x {tokens.block_size} tokens), "
-          f"ratio = CE time / mode time (throughput relative to hard labels):")
-    ce = statistics.median(seconds["ce"])
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        # Also: the median of the per-round ratios (pairs run back to back), and the same in CPU seconds.
-        paired = statistics.median(c / v for c, v in zip(seconds["ce"], values))
-        cpu_ratio = statistics.median(cpu["ce"]) / statistics.median(cpu[name])
-        print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}   per round {paired:5.3f}   "
-              f"in CPU s {cpu_ratio:5.3f}")
-    if "online_topk" in seconds:
-        online = statistics.median(seconds["online_topk"])
-        offline = statistics.median(seconds["cache_topk"])
+          f"ratio = CE time / mode time (throughput relative to hard labels), CE under the same reader:")
+    for reader in readers:
+        if len(readers) > 1:
+            print(f" reader {reader}:")
+        ce = statistics.median(seconds[reader, "ce"])
+        ce_step, ce_steady = quartile(steps[reader, "ce"]), statistics.median(steady[reader, "ce"])
+        for name in runs:
+            values = seconds[reader, name]
+            median = statistics.median(values)
+            # Also: the median of the per-round ratios (pairs run back to back), the same in CPU seconds,
+            # and the steps' lower quartile (the steps least touched by other tenants).
+            paired = statistics.median(c / v for c, v in zip(seconds[reader, "ce"], values))
+            cpu_ratio = statistics.median(cpu[reader, "ce"]) / statistics.median(cpu[reader, name])
+            step, mean_step = quartile(steps[reader, name]), statistics.median(steady[reader, name])
+            print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}   per round {paired:5.3f}   "
+                  f"in CPU s {cpu_ratio:5.3f}   from step 20 {mean_step * 1e3:6.1f} ms ({ce_steady / mean_step:5.3f})   "
+                  f"step p25 {step * 1e3:6.1f} ms ({ce_step / step:5.3f})   "
+                  f"first batch {statistics.median(first[reader, name]):5.2f} s")
+    if "online_topk" in runs:
+        reader = readers[0]
+        online = statistics.median(seconds[reader, "online_topk"])
+        offline = statistics.median(seconds[reader, "cache_topk"])
         print(f"  offline / online wall time: {offline / online:5.3f}  (online is {online / offline:4.2f}x slower)")
-        ideal = (statistics.median(seconds["teacher_forward"]) + offline) / offline
+        ideal = (statistics.median(seconds[reader, "teacher_forward"]) + offline) / offline
         print(f"  ideal online / offline (teacher forward + student step) / student step: {ideal:4.2f}; "
               f"measured {online / offline:4.2f} = {online / offline / ideal:5.3f} of ideal")
+
+
+def quartile(values: list[float]) -> float:
+    """The 25th percentile (nan when there are none: runs of 21 steps or fewer)."""
+    return statistics.quantiles(values, n=4)[0] if len(values) > 1 else math.nan
 
 
 if __name__ == "__main__":

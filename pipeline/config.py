@@ -73,6 +73,7 @@ class PrepareConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+READERS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class TrainSettings:
     min_lr_ratio: float = setting(0.1, "The cosine schedule ends at this fraction of --lr.")
     seed: int = setting(0, "Seed for initialisation and data order.")
     num_workers: int = setting(0, "DataLoader worker processes decoding shards.")
+    reader: str = setting("process", "With num_workers 0, where shards are read and decoded: process (a forked "
+                          "reader process hands each batch over in shared memory allocated once; the training "
+                          "process does no reading) or thread (a thread of the training process).")
     shuffle_buffer: int = setting(256, "Rows held in the shuffle buffer.")
     checkpoint_every: int = setting(0, "Write a checkpoint (model, optimizer, data position, RNG states) "
                                     "every this many steps and at the end, for --resume (0: never).")
@@ -113,6 +117,7 @@ class TrainSettings:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}.")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         _check(self.num_workers >= 0, "num_workers must be >= 0.")
+        _check(self.reader in READERS, f"reader must be one of {', '.join(READERS)}, got {self.reader!r}.")
         _check(min(self.checkpoint_every, self.eval_every) >= 0 and self.eval_batches >= 1,
                "checkpoint_every and eval_every must be >= 0 (0: off) and eval_batches >= 1.")
         self.check_precision()

@@ -45,10 +45,10 @@ def decode_in_one_thread() -> None:
     """Have zarr decompress chunks in one thread, in this process from now on.
 
     zarr hands each chunk's decompression to a pool of threads (asyncio's default: cores + 4). A
-    student's loader already reads one shard ahead in its own thread beside the step, and a pool
-    beside that takes the cores the step runs on: on these 2-core machines a step ran about twice as
-    slow while shards were read (BENCHMARKS §17). Loader workers (num_workers) read in parallel where
-    cores are many.
+    student's loader already reads one shard ahead beside the step (its reader process or thread,
+    which inherits this setting), and a pool beside that takes the cores the step runs on: on these
+    2-core machines a step ran about twice as slow while shards were read (BENCHMARKS §17). Loader
+    workers (num_workers) read in parallel where cores are many.
     """
     import zarr
 

@@ -3,10 +3,13 @@
 import inspect
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.config import PrepareConfig
 from pipeline.data.tokens import prepare_tokens
+from pipeline.targets import format as fmt
+from pipeline.targets.writer import TargetsWriter
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +29,29 @@ def tiny_tokens(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens") / "tokens"
     config = PrepareConfig(corpus=str(tiny_corpus), vocab_size=300, block_size=32, val_fraction=0.2)
     return prepare_tokens(config, out)
+
+
+@pytest.fixture(scope="session")
+def store_path(tiny_tokens, tmp_path_factory):
+    """A real targets store whose tail_logmass of row r is r at every position (to check the join)."""
+    rows, T = tiny_tokens.num_rows("train"), tiny_tokens.block_size
+    identity = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+                "tokens_fingerprint": tiny_tokens.fingerprint, "teacher_fingerprint": "t", "split": "train",
+                "rows": rows, "block_size": T, "vocab_size": tiny_tokens.vocab_size, "capture_temperature": 1.0,
+                "top_k": 2, "encoding": "fp32", "ids_dtype": "uint16", "layers": [], "hidden_size": 4,
+                "hidden_dtype": "float16", "rows_per_chunk": 2, "rows_per_shard": 4, "teacher_num_layers": 1,
+                "samples": 0, "seed": 0}
+    specs = {fmt.TOPK_IDS: ((T, 2), "uint16"), fmt.TOPK_LOGPROBS: ((T, 2), "float32"),
+             fmt.TAIL_LOGMASS: ((T,), "float32")}
+    path = tmp_path_factory.mktemp("loader") / "targets.zarr"
+    writer = TargetsWriter(path, identity, specs)
+    for i, (start, stop) in enumerate(writer.ranges):
+        n = stop - start
+        writer.write_shard(i, {fmt.TOPK_IDS: np.zeros((n, T, 2), np.uint16),
+                               fmt.TOPK_LOGPROBS: np.zeros((n, T, 2), np.float32),
+                               fmt.TAIL_LOGMASS: np.repeat(np.arange(start, stop, dtype=np.float32)[:, None], T, 1)})
+    writer.finish()
+    return path
 
 
 # --- The `kdcache` command line on a really small pipeline (tests/test_cli.py) -----------------------

@@ -10,30 +10,6 @@ import torch
 
 from pipeline.training.loader import BlockStream, make_loader
 from pipeline.targets import format as fmt
-from pipeline.targets.writer import TargetsWriter
-
-
-@pytest.fixture(scope="module")
-def store_path(tiny_tokens, tmp_path_factory):
-    """A real targets store whose tail_logmass of row r is r at every position (to check the join)."""
-    rows, T = tiny_tokens.num_rows("train"), tiny_tokens.block_size
-    identity = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-                "tokens_fingerprint": tiny_tokens.fingerprint, "teacher_fingerprint": "t", "split": "train",
-                "rows": rows, "block_size": T, "vocab_size": tiny_tokens.vocab_size, "capture_temperature": 1.0,
-                "top_k": 2, "encoding": "fp32", "ids_dtype": "uint16", "layers": [], "hidden_size": 4,
-                "hidden_dtype": "float16", "rows_per_chunk": 2, "rows_per_shard": 4, "teacher_num_layers": 1,
-                "samples": 0, "seed": 0}
-    specs = {fmt.TOPK_IDS: ((T, 2), "uint16"), fmt.TOPK_LOGPROBS: ((T, 2), "float32"),
-             fmt.TAIL_LOGMASS: ((T,), "float32")}
-    path = tmp_path_factory.mktemp("loader") / "targets.zarr"
-    writer = TargetsWriter(path, identity, specs)
-    for i, (start, stop) in enumerate(writer.ranges):
-        n = stop - start
-        writer.write_shard(i, {fmt.TOPK_IDS: np.zeros((n, T, 2), np.uint16),
-                               fmt.TOPK_LOGPROBS: np.zeros((n, T, 2), np.float32),
-                               fmt.TAIL_LOGMASS: np.repeat(np.arange(start, stop, dtype=np.float32)[:, None], T, 1)})
-    writer.finish()
-    return path
 
 
 def epoch_rows(stream, num_workers, epoch, check_join=None):

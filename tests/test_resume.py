@@ -44,8 +44,10 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_killed_then_resumed_run_equals_the_uninterrupted_run(small_tokens, small_targets, tmp_path):
-    config = StudentConfig(**CONFIG)
+@pytest.mark.parametrize("loader", [{"num_workers": 2}, {"num_workers": 0, "reader": "process"}],
+                         ids=["two workers", "reader process"])
+def test_killed_then_resumed_run_equals_the_uninterrupted_run(small_tokens, small_targets, tmp_path, loader):
+    config = StudentConfig(**{**CONFIG, **loader})
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_student(config, str(small_tokens), str(straight / "model"), str(small_targets), files(straight))
     with pytest.raises(Killed):  # dies fetching batch 5: steps 4 is lost, the checkpoint is at step 3

@@ -386,7 +386,7 @@ def sparse_attention(keys, probs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Row q holds fill[q] at every key 0..q, plus above[q, j] at keys[q, j] (a kept probability minus
     the fill; 0 where nothing is kept); entropy[q] = −Σ_k t log t over the row. These are the rows of
     `decode_attention` (the same fill and renormalisation, here on K + 1 numbers per row). Assumes a
-    row's keys are distinct (topk's are). Computed here, in the loader's reader thread, off the step."""
+    row's keys are distinct (topk's are). Computed here, in the loader's reader, off the step."""
     # uint16 as stored has few torch ops; the narrowest signed type that holds every key does.
     block = np.shape(keys)[-2]
     keys = torch.as_tensor(np.asarray(keys, dtype=np.int16 if block <= np.iinfo(np.int16).max + 1 else np.int32))

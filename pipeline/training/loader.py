@@ -4,7 +4,8 @@ Each epoch visits shards in a seeded permutation; shards are dealt round-robin t
 pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memory is a few shards per
 worker, whatever the corpus size: the shard being read, the one ahead, and the rows of older shards
 still in the buffer (HeldShard). Reading and decoding run in a thread one shard ahead of the rows
-being yielded (in each DataLoader worker, if there are workers).
+being yielded (in each DataLoader worker, if there are workers). The training loop runs this loader
+in a reader process by default (shared_batches.SharedBatches), so the training process reads nothing.
 
 The row order depends only on the seeds, never on the data, so it is computed without I/O. That is
 what makes an exact resume cheap: `start_epoch(epoch, batches_done, ...)` skips the batches already
@@ -182,6 +183,12 @@ class BlockStream(IterableDataset):
                 yield {"row": torch.tensor(row), **held[shard].take(row)}
                 if done:
                     del held[shard]  # all its rows are out: let the shard go
+
+    def row_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of each tensor of a yielded row: read from the first row (rows are alike)."""
+        first = {**TokenStore(self.tokens_path).rows(self.split, 0, 1),
+                 **self.read_targets([TargetsStore(t) for t in self.targets_paths], 0, 1)}
+        return {"row": ((), torch.int64), **{name: (tuple(t.shape[1:]), t.dtype) for name, t in first.items()}}
 
     def read_shard(self, tokens: TokenStore, stores: list[TargetsStore], shard: int) -> dict[str, torch.Tensor]:
         """Tokens and decoded targets of one shard's rows."""

@@ -29,6 +29,7 @@ from pipeline.tasks import CAUSAL
 from pipeline.training import checkpoint, precision
 from pipeline.training.tracking import Trackers
 from pipeline.training.loader import BlockStream, make_loader
+from pipeline.training.shared_batches import SharedBatches
 from pipeline.training.objective import Objective
 
 
@@ -214,7 +215,10 @@ def train_loop(model, stream: BlockStream, settings: TrainSettings, objective: O
             write_history(val_history, files.val_log)
 
     trackers = Trackers(files.live_dir, files.tensorboard_dir, files.resume) if main else Trackers()
-    loader = make_loader(stream, local_batch, workers, pin_memory=device.type == "cuda")
+    if workers or settings.reader == "thread":
+        loader = make_loader(stream, local_batch, workers, pin_memory=device.type == "cuda")
+    else:  # the same batches, read in another process (tensors valid until the next batch is asked for)
+        loader = SharedBatches(stream, local_batch)
     tokens_per_step = settings.batch_size * TokenStore(stream.tokens_path).block_size
     bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not main)
     start, first_step = time.perf_counter(), step
