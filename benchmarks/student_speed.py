@@ -20,7 +20,9 @@ Student settings come from the `student` section of --params (the default run's 
 Readers (--readers, each mode runs under each, alternating in every round): process (the student's
 default, `reader: process`: a forked reader process hands batches over in shared memory), thread
 (`reader: thread`: a thread of the training process reads and decodes one shard ahead), preread
-(diagnostic: the thread reader with every shard served from memory once read: no reading at all).
+(diagnostic: the thread reader with every shard served from memory once read: no reading at all),
+workers (`num_workers: 1`: a DataLoader worker process, which pickles each batch into fresh shared
+memory).
 Besides whole-run times it prints, from step 20 on, the mean step time (the steady rate of a long
 run: a whole short run also carries its start, e.g. the first shards read before the first step)
 and the 25th percentile of the steps' own times (the gaps between batches: other tenants' bursts on
@@ -77,13 +79,13 @@ def modes(args, store: TargetsStore, vocab: int) -> dict:
     return found
 
 
-READERS = ("process", "thread", "preread")
+READERS = ("process", "thread", "preread", "workers")
 
 
 @contextmanager
 def reading(reader: str, kept: dict):
     """Inside, shards are served from memory once read if `reader` is preread (`kept` holds them);
-    gives the `reader` setting the runs take (preread runs in the training process, as thread)."""
+    gives the student settings the runs take (preread reads in the training process, as thread)."""
     read = BlockStream.read_shard
 
     def from_memory(self, tokens, stores, shard):
@@ -95,7 +97,7 @@ def reading(reader: str, kept: dict):
     if reader == "preread":
         BlockStream.read_shard = from_memory
     try:
-        yield "process" if reader == "process" else "thread"
+        yield {"process": {"reader": "process"}, "workers": {"num_workers": 1}}.get(reader, {"reader": "thread"})
     finally:
         BlockStream.read_shard = read
 
@@ -203,9 +205,9 @@ def main():
     first = {run: [] for run in timed}  # per run: seconds to its first batch
     with tempfile.TemporaryDirectory() as out:  # untimed: the first run in a process pays the imports
         run_student(replace(base, alpha=1.0, max_steps=2, epochs=0), args.tokens, out)
-    def run_mode(name: str, reader: str = "process") -> None:
+    def run_mode(name: str, loader: dict) -> None:
         overrides, kwargs = runs[name]
-        config = replace(base, **overrides, reader=reader)
+        config = replace(base, **overrides, **loader)
         with tempfile.TemporaryDirectory() as out:
             if "teacher_only" in kwargs:
                 teacher_forward(config, args.tokens, kwargs["teacher_only"])
