@@ -2,6 +2,9 @@
 
 import multiprocessing
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -59,3 +62,34 @@ def test_a_student_trains_the_same_with_either_reader(small_tokens, small_target
         run_student(config, str(small_tokens), str(out / "model"), str(small_targets), str(out / "loss.csv"))
         logs[reader] = read_csv(out / "loss.csv")
     assert len(logs["thread"]) == 6 and logs["process"] == logs["thread"]
+
+
+def test_the_reader_process_ends_when_the_training_process_is_killed(tiny_tokens, store_path, tmp_path):
+    """A SIGKILLed training process cannot stop its reader: the reader notices and ends by itself."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from pipeline.training.loader import BlockStream\n"
+        "from pipeline.training.shared_batches import SharedBatches\n"
+        f"batches = iter(SharedBatches(BlockStream({str(tiny_tokens.path)!r}, 'train', {str(store_path)!r}), 2))\n"
+        "next(batches)\n"
+        "print(multiprocessing.active_children()[0].pid, flush=True)\n"
+        "time.sleep(600)\n")
+    training = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    reader = int(training.stdout.readline())
+    assert pid_alive(reader)  # waiting for a slot: all four are full and the training process sleeps
+    training.kill()
+    training.wait()
+    deadline = time.monotonic() + 30
+    while pid_alive(reader) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(reader)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

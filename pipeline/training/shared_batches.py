@@ -12,6 +12,7 @@ slot number crosses per batch.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import queue
 import traceback
@@ -42,11 +43,11 @@ class SharedBatches:
             self.slots = [{name: torch.empty((self.batch_size, *shape), dtype=dtype).share_memory_()
                            for name, (shape, dtype) in spec.items()} for _ in range(SLOTS)]
         context = multiprocessing.get_context("fork")  # the reader gets the stream as it is now
-        free, ready = context.SimpleQueue(), context.Queue()
+        free, ready = context.Queue(), context.Queue()
         for slot in range(SLOTS):
             free.put(slot)
-        reader = context.Process(target=read_batches, args=(self.stream, self.batch_size, self.slots, free, ready),
-                                 daemon=True)
+        reader = context.Process(target=read_batches, daemon=True,
+                                 args=(self.stream, self.batch_size, self.slots, free, ready, os.getpid()))
         reader.start()
         in_use = None
         try:
@@ -75,12 +76,24 @@ def receive(ready, reader) -> tuple[int, int] | None:
         return message
 
 
-def read_batches(stream: BlockStream, batch_size: int, slots: list[dict[str, torch.Tensor]], free, ready) -> None:
+def next_free(free, parent: int) -> int:
+    """A slot the training process gave back. Ends this process once the training process is gone
+    (killed, say, so that it could not stop the reader): an orphan would wait here for ever."""
+    while True:
+        try:
+            return free.get(timeout=1)
+        except queue.Empty:
+            if os.getppid() != parent:
+                raise SystemExit(0) from None
+
+
+def read_batches(stream: BlockStream, batch_size: int, slots: list[dict[str, torch.Tensor]], free, ready,
+                 parent: int) -> None:
     """The reader process: the loader's batches into the free slots, then None (or the error)."""
     torch.set_num_threads(1)  # decoding is light; the training process keeps the cores
     try:
         for batch in make_loader(stream, batch_size):
-            slot, rows = free.get(), len(batch["row"])
+            slot, rows = next_free(free, parent), len(batch["row"])
             for name, t in batch.items():
                 slots[slot][name][:rows].copy_(t)
             ready.put((slot, rows))
