@@ -248,12 +248,12 @@ def main():
             values = seconds[reader, name]
             median = statistics.median(values)
             # Also: the median of the per-round ratios (pairs run back to back), the same in CPU seconds,
-            # and the steps' lower quartile (the steps least touched by other tenants).
+            # the steady rate from step 20 and the steps' lower quartile (least touched by other tenants).
             paired = statistics.median(c / v for c, v in zip(seconds[reader, "ce"], values))
             cpu_ratio = statistics.median(cpu[reader, "ce"]) / statistics.median(cpu[reader, name])
-            step, mean_step = quartile(steps[reader, name]), statistics.median(steady[reader, name])
+            step, mean = quartile(steps[reader, name]), statistics.median(steady[reader, name])
             print(f"  {name:>18}: {median:7.2f} s   throughput vs CE {ce / median:5.3f}   per round {paired:5.3f}   "
-                  f"in CPU s {cpu_ratio:5.3f}   from step 20 {mean_step * 1e3:6.1f} ms ({ce_steady / mean_step:5.3f})   "
+                  f"in CPU s {cpu_ratio:5.3f}   from step 20 {mean * 1e3:6.1f} ms ({ce_steady / mean:5.3f})   "
                   f"step p25 {step * 1e3:6.1f} ms ({ce_step / step:5.3f})   "
                   f"first batch {statistics.median(first[reader, name]):5.2f} s")
     if "online_topk" in runs:

@@ -44,9 +44,10 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("loader", [{"num_workers": 2}, {"num_workers": 0, "reader": "process"}],
-                         ids=["two workers", "reader process"])
-def test_killed_then_resumed_run_equals_the_uninterrupted_run(small_tokens, small_targets, tmp_path, loader):
+@pytest.mark.parametrize("loader, resumed", [({"num_workers": 2}, {}), ({"num_workers": 0}, {"reader": "thread"})],
+                         ids=["two workers", "reader process, resumed with the thread"])
+def test_killed_then_resumed_run_equals_the_uninterrupted_run(small_tokens, small_targets, tmp_path, loader,
+                                                               resumed):
     config = StudentConfig(**{**CONFIG, **loader})
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_student(config, str(small_tokens), str(straight / "model"), str(small_targets), files(straight))
@@ -54,7 +55,8 @@ def test_killed_then_resumed_run_equals_the_uninterrupted_run(small_tokens, smal
         run_student(config, str(small_tokens), str(broken / "model"), str(small_targets), files(broken),
                     add_targets=kill_at(5))
     assert [int(r["step"]) for r in read_csv(broken / "loss.csv")] == [1, 2, 3]  # logs as of the checkpoint
-    run_student(config, str(small_tokens), str(broken / "model"), str(small_targets), files(broken, resume=True))
+    run_student(StudentConfig(**{**CONFIG, **loader, **resumed}), str(small_tokens), str(broken / "model"),
+                str(small_targets), files(broken, resume=True))
 
     losses = read_csv(straight / "loss.csv")
     assert [int(r["step"]) for r in losses] == list(range(1, 9))

@@ -30,7 +30,8 @@ STATE, RUN = "state.pt", "run.json"
 # budget may grow (extending a run re-plans the learning-rate schedule over the new total from the
 # resume step on), other schedule-free settings are free.
 MAY_CHANGE = ("max_steps", "epochs", "checkpoint_every", "eval_every", "eval_batches", "device",
-              "gradient_accumulation_steps")  # the same update, in fewer or more pieces
+              "gradient_accumulation_steps",  # the same update, in fewer or more pieces
+              "reader")  # the same batches, read elsewhere (and absent from checkpoints before it existed)
 
 
 def rng_state() -> dict:
