@@ -92,7 +92,7 @@ class TrainSettings:
     num_workers: int = setting(0, "DataLoader worker processes decoding shards.")
     reader: str = setting("process", "With num_workers 0, where shards are read and decoded: process (a forked "
                           "reader process hands each batch over in shared memory allocated once; the training "
-                          "process does no reading) or thread (a thread of the training process).")
+                          "process reads only one row, to size it) or thread (a thread of the training process).")
     shuffle_buffer: int = setting(256, "Rows held in the shuffle buffer.")
     checkpoint_every: int = setting(0, "Write a checkpoint (model, optimizer, data position, RNG states) "
                                     "every this many steps and at the end, for --resume (0: never).")

@@ -68,7 +68,7 @@ def test_the_reader_process_ends_when_the_training_process_is_killed(tiny_tokens
     """A SIGKILLed training process cannot stop its reader: the reader notices and ends by itself."""
     script = tmp_path / "train.py"
     script.write_text(
-        "import multiprocessing, sys, time\n"
+        "import multiprocessing, time\n"
         "from pipeline.training.loader import BlockStream\n"
         "from pipeline.training.shared_batches import SharedBatches\n"
         f"batches = iter(SharedBatches(BlockStream({str(tiny_tokens.path)!r}, 'train', {str(store_path)!r}), 2))\n"

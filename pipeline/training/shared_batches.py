@@ -1,7 +1,8 @@
 """Batches made in a reader process and handed over in shared memory allocated once.
 
 A reader thread shares the training process's interpreter: with attention targets (hundreds of KB a
-row to read and decode) it cost a small student's step several ms (BENCHMARKS §17, eighth pass).
+row to read and decode) it cost a small student's step several ms in busy hours (BENCHMARKS §17,
+eighth pass).
 DataLoader worker processes read elsewhere too, but pickle every batch into fresh shared memory that
 the training process maps and faults in anew each step. Here a forked process runs the same loader
 (make_loader(stream, batch_size): same rows, same order, so resume plans are unchanged) and copies
