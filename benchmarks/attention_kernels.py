@@ -9,9 +9,11 @@ median thread time of:
   minilm     the same kernel with MiniLM's attention KL
   relation   MiniLM's value-relation KL alone (losses.relation_kl on R = H relation heads)
 A MiniLM student pays minilm + relation where a CE student pays sdpa; a TinyBERT student pays
-tinybert in place of sdpa in each distilled block.
+tinybert in place of sdpa in each distilled block. --spans times the three kernels at each width of
+their query spans (losses.attention.QUERY_SPAN; default: the library's).
 
-  python benchmarks/attention_kernels.py [--batch 16 --heads 4 --block 128 --head-dim 16 --top-k 32] --rounds 200
+  python benchmarks/attention_kernels.py [--batch 16 --heads 4 --block 128 --head-dim 16 --top-k 32] --rounds 200 \
+      [--spans 16,32,64]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import torch
 
 from pipeline import losses
+from pipeline.losses import attention
 from pipeline.losses.attention import DistilledAttention
 from pipeline.targets import codecs
 from student_speed import parse_with_allocator
@@ -45,6 +48,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=200, help="calls of each (the first 10 are not counted)")
+    parser.add_argument("--spans", default=str(attention.QUERY_SPAN),
+                        help="comma-separated query-span widths to time the kernels at")
     args = parse_with_allocator(parser)
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
@@ -60,16 +65,23 @@ def main():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.backward(d_out)
 
-    def kernel(kind):
+    def kernel(kind, span):
+        attention.QUERY_SPAN = span
         out, loss = DistilledAttention.apply(q, k, v, scale, kind, teacher.keys, teacher.above, teacher.fill,
                                              teacher.entropy, mass)
         torch.autograd.backward([out, loss], [d_out, torch.ones(())])
 
-    def relation():
+    def relation(span):
+        attention.QUERY_SPAN = span
         losses.relation_kl(values, teacher).backward()
 
-    runs = {"sdpa": sdpa, "tinybert": lambda: kernel("tinybert"), "minilm": lambda: kernel("minilm"),
-            "relation": relation}
+    spans = [int(s) for s in args.spans.split(",")]
+    runs = {"sdpa": sdpa}
+    for span in spans:
+        tag = "" if len(spans) == 1 else f"@{span}"
+        runs |= {f"tinybert{tag}": lambda span=span: kernel("tinybert", span),
+                 f"minilm{tag}": lambda span=span: kernel("minilm", span),
+                 f"relation{tag}": lambda span=span: relation(span)}
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -82,10 +94,12 @@ def main():
     print(f"one block, forward + backward (B {B}, H {H}, T {T}, d {d}, K {args.top_k}), median thread time "
           f"of {args.rounds - 10} calls:")
     for name in runs:
-        print(f"  {name:>9}: {median[name] * 1e3:6.2f} ms  ({median[name] / median['sdpa']:4.2f} x sdpa)")
-    print(f"  a TinyBERT block over an SDPA block: +{(median['tinybert'] - median['sdpa']) * 1e3:.2f} ms; "
-          f"MiniLM's block and value relations over an SDPA block: "
-          f"+{(median['minilm'] + median['relation'] - median['sdpa']) * 1e3:.2f} ms")
+        print(f"  {name:>12}: {median[name] * 1e3:6.2f} ms  ({median[name] / median['sdpa']:4.2f} x sdpa)")
+    for span in spans:
+        tag = "" if len(spans) == 1 else f"@{span}"
+        print(f"  spans of {span} queries: a TinyBERT block over an SDPA block "
+              f"{(median['tinybert' + tag] - median['sdpa']) * 1e3:+.2f} ms; MiniLM's block and value relations "
+              f"over an SDPA block {(median['minilm' + tag] + median['relation' + tag] - median['sdpa']) * 1e3:+.2f} ms")
 
 
 if __name__ == "__main__":

@@ -274,7 +274,9 @@ def test_losses_on_sparse_rows_equal_their_dense_definition_and_gradients(loss, 
     assert float(values[0]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_minilm_value_relations_on_sparse_rows_equal_the_dense_loss_and_gradients():
+@pytest.mark.parametrize("span", [64, 4])  # one span of queries; three (4, 4 and 1 rows)
+def test_minilm_value_relations_on_sparse_rows_equal_the_dense_loss_and_gradients(span, monkeypatch):
+    monkeypatch.setattr(losses.attention, "QUERY_SPAN", span)
     torch.manual_seed(7)
     attention = sparse_rows(stored_topk(causal_rows(3 * torch.randn(2, 3, 9, 9)), 3))
     relation = sparse_rows(stored_topk(losses.value_relation(torch.randn(2, 9, 12), 3), 3))
@@ -335,8 +337,10 @@ def test_objective_reads_attention_as_stored_and_as_decoded_alike(teacher_dir, t
 
 # --- The student's kernel: a distilled block's attention and loss in one pass ---------------------
 
+@pytest.mark.parametrize("span", [64, 4])  # one span of queries; three (4, 4 and 1 rows)
 @pytest.mark.parametrize("kind", ["tinybert", "minilm"])
-def test_distilled_attention_is_attention_and_its_loss_by_definition(kind):
+def test_distilled_attention_is_attention_and_its_loss_by_definition(kind, span, monkeypatch):
+    monkeypatch.setattr(losses.attention, "QUERY_SPAN", span)
     torch.manual_seed(8)
     B, H, T, d = 2, 3, 9, 4
     rows = sparse_rows(stored_topk(causal_rows(3 * torch.randn(B, H, T, T)), 3))
@@ -371,13 +375,14 @@ def test_distilled_attention_is_attention_and_its_loss_by_definition(kind):
 
 
 @pytest.mark.parametrize("kind", ["tinybert", "minilm"])
-def test_a_student_in_distilling_attention_trains_as_in_eager_attention(kind):
+def test_a_student_in_distilling_attention_trains_as_in_eager_attention(kind, monkeypatch):
     """The same GPT-2 student, batch and sparse teacher rows through the Objective: distilling attention
     (SDPA in block 1, the kernel's loss in block 2, or the weights where a block is paired twice) and
     eager attention give the same loss and the same gradients."""
     from pipeline.models import use_distilling_attention
     from pipeline.training.objective import Objective
 
+    monkeypatch.setattr(losses.attention, "QUERY_SPAN", 5)  # spans of 5, 5 and 2 queries
     torch.manual_seed(9)
     B, T, V = 2, 12, 40
     student = build_gpt2(ModelShape(n_layer=2, n_embd=24, n_head=3), V, T, seed=0)

@@ -9,11 +9,13 @@ B, heads and the T query rows. On SparseRows a loss expands its sum over keys in
 plus a closed form for the fill, so no teacher T × T matrix is built; it equals the dense definition
 (the `dense()` rows) up to float rounding. DistilledAttention takes the student's queries, keys and
 values instead of its weights: a block's attention and its loss in one pass (the student's attention
-kernel, models.distilling_attention, calls it).
+kernel, models.distilling_attention, calls it). It and RelationKL make the student's T × T rows a
+span of queries at a time (query_spans).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -140,25 +142,40 @@ class RelationKL(torch.autograd.Function):
 
     @staticmethod
     def compute(ctx, split, keys, above, fill, entropy, mass, alpha):
-        scores = causal_products(split, alpha)
-        student = torch.softmax(scores, dim=-1)
-        # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
-        lse = scores.amax(-1) - student.amax(-1).log()
+        B, R, T, _ = split.shape
+        flat = split.flatten(0, 1)  # (B·R, T, d)
         prefix = split.cumsum(-2)  # (B, R, T, d): v_0 + … + v_q
-        at_keys = torch.where(above != 0, above * scores.gather(-1, keys), 0.0)  # unkept keys may be −∞
-        cross = fill * alpha * torch.linalg.vecdot(split, prefix) + at_keys.sum(-1) - mass * lse
-        ctx.save_for_backward(split, student, keys, above, fill, mass, prefix)
+        cross = fill * alpha * torch.linalg.vecdot(split, prefix)
+        saved = []
+        for start, end in query_spans(T):  # as in DistilledAttention
+            rows_of = slice(start, end)
+            scores = causal_scores(flat[:, rows_of], flat[:, :end], alpha, start)
+            student = torch.softmax(scores, dim=-1)
+            # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
+            lse = (scores.amax(-1) - student.amax(-1).log()).unflatten(0, (B, R))
+            kept, span_above = span_keys(keys, start, end), above[:, :, rows_of]
+            at_keys = span_above * finite_at(scores.unflatten(0, (B, R)), kept)
+            cross[:, :, rows_of] += at_keys.sum(-1) - mass[:, :, rows_of] * lse
+            saved += [student, kept]
+        ctx.save_for_backward(split, above, fill, mass, prefix, *saved)
         ctx.alpha = alpha
         return (-entropy - cross).mean()
 
     @staticmethod
     def backward(ctx, grad):
-        split, student, keys, above, fill, mass, prefix = ctx.saved_tensors
+        split, above, fill, mass, prefix, *saved = ctx.saved_tensors
+        B, R, T = fill.shape
         scale = grad / fill.numel()
-        # dz = scale · (mass·ŝ − above at the kept keys − fill on keys 0..q); the fill part is added below.
-        dz = (student * (scale * mass).unsqueeze(-1)).scatter_add_(-1, keys, above * -scale).flatten(0, 1)
         flat = split.flatten(0, 1)
-        out = torch.bmm(dz, flat).baddbmm_(dz.transpose(-1, -2), flat).unflatten(0, split.shape[:2])
+        out = torch.zeros_like(flat)
+        for (start, end), student, kept in zip(query_spans(T), saved[0::2], saved[1::2]):
+            rows_of = slice(start, end)
+            # dz = scale · (mass·ŝ − above at the kept keys − fill on keys 0..q); the fill part is added below.
+            dz = (student * (scale * mass[:, :, rows_of]).flatten(0, 1).unsqueeze(-1)).unflatten(0, (B, R))
+            dz = dz.scatter_add_(-1, kept, above[:, :, rows_of] * -scale).flatten(0, 1)
+            add_product(out[:, rows_of], dz, flat[:, :end])
+            add_product(out[:, :end], dz.transpose(-1, -2), flat[:, rows_of])
+        out = out.unflatten(0, (B, R))
         # −scale·fill_q on keys k ≤ q: row q gets fill_q·Σ_{k≤q} v_k, key k gets Σ_{q≥k} fill_q·v_q.
         weighted = (fill * -scale).unsqueeze(-1)
         later = (weighted * split).flip(-2).cumsum(-2).flip(-2)
@@ -175,6 +192,7 @@ class DistilledAttention(torch.autograd.Function):
     sums of the keys. Backward folds the loss's gradient into the attention's own passes: for the MSE,
     2c·s joins dO Vᵀ in one baddbmm (the fill's −2c·fill is constant along a row, and a softmax's
     backward cancels row constants); for the KL, c·(mass·s − t) joins the scores' gradient.
+    The rows go in spans of QUERY_SPAN queries, each against only the keys it can see (query_spans).
     """
 
     @staticmethod
@@ -186,58 +204,117 @@ class DistilledAttention(torch.autograd.Function):
     def compute(ctx, query, key, value, scale, kind, keys, above, fill, entropy, mass):
         B, H, T, _ = query.shape
         q, k, v = (x.float().flatten(0, 1) for x in (query, key, value))  # (B·H, T, d)
-        scores = causal_scores(q, k, scale)
-        weights = torch.softmax(scores, dim=-1)
-        output = torch.bmm(weights, v).unflatten(0, (B, H)).to(value.dtype)
-        rows = weights.unflatten(0, (B, H))
-        prefix = None
-        if kind == "tinybert":
-            at_keys = rows.gather(-1, keys) - fill.unsqueeze(-1)  # d = s − fill at the kept keys
-            row_loss = (torch.linalg.vecdot(rows, rows) - 2 * fill + causal_keys(T, q.device, fill.dtype) * fill.square()
-                        + ((at_keys - above).square() - at_keys.square()).sum(-1))
-        else:
-            lse = (scores.amax(-1) - weights.amax(-1).log()).unflatten(0, (B, H))  # as in RelationKL
+        prefix = fill_part = None
+        if kind == "minilm":
             prefix = k.cumsum(-2)  # (B·H, T, d): k_0 + … + k_q
-            at_keys = torch.where(above != 0, above * scores.unflatten(0, (B, H)).gather(-1, keys), 0.0)
             fill_part = fill * scale * torch.linalg.vecdot(q, prefix).unflatten(0, (B, H))
-            row_loss = -entropy - (fill_part + at_keys.sum(-1) - mass * lse)
-        ctx.save_for_backward(q, k, v, weights, keys, above, fill, mass, prefix)
+        outputs, row_losses, saved = [], [], []
+        for start, end in query_spans(T):
+            rows_of, keys_of = slice(start, end), slice(0, end)
+            scores = causal_scores(q[:, rows_of], k[:, keys_of], scale, start)
+            weights = torch.softmax(scores, dim=-1)
+            outputs.append(torch.bmm(weights, v[:, keys_of]))
+            rows = weights.unflatten(0, (B, H))
+            kept = span_keys(keys, start, end)
+            span_fill, span_above = fill[:, :, rows_of], above[:, :, rows_of]
+            if kind == "tinybert":
+                at_keys = rows.gather(-1, kept) - span_fill.unsqueeze(-1)  # d = s − fill at the kept keys
+                row_loss = (torch.linalg.vector_norm(rows, dim=-1).square() - 2 * span_fill
+                            + causal_keys(T, q.device, fill.dtype)[rows_of] * span_fill.square()
+                            + ((at_keys - span_above).square() - at_keys.square()).sum(-1))
+            else:
+                lse = (scores.amax(-1) - weights.amax(-1).log()).unflatten(0, (B, H))  # as in RelationKL
+                at_keys = span_above * finite_at(scores.unflatten(0, (B, H)), kept)
+                row_loss = -entropy[:, :, rows_of] - (fill_part[:, :, rows_of] + at_keys.sum(-1)
+                                                      - mass[:, :, rows_of] * lse)
+            row_losses.append(row_loss)
+            saved += [weights, kept]
+        output = torch.cat(outputs, dim=1).unflatten(0, (B, H)).to(value.dtype)
+        ctx.save_for_backward(q, k, v, above, fill, mass, prefix, *saved)
         ctx.scale, ctx.kind, ctx.dtypes = scale, kind, (query.dtype, key.dtype, value.dtype)
-        return output, row_loss.mean()
+        return output, torch.cat(row_losses, dim=-1).mean()
 
     @staticmethod
     def backward(ctx, grad_output, grad_loss):
-        q, k, v, weights, keys, above, fill, mass, prefix = ctx.saved_tensors
-        B, H = keys.shape[:2]
+        q, k, v, above, fill, mass, prefix, *saved = ctx.saved_tensors
+        B, H, T = fill.shape
         c = grad_loss / fill.numel()  # the loss is a mean over rows
         d_out = grad_output.float().flatten(0, 1)
-        if ctx.kind == "tinybert":  # dL/ds = 2c (s − t): 2c·s here, −2c·above at the kept keys below
-            # Folded into the product, which takes a number (on a GPU reading it waits for the step so far).
-            d_weights = torch.baddbmm(weights, d_out, v.transpose(-1, -2), beta=2 * float(c))
-            d_weights.unflatten(0, (B, H)).scatter_add_(-1, keys, above * (-2 * c))
-            d_scores = torch._softmax_backward_data(d_weights, weights, -1, weights.dtype)
-        else:  # dL/dz = c (mass·s − t): the kept keys here, the fill (keys 0..q) through prefix sums below
-            d_scores = torch._softmax_backward_data(torch.bmm(d_out, v.transpose(-1, -2)), weights, -1, weights.dtype)
-            d_scores.addcmul_(weights, (c * mass).flatten(0, 1).unsqueeze(-1))
-            d_scores.unflatten(0, (B, H)).scatter_add_(-1, keys, above * -c)
-        d_query = torch.bmm(d_scores, k).mul_(ctx.scale)
-        d_key = torch.bmm(d_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        d_query, d_key, d_value = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (start, end), weights, kept in zip(query_spans(T), saved[0::2], saved[1::2]):
+            rows_of, keys_of = slice(start, end), slice(0, end)
+            span_above = above[:, :, rows_of]
+            if ctx.kind == "tinybert":  # dL/ds = 2c (s − t): 2c·s here, −2c·above at the kept keys below
+                # Folded into the product, which takes a number (on a GPU reading it waits for the step so far).
+                d_weights = torch.baddbmm(weights, d_out[:, rows_of], v[:, keys_of].transpose(-1, -2), beta=2 * float(c))
+                d_weights.unflatten(0, (B, H)).scatter_add_(-1, kept, span_above * (-2 * c))
+                d_scores = torch._softmax_backward_data(d_weights, weights, -1, weights.dtype)
+            else:  # dL/dz = c (mass·s − t): the kept keys here, the fill (keys 0..q) through prefix sums below
+                d_scores = torch._softmax_backward_data(torch.bmm(d_out[:, rows_of], v[:, keys_of].transpose(-1, -2)),
+                                                        weights, -1, weights.dtype)
+                d_scores.addcmul_(weights, (c * mass[:, :, rows_of]).flatten(0, 1).unsqueeze(-1))
+                d_scores.unflatten(0, (B, H)).scatter_add_(-1, kept, span_above * -c)
+            d_query[:, rows_of] = torch.bmm(d_scores, k[:, keys_of])
+            add_product(d_key[:, keys_of], d_scores.transpose(-1, -2), q[:, rows_of])
+            add_product(d_value[:, keys_of], weights.transpose(-1, -2), d_out[:, rows_of])
+        d_query.mul_(ctx.scale)
+        d_key.mul_(ctx.scale)
         if ctx.kind != "tinybert":  # −c·fill_q on keys k ≤ q: row q gets fill_q Σ_{k≤q} k_k, key k Σ_{q≥k} fill_q q_q
             weighted = (fill * (-c * ctx.scale)).flatten(0, 1).unsqueeze(-1)
             d_query.addcmul_(weighted, prefix)
             d_key.add_((weighted * q).flip(-2).cumsum(-2).flip(-2))
-        d_value = torch.bmm(weights.transpose(-1, -2), d_out)
         grads = (g.unflatten(0, (B, H)).to(dtype) for g, dtype in zip((d_query, d_key, d_value), ctx.dtypes))
         return (*grads, None, None, None, None, None, None, None)
 
 
-def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(N, T, d) queries and keys → (N, T, T): scale · q kᵀ on keys 0..q, −inf above. One pass: the
-    product, its scale and the (T, T) mask together (a broadcast masked_fill over N × T × T is several
-    times slower)."""
-    T = q.shape[-2]
-    future = torch.zeros(T, T, device=q.device).masked_fill_(causal_mask(T, q.device).logical_not(), float("-inf"))
-    return torch.baddbmm(future, q, k.transpose(-1, -2), alpha=scale)
+# Queries per span of the kernels (DistilledAttention, RelationKL): a span's rows see keys 0..its last
+# row only, so T × T work shrinks to (T + QUERY_SPAN) / 2T of the square, and a span's B·H × 32 × T
+# slabs stay in a core's cache at the default student's shapes; narrower spans pay more calls
+# (32 was fastest of 16, 32, 64 from T 128 to 1 024: BENCHMARKS §17, ninth pass).
+QUERY_SPAN = 32
+
+
+def query_spans(T: int) -> list[tuple[int, int]]:
+    """(start, end) of each span of query rows, in order, covering 0..T."""
+    return [(start, min(start + QUERY_SPAN, T)) for start in range(0, T, QUERY_SPAN)]
+
+
+def span_keys(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The kept keys of query rows start..end−1, as indices into the span's end keys: a kept key is at
+    or before its row; an unkept one (above = 0) may lie past the span's last key, and any key serves it."""
+    rows = keys[:, :, start:end]
+    return rows if end == keys.shape[2] else rows.clamp(max=end - 1)
+
+
+def finite_at(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """scores at keys, −∞ (a key past its row: only ever an unkept one) raised to the lowest float, so
+    that times its above of 0 it is 0 (in one pass, where a mask and a `where` take three)."""
+    return scores.gather(-1, keys).clamp_(min=torch.finfo(scores.dtype).min)
+
+
+def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b (batched), in place. A span's slice of a gradient is strided along its batch:
+    there baddbmm_ falls back to a loop of per-matrix addmm_, so the product is made apart and added."""
+    if out.is_contiguous():
+        out.baddbmm_(a, b)
+    else:
+        out += torch.bmm(a, b)
+
+
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float, start: int = 0) -> torch.Tensor:
+    """(N, C, d) queries start..start+C−1 and (N, W, d) keys 0..W−1 → (N, C, W): scale · q kᵀ where the
+    key is at or before the query, −inf past it. One pass: the product, its scale and the mask together
+    (a broadcast masked_fill over N × C × W is several times slower)."""
+    return torch.baddbmm(future_mask(q.shape[-2], k.shape[-2], start, q.device), q, k.transpose(-1, -2),
+                         alpha=scale)
+
+
+@functools.lru_cache(maxsize=256)
+def future_mask(C: int, W: int, start: int, device) -> torch.Tensor:
+    """(C, W) float32: 0 where key ≤ query (queries start..start+C−1), −inf past it. Cached: every step
+    asks for the same few (read only)."""
+    seen = torch.ones(C, W, dtype=torch.bool, device=device).tril(start)
+    return torch.zeros(C, W, device=device).masked_fill_(seen.logical_not(), float("-inf"))
 
 
 def sparse_kl(student: torch.Tensor, teacher: SparseRows) -> torch.Tensor:
