@@ -151,8 +151,7 @@ class RelationKL(torch.autograd.Function):
             rows_of = slice(start, end)
             scores = causal_scores(flat[:, rows_of], flat[:, :end], alpha, start)
             student = torch.softmax(scores, dim=-1)
-            # At a row's largest score ŝ = exp(max − lse) ≥ 1 / (q + 1): its log never underflows.
-            lse = (scores.amax(-1) - student.amax(-1).log()).unflatten(0, (B, R))
+            lse = log_partition(scores, student).unflatten(0, (B, R))
             kept, span_above = span_keys(keys, start, end), above[:, :, rows_of]
             at_keys = span_above * finite_at(scores.unflatten(0, (B, R)), kept)
             cross[:, :, rows_of] += at_keys.sum(-1) - mass[:, :, rows_of] * lse
@@ -208,6 +207,7 @@ class DistilledAttention(torch.autograd.Function):
         if kind == "minilm":
             prefix = k.cumsum(-2)  # (B·H, T, d): k_0 + … + k_q
             fill_part = fill * scale * torch.linalg.vecdot(q, prefix).unflatten(0, (B, H))
+        keys_per_row = causal_keys(T, q.device, fill.dtype)
         outputs, row_losses, saved = [], [], []
         for start, end in query_spans(T):
             rows_of, keys_of = slice(start, end), slice(0, end)
@@ -220,10 +220,10 @@ class DistilledAttention(torch.autograd.Function):
             if kind == "tinybert":
                 at_keys = rows.gather(-1, kept) - span_fill.unsqueeze(-1)  # d = s − fill at the kept keys
                 row_loss = (torch.linalg.vector_norm(rows, dim=-1).square() - 2 * span_fill
-                            + causal_keys(T, q.device, fill.dtype)[rows_of] * span_fill.square()
+                            + keys_per_row[rows_of] * span_fill.square()
                             + ((at_keys - span_above).square() - at_keys.square()).sum(-1))
             else:
-                lse = (scores.amax(-1) - weights.amax(-1).log()).unflatten(0, (B, H))  # as in RelationKL
+                lse = log_partition(scores, weights).unflatten(0, (B, H))
                 at_keys = span_above * finite_at(scores.unflatten(0, (B, H)), kept)
                 row_loss = -entropy[:, :, rows_of] - (fill_part[:, :, rows_of] + at_keys.sum(-1)
                                                       - mass[:, :, rows_of] * lse)
@@ -268,8 +268,8 @@ class DistilledAttention(torch.autograd.Function):
 
 
 # Queries per span of the kernels (DistilledAttention, RelationKL): a span's rows see keys 0..its last
-# row only, so T × T work shrinks to (T + QUERY_SPAN) / 2T of the square, and a span's B·H × 32 × T
-# slabs stay in a core's cache at the default student's shapes; narrower spans pay more calls
+# row only, so T × T work shrinks to (T + QUERY_SPAN) / 2T of the square, and at the default student's
+# shapes a span's B·H × 32 × T slabs fit a core's 1 MiB L2; narrower spans pay more calls
 # (32 was fastest of 16, 32, 64 from T 128 to 1 024: BENCHMARKS §17, ninth pass).
 QUERY_SPAN = 32
 
@@ -284,6 +284,12 @@ def span_keys(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
     or before its row; an unkept one (above = 0) may lie past the span's last key, and any key serves it."""
     rows = keys[:, :, start:end]
     return rows if end == keys.shape[2] else rows.clamp(max=end - 1)
+
+
+def log_partition(scores: torch.Tensor, softmax: torch.Tensor) -> torch.Tensor:
+    """Each row's log Σ exp(scores), from the row's softmax: at its largest score the softmax is
+    exp(max − lse) ≥ 1 / (keys in the row), whose log never underflows (no second pass of exp)."""
+    return scores.amax(-1) - softmax.amax(-1).log()
 
 
 def finite_at(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

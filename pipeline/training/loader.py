@@ -5,7 +5,8 @@ pairs so no row is seen twice; rows pass through a bounded shuffle buffer. Memor
 worker, whatever the corpus size: the shard being read, the one ahead, and the rows of older shards
 still in the buffer (HeldShard). Reading and decoding run in a thread one shard ahead of the rows
 being yielded (in each DataLoader worker, if there are workers). The training loop runs this loader
-in a reader process by default (shared_batches.SharedBatches), so the training process reads nothing.
+in a reader process by default (shared_batches.SharedBatches): the training process reads only
+one row, to size the shared memory the batches arrive in.
 
 The row order depends only on the seeds, never on the data, so it is computed without I/O. That is
 what makes an exact resume cheap: `start_epoch(epoch, batches_done, ...)` skips the batches already
